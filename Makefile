@@ -1,0 +1,15 @@
+# The two commands of the README: `make demo` (install, then the main job) and
+# `make test` (install, then the test suite). Both install into ./.venv first.
+PY := .venv/bin/python
+export DS_ACCELERATOR ?= cpu
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install demo test
+install:
+	bash tools/setup_machine.sh
+
+demo: install
+	$(PY) -m pldr_dist.demo
+
+test: install
+	$(PY) -m pytest -q tests

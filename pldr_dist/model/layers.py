@@ -1,0 +1,67 @@
+"""Building blocks shared by the decoder: rotary embedding, SwiGLU feed-forward, GLU."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def rotary_tables(positions: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype):
+    """cos/sin of theta_i = p * base^(-2i/dk) for each position p, shape [S, dk/2].
+
+    Computed in at least fp32 (fp64 when the activations are fp64) so that rotary phases at
+    long positions do not lose precision in bf16.
+    """
+    work = torch.promote_types(dtype, torch.float32)
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=work) / head_dim)
+    angles = positions.to(work)[:, None] * inv_freq[None, :]
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, offset: int, base: float, style: str) -> torch.Tensor:
+    """Rotate x [B, h, S, dk] at positions offset..offset+S-1.
+
+    "interleaved" rotates pairs (2i, 2i+1) together (GPT-J / torchtune style, PLDR v51, the
+    spec); "half" rotates (i, i + dk/2) together (GPT-NeoX style, the authors' v52 models).
+    """
+    S, dk = x.shape[-2], x.shape[-1]
+    cos, sin = rotary_tables(torch.arange(offset, offset + S, device=x.device), dk, base, x.dtype)
+    xf = x.to(cos.dtype)
+    if style == "interleaved":
+        x1, x2 = xf[..., 0::2], xf[..., 1::2]
+        out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    else:
+        x1, x2 = xf[..., : dk // 2], xf[..., dk // 2:]
+        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return out.to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    """FFN(x) = W3(silu(W1 x + b1) * (W2 x + b2)) + b3 (spec §3)."""
+
+    def __init__(self, d_in: int, d_hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(d_in, d_hidden)
+        self.w2 = nn.Linear(d_in, d_hidden)
+        self.w3 = nn.Linear(d_hidden, d_in)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w3(F.silu(self.w1(x)) * self.w2(x))
+
+
+class GLU(nn.Module):
+    """One metric-learner GLU, U3(silu(U1 y + c1) * (U2 y + c2)) + c3, applied to matrix rows."""
+
+    def __init__(self, dk: int, a_dff: int):
+        super().__init__()
+        self.u1 = nn.Linear(dk, a_dff)
+        self.u2 = nn.Linear(dk, a_dff)
+        self.u3 = nn.Linear(a_dff, dk)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.u3(F.silu(self.u1(y)) * self.u2(y))
+
+
+def iswiglu(y: torch.Tensor) -> torch.Tensor:
+    """y * silu(y) = y^2 sigma(y) >= 0: keeps A_LM non-negative so A_LM ** P is real."""
+    return y * F.silu(y)

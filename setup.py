@@ -1,0 +1,31 @@
+"""pldr_dist: distributed pretraining of PLDR-LLMs (Power Law Decoder Representations)."""
+from setuptools import find_packages, setup
+
+setup(
+    name="pldr_dist",
+    version="0.1.0",
+    description="Tensor/pipeline/ZeRO-parallel pretraining and G-cache inference for PLDR-LLMs",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.11",
+    packages=find_packages(include=["pldr_dist", "pldr_dist.*"]),
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.16",
+        "mpi4py",
+        "webdataset",
+        "sentencepiece",
+        "tensorboard",
+        "safetensors",
+        "pyyaml",
+        "matplotlib",
+        "zstandard",
+    ],
+    extras_require={"test": ["pytest"], "eval": ["lm_eval"]},
+    entry_points={
+        "console_scripts": [
+            "pldr-demo=pldr_dist.demo:main",
+        ],
+    },
+)
