@@ -26,6 +26,8 @@ setup(
     entry_points={
         "console_scripts": [
             "pldr-demo=pldr_dist.demo:main",
+            "pldr-train=pldr_dist.train.trainer:main",
+            "pldr-plot-metrics=pldr_dist.train.plot:main",
         ],
     },
 )
