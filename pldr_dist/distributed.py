@@ -76,31 +76,34 @@ def free_port() -> int:
 
 # -- SLURM ---------------------------------------------------------------------------------
 def parse_nodelist(nodelist: str) -> list[str]:
-    """Expand SLURM's compressed host list: `node[01-03,7],gpu5` -> node01 node02 node03 node7 gpu5.
-    The pure-Python twin of `scontrol show hostnames` (one bracket group per name, as SLURM writes)."""
+    """Expand SLURM's compressed host list: `node[01-03,7],gpu5` -> node01 node02 node03 node7 gpu5
+    (and `x[1-2]y[3-4]` -> x1y3 x1y4 x2y3 x2y4): the pure-Python twin of `scontrol show hostnames`."""
     hosts = []
-    for name in re.findall(r"[^,\[]+(?:\[[^\]]*\])?[^,]*", nodelist):
-        m = re.fullmatch(r"([^\[]*)\[([^\]]*)\](.*)", name)
-        if not m:
-            hosts.append(name)
-            continue
-        prefix, ranges, suffix = m.groups()
-        for part in ranges.split(","):
-            lo, _, hi = part.partition("-")
-            if not hi:
-                hosts.append(f"{prefix}{lo}{suffix}")
-                continue
-            for i in range(int(lo), int(hi) + 1):
-                hosts.append(f"{prefix}{str(i).zfill(len(lo))}{suffix}")
+    for name in re.findall(r"(?:[^,\[]|\[[^\]]*\])+", nodelist):
+        hosts += _expand_name(name)
     return hosts
 
 
+def _expand_name(name: str) -> list[str]:
+    m = re.match(r"([^\[]*)\[([^\]]*)\](.*)", name)
+    if not m:
+        return [name]
+    prefix, ranges, suffix = m.groups()
+    values = []
+    for part in ranges.split(","):
+        lo, _, hi = part.partition("-")
+        values += [str(i).zfill(len(lo)) for i in range(int(lo), int(hi or lo) + 1)]
+    return [prefix + v + rest for v in values for rest in _expand_name(suffix)]
+
+
 def expand_nodelist(nodelist: str) -> list[str]:
-    """`scontrol show hostnames` where SLURM is installed (it knows every form), else the parser above."""
-    if shutil.which("scontrol"):
+    """`scontrol show hostnames` where SLURM is configured (it knows every form), else the parser above.
+    (Without a slurm.conf, scontrol retries for a minute before failing, hence the check.)"""
+    configured = os.path.exists(os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf"))
+    if configured and shutil.which("scontrol"):
         try:
             out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                                 timeout=30, check=True).stdout.split()
+                                 timeout=10, check=True).stdout.split()
             if out:
                 return out
         except (subprocess.SubprocessError, OSError):
