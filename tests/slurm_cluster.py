@@ -38,19 +38,20 @@ def job_info(job_id: int) -> dict:
 
 def wait_for_job(job_id: int, timeout: float = 300) -> dict:
     """Waits until the job has ended for good. SLURM holds a requeued job for ~2 minutes
-    (Reason=BeginTime) before it may start again; that wait is cut to 5 s here. (Not to zero:
-    slurmd refuses to start a job within the second its previous run's credential was revoked.)"""
+    (Reason=BeginTime) before it may start again; here it is released after 3 s. (Not at once:
+    slurmd refuses to start a job in the second its previous run's credential was revoked. And by
+    `StartTime=now` rather than a later time, because that update also runs the scheduler.)"""
     deadline = time.time() + timeout
-    shortened = set()
+    held_since = {}
     while time.time() < deadline:
         info = job_info(job_id)
         state = info.get("JobState", "")
         if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"):
             return info
-        restarts = info.get("Restarts")
-        if state == "PENDING" and info.get("Reason") == "BeginTime" and restarts not in shortened:
-            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now+5"], capture_output=True, timeout=30)
-            shortened.add(restarts)
+        if state == "PENDING" and info.get("Reason") == "BeginTime":
+            since = held_since.setdefault(info.get("Restarts"), time.time())
+            if time.time() - since > 3:
+                subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True, timeout=30)
         time.sleep(0.5)
     subprocess.run(["scancel", str(job_id)], capture_output=True, timeout=30)
     raise TimeoutError(f"SLURM job {job_id} did not finish in {timeout:.0f} s (last state {job_info(job_id)})")
