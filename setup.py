@@ -28,6 +28,9 @@ setup(
             "pldr-demo=pldr_dist.demo:main",
             "pldr-train=pldr_dist.train.trainer:main",
             "pldr-plot-metrics=pldr_dist.train.plot:main",
+            "pldr-train-tokenizer=pldr_dist.data.shards:main_train_tokenizer",
+            "pldr-make-shards=pldr_dist.data.shards:main_make_shards",
+            "pldr-verify-shards=pldr_dist.data.shards:main_verify",
         ],
     },
 )
