@@ -26,6 +26,11 @@ setup(
     entry_points={
         "console_scripts": [
             "pldr-demo=pldr_dist.demo:main",
+            "pldr-train=pldr_dist.train.trainer:main",
+            "pldr-plot-metrics=pldr_dist.train.plot:main",
+            "pldr-train-tokenizer=pldr_dist.data.shards:main_train_tokenizer",
+            "pldr-make-shards=pldr_dist.data.shards:main_make_shards",
+            "pldr-verify-shards=pldr_dist.data.shards:main_verify",
         ],
     },
 )
