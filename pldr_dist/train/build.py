@@ -63,7 +63,7 @@ class Run:
     def train_step(self, batches, inject_nonfinite: bool):
         """Returns (mean loss over the step's micro-batches and data-parallel ranks, skipped)."""
         self.inject[0] = inject_nonfinite
-        skipped_before = self.optimizer.skipped_steps
+        skipped_before = self.skipped_steps()
         if self.grid.pp > 1:
             loss = self.engine.train_batch(data_iter=_pipe_batches(batches))
             loss = float(loss)
@@ -83,7 +83,11 @@ class Run:
             loss = total / self.engine.gradient_accumulation_steps()
             dist.all_reduce(loss, group=self.grid.dp_group)
             loss = float(loss) / self.grid.dp
-        return loss, self.optimizer.skipped_steps > skipped_before
+        return loss, self.skipped_steps() > skipped_before
+
+    def skipped_steps(self) -> int:
+        """Non-finite steps skipped: by our optimizer (ZeRO-0, pipelines) or by DeepSpeed's ZeRO."""
+        return self.optimizer.skipped_steps + int(getattr(self.engine, "skipped_steps", 0) or 0)
 
     @torch.no_grad()
     def eval_loss(self, num_batches: int) -> float:

@@ -137,6 +137,7 @@ class Trainer:
         self.log(f"training {cfg.model.preset} ({run.num_params:,} parameters) with {run.grid.describe().split(' (')[0]}, "
                  f"zero={cfg.parallel.zero_stage}, {run.precision}, {run.tokens_per_step:,} tokens/step")
         batches = iter(run.train_loader)
+        loss = float("nan")
         last_saved = self.step if self.step else -1
         while self.step < cfg.train.steps:
             t0 = time.time()
@@ -178,6 +179,7 @@ class Trainer:
                 self.metrics.eta(self.step, dt)
             if cfg.eval.every and self.step % cfg.eval.every == 0:
                 self.validate()
+            self.fault_injection()
             if self.signals.agreed():
                 self.save()
                 raise StopTraining(f"received signal {self.signals.raised or 'on another rank'}: checkpointed at "
@@ -191,7 +193,18 @@ class Trainer:
         if last_saved != self.step:
             self.save()
         self.metrics.close()
-        self.log(f"done: {self.step} steps, {self.tokens:,} tokens, final loss {loss:.6f}")
+        self.log(f"done: {self.step} steps, {self.tokens:,} tokens, last loss {loss:.6f}")
+
+    def fault_injection(self) -> None:
+        """Testing aid: PLDR_FAULT=kill:K makes every rank SIGKILL itself after step K (a crash);
+        PLDR_FAULT=term:K sends SIGTERM to rank 0 only (a preemption notice the ranks must agree on)."""
+        kind, _, at = os.environ.get("PLDR_FAULT", "").partition(":")
+        if not at or int(at) != self.step:
+            return
+        if kind == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif kind == "term" and self.rank == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def step_metrics(self, loss: float, lr: float, dt: float) -> dict:
         tokens_per_s = self.job.tokens_per_step / dt
