@@ -37,3 +37,25 @@ def test_shipped_ds_configs_are_supported_layouts():
         pp = 2 if "pipeline" in config else 1
         precision = "bf16" if config["bf16"]["enabled"] else "fp32"
         check_supported(pp, config["zero_optimization"]["stage"], precision)
+
+
+def test_pipeline_stages_chained_equal_model_forward_with_dag_penalty():
+    """The stage wrappers, run in order, give the model's logits and loss (v510_dag penalty included)."""
+    import torch
+
+    from pldr_dist.model import PLDRModel, lm_loss, preset
+    from pldr_dist.parallel.pipeline import pipeline_layers, pipeline_loss
+
+    torch.manual_seed(0)
+    model = PLDRModel(preset("tiny", mode="v510_dag", dag_coeffs=(0.1, 0.01, 0.1))).double()
+    x = torch.randint(4, 512, (2, 9))
+    x[0, -2:] = 0
+    inputs, targets = x[:, :-1], x[:, 1:]
+    logits, penalty = model(inputs, return_penalty=True)
+    expected = lm_loss(logits, targets) + penalty
+    out = inputs
+    for stage in pipeline_layers(model):
+        out = stage(out)
+    got = pipeline_loss(lm_loss, model.cfg.num_layers)(out, targets)
+    torch.testing.assert_close(out[0], logits, rtol=0, atol=0)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
