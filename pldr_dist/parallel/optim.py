@@ -9,7 +9,9 @@ rank holds:
 - clipping by value (the reference's `clip_grad_value_(1.0)`) is element-wise, so it commutes
   with partitioning and gives the same update as on the full gradient;
 - a non-finite gradient on any rank skips the update on every rank (one all-reduce over the
-  whole world), so replicas and shards never diverge; `skipped_steps` counts them.
+  whole world), so replicas and shards never diverge; `skipped_steps` counts them. (ZeRO 1-3
+  already skip such steps before calling step(), counted in `engine.skipped_steps`; this
+  covers ZeRO-0 and the pipeline engine without ZeRO.)
 Global-norm clipping is DeepSpeed's `gradient_clipping` (engine.make_ds_config), applied
 before step() is called.
 """
