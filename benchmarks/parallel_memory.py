@@ -6,7 +6,7 @@ small batch, then every rank reports the bytes of its parameters and optimiser s
 Analytic (fp32, N = parameters of this rank's TP/PP part): parameters 4N (4N/dp under ZeRO-3),
 gradients 4N (4N/dp under ZeRO >= 2), Adam moments 8N (8N/dp under ZeRO >= 1).
 
-    DS_ACCELERATOR=cpu python benchmarks/parallel_memory.py > benchmarks/results/parallel_memory.txt
+    DS_ACCELERATOR=cpu python benchmarks/parallel_memory.py   # writes benchmarks/results/parallel_memory.txt
 """
 from __future__ import annotations
 
@@ -84,6 +84,10 @@ def main():
             bubbles.setdefault((p, m), (p - 1) / (m + p - 1))
     for (p, m), b in sorted(bubbles.items()):
         lines.append(f"  p={p} m={m:<3} bubble={b:.3f}")
+    out = os.path.join(os.path.dirname(__file__), "results", "parallel_memory.txt")
+    with open(out + ".tmp", "w") as f:  # the workers' DeepSpeed logs share stdout: keep the table apart
+        f.write("\n".join(lines) + "\n")
+    os.replace(out + ".tmp", out)
     print("\n".join(lines))
 
 
