@@ -54,7 +54,7 @@ def reference(dp, accum, clip_norm, clip_value, steps=STEPS):
     return losses, {n: p.detach().clone() for n, p in model.named_parameters()}, optimizer_state_bytes(opt)
 
 
-def run_layout(tp, pp, zero, clip_norm, clip_value, accum, nan_step=None):
+def run_layout(tp, pp, zero, clip_norm, clip_value, accum, nan_step=None, checkpoint_dir=None):
     """Runs on every rank of the job: trains one layout, returns losses, full weights, state bytes."""
     import deepspeed
     from pldr_dist.parallel.cross_entropy import vocab_parallel_lm_loss
@@ -91,6 +91,21 @@ def run_layout(tp, pp, zero, clip_norm, clip_value, accum, nan_step=None):
             total += loss.detach() / accum
         torch.distributed.all_reduce(total, group=grid.dp_group)
         losses.append(total.item() / grid.dp)
+    if checkpoint_dir:  # save, train one more step, load: weights and client state come back
+        engine.save_checkpoint(checkpoint_dir, tag="last", client_state={"step": STEPS})
+        saved = [p.detach().clone() for p in engine.module.parameters()]
+        batch = micro_batches(STEPS, grid.dp, accum)[grid.dp_rank]
+        if pp > 1:
+            engine.train_batch(iter(batch))
+        else:
+            for inputs, targets in batch:
+                engine.backward(loss_fn(engine(inputs), targets))
+                engine.step()
+        _, client = engine.load_checkpoint(checkpoint_dir, tag="last")
+        assert client["step"] == STEPS
+        if zero != 3:  # ZeRO-3 parameters are partitioned: compared through the gathered weights below
+            for before, p in zip(saved, engine.module.parameters()):
+                assert torch.equal(before, p.detach()), "load_checkpoint did not restore the weights"
     if zero == 3:
         with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
             state = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
@@ -104,10 +119,6 @@ def run_layout(tp, pp, zero, clip_norm, clip_value, accum, nan_step=None):
     adam_bytes = 2 * 4 * local  # exp_avg + exp_avg_sq in fp32 for this rank's model part, unsharded
     return dict(losses=losses, params=full, state_bytes=optimizer_state_bytes(engine.optimizer), skipped=skipped,
                 unsharded_state_bytes=adam_bytes)
-
-
-def layouts_job(rank, world, layouts):
-    return [run_layout(**layout) for layout in layouts]
 
 
 def check(results, layout, name, steps=STEPS):
@@ -140,10 +151,11 @@ def check_zero_state(results, dp, name):
 
 
 TWO_RANK = [  # (name, layout with its data-parallel size on 2 ranks)
-    ("pp2", dict(tp=1, pp=2, zero=1, clip_norm=0.5, clip_value=0.0, accum=2, dp=1)),
+    ("pp2", dict(tp=1, pp=2, zero=1, clip_norm=0.5, clip_value=0.0, accum=2, dp=1, checkpoint=True)),
     ("dp2_zero1", dict(tp=1, pp=1, zero=1, clip_norm=0.5, clip_value=0.0, accum=1, dp=2)),
-    ("dp2_zero2_clip_value", dict(tp=1, pp=1, zero=2, clip_norm=0.0, clip_value=1e-2, accum=2, dp=2)),
-    ("dp2_zero3", dict(tp=1, pp=1, zero=3, clip_norm=0.5, clip_value=0.0, accum=1, dp=2)),
+    ("dp2_zero2_clip_value", dict(tp=1, pp=1, zero=2, clip_norm=0.0, clip_value=1e-2, accum=2, dp=2,
+                                  checkpoint=True)),
+    ("dp2_zero3", dict(tp=1, pp=1, zero=3, clip_norm=0.5, clip_value=0.0, accum=1, dp=2, checkpoint=True)),
     # ZeRO 1-3 skip non-finite steps themselves (DeepSpeed's overflow check); ZeRO-0 relies on ours.
     ("dp2_zero0_nonfinite_last_step", dict(tp=1, pp=1, zero=0, clip_norm=0.0, clip_value=0.0, accum=1, dp=2,
                                            nan_step=STEPS - 1)),
@@ -156,13 +168,19 @@ FOUR_RANK = [
 ]
 
 
-def layouts_job(rank, world, layouts):
-    return [run_layout(**{k: v for k, v in layout.items() if k != "dp"}) for layout in layouts]
+def layouts_job(rank, world, layouts, checkpoint_root=None):
+    runs = []
+    for i, layout in enumerate(layouts):
+        ckpt = f"{checkpoint_root}/{i}" if checkpoint_root and layout.get("checkpoint") else None
+        args = {k: v for k, v in layout.items() if k not in ("dp", "checkpoint")}
+        runs.append(run_layout(**args, checkpoint_dir=ckpt))
+    return runs
 
 
-def test_pp2_and_dp2_zero123_match_single_process():
-    """PP=2; DP=2 with ZeRO-1, ZeRO-2 (clip by value), ZeRO-3; a non-finite step skipped everywhere."""
-    results = run_distributed(layouts_job, 2, [layout for _, layout in TWO_RANK], deepspeed=True)
+def test_pp2_and_dp2_zero123_match_single_process(tmp_path):
+    """PP=2; DP=2 with ZeRO-1, ZeRO-2 (clip by value), ZeRO-3; a non-finite step skipped
+    everywhere; PP=2 and ZeRO-2/3 checkpoints restore the weights after a further step."""
+    results = run_distributed(layouts_job, 2, [layout for _, layout in TWO_RANK], str(tmp_path), deepspeed=True)
     for i, (name, layout) in enumerate(TWO_RANK):
         mine = [r[i] for r in results]
         if "nan_step" in layout:  # the poisoned last step is skipped on both ranks
