@@ -4,7 +4,6 @@ single-process reference computed in the test: five optimiser steps, same losses
 DeepSpeed start-up is slow per process, so one spawned job runs several layouts in turn
 (each builds its own ProcessGrid and engine).
 """
-import pytest
 import torch
 
 from distributed import run_distributed
