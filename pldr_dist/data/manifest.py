@@ -121,3 +121,7 @@ def verify_main(argv: list[str] | None = None) -> None:
     print(f"{m.path}: {summary}, seq_len {m.seq_len}, {m.dtype}: "
           + (f"{len(problems)} problem(s)" if problems else "all shards OK"))
     sys.exit(1 if problems else 0)
+
+
+if __name__ == "__main__":
+    verify_main()

@@ -111,6 +111,19 @@ def train_tokenizer(inputs: str | Iterable[str], model_path: str, vocab_size: in
     `input_sentence_size` sentences in memory.
     """
     proto = io.BytesIO()
+    try:
+        _train(inputs, proto, vocab_size, input_sentence_size, num_threads)
+    except RuntimeError as exc:
+        hint = ("; with byte fallback vocab_size must exceed 256 bytes + 4 specials + the corpus's distinct characters"
+                if "Vocabulary size" in str(exc) else "")
+        raise TokenizerError(f"TokenizerError: training {model_path} with vocab_size={vocab_size} failed: "
+                             f"{str(exc).splitlines()[-1]}{hint}") from None
+    os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)
+    _write_atomic(model_path, proto.getvalue())
+    return Tokenizer(proto.getvalue(), source=model_path)
+
+
+def _train(inputs, proto: io.BytesIO, vocab_size: int, input_sentence_size: int, num_threads: int) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter_sentences(inputs), model_writer=proto,
         model_type="unigram", vocab_size=vocab_size, character_coverage=1.0,
@@ -119,9 +132,6 @@ def train_tokenizer(inputs: str | Iterable[str], model_path: str, vocab_size: in
         pad_id=0, unk_id=1, bos_id=2, eos_id=3,
         pad_piece="[PAD]", unk_piece="[UNK]", bos_piece="[START]", eos_piece="[END]",
         num_threads=num_threads, minloglevel=2)
-    os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)
-    _write_atomic(model_path, proto.getvalue())
-    return Tokenizer(proto.getvalue(), source=model_path)
 
 
 def main(argv: list[str] | None = None) -> None:
