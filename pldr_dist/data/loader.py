@@ -150,7 +150,11 @@ class _BlockStream(IterableDataset):
         j = self.epoch * self.plan.blocks_per_epoch + self.block + wid
         while True:
             epoch, block = divmod(j, self.plan.blocks_per_epoch)
-            yield (epoch, block, *self.plan.read_block(epoch, block))
+            try:
+                yield (epoch, block, *self.plan.read_block(epoch, block))
+            except ShardError as exc:  # hand the one-line message to the main process, unwrapped
+                yield exc
+                return
             j += nw
 
 
@@ -213,7 +217,10 @@ class TokenLoader:
         source = iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers,
                                  prefetch_factor=2 if self.num_workers else None,
                                  collate_fn=_as_is)) if self.num_workers else iter(stream)
-        for epoch, block, samples, positions, skipped in source:
+        for item in source:
+            if isinstance(item, ShardError):
+                raise ShardError(str(item)) from None
+            epoch, block, samples, positions, skipped = item
             start = self.plan.block_start(epoch, block)
             keep = positions >= offset
             if skipped and offset == 0:  # a resume inside this block has counted its skips already
