@@ -35,6 +35,37 @@ from pldr_dist.data.manifest import Manifest, ShardError
 log = logging.getLogger(__name__)
 
 
+SAMPLE_SUFFIXES = (".tokens.u16", ".tokens.u32")
+
+
+def _fast_members(data: bytes, nbytes: int) -> list[bytes] | None:
+    """Payloads of a tar made by the shard writer (plain ustar members, one sample each).
+
+    ~10x faster than tarfile. Returns None at anything unexpected (other member types or sizes,
+    long names), and the caller falls back to tarfile, which then names the problem.
+    """
+    rows, off, view = [], 0, memoryview(data)
+    while off + 512 <= len(data):
+        header = data[off:off + 512]
+        if header[0] == 0:
+            return rows  # end-of-archive block
+        name, kind = header[:100].rstrip(b"\0"), header[156:157]
+        try:
+            size = int(header[124:136].strip(b"\0 ") or b"0", 8)
+        except ValueError:
+            return None
+        if kind in (b"x", b"g"):  # pax extended header (e.g. a float mtime): nothing we need
+            off += 512 + (size + 511) // 512 * 512
+            continue
+        if kind not in (b"0", b"\0") or not name.endswith((b".tokens.u16", b".tokens.u32")):
+            return None
+        if size != nbytes or off + 512 + size > len(data):
+            return None
+        rows.append(view[off + 512:off + 512 + size])
+        off += 512 + (size + 511) // 512 * 512
+    return None
+
+
 def _rng(*key: int) -> np.random.Generator:
     return np.random.default_rng(list(key))
 
@@ -81,17 +112,32 @@ class _Plan:
                 data = stream.read()
         except Exception as exc:  # noqa: BLE001  (gopen raises many types; say which file)
             raise ShardError(f"ShardError: {url}: cannot read shard ({exc})") from None
-        if hashlib.sha256(data).hexdigest() != self.shas[s]:
+        digest_ok = hashlib.sha256(data).hexdigest() == self.shas[s]
+        if not digest_ok:
             msg = f"ShardError: {url}: sha256 differs from the manifest (corrupt or replaced; re-run pldr-make-shards)"
             if self.on_corrupt == "error":
                 raise ShardError(msg)
             log.warning("%s; skipping its unreadable samples", msg)
-        nbytes, rows = self.sample_len * self.dtype.itemsize, []
+        nbytes = self.sample_len * self.dtype.itemsize
+        rows = _fast_members(data, nbytes) if digest_ok else None
+        if rows is None:
+            rows = self._tarfile_members(url, data, nbytes)
+        samples = np.frombuffer(b"".join(rows), dtype=self.dtype).reshape(-1, self.sample_len)
+        if len(samples) > self.sizes[s]:
+            samples = samples[: self.sizes[s]]
+        skipped = self.sizes[s] - len(samples)
+        if skipped and self.on_corrupt == "error":
+            raise ShardError(f"ShardError: {url}: {len(samples)} samples, manifest says {self.sizes[s]} (truncated shard)")
+        return samples, skipped
+
+    def _tarfile_members(self, url: str, data: bytes, nbytes: int) -> list[bytes]:
+        """Slow, forgiving path: read members with tarfile, dropping (skip) or refusing (error) bad ones."""
+        rows = []
         try:
             with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
                 for member in tar:
                     payload = tar.extractfile(member).read() if member.isfile() else b""
-                    if not member.name.endswith((".tokens.u16", ".tokens.u32")) or len(payload) != nbytes:
+                    if not member.name.endswith(SAMPLE_SUFFIXES) or len(payload) != nbytes:
                         if self.on_corrupt == "error":
                             raise ShardError(f"ShardError: {url}: member {member.name} is not a {self.sample_len}-token "
                                              f"{self.dtype.name} sample (corrupt shard; re-run pldr-make-shards)")
@@ -100,13 +146,7 @@ class _Plan:
         except tarfile.TarError as exc:
             if self.on_corrupt == "error":
                 raise ShardError(f"ShardError: {url}: not a readable tar file ({exc})") from None
-        samples = np.frombuffer(b"".join(rows), dtype=self.dtype).reshape(-1, self.sample_len)
-        if len(samples) > self.sizes[s]:
-            samples = samples[: self.sizes[s]]
-        skipped = self.sizes[s] - len(samples)
-        if skipped and self.on_corrupt == "error":
-            raise ShardError(f"ShardError: {url}: {len(samples)} samples, manifest says {self.sizes[s]} (truncated shard)")
-        return samples, skipped
+        return rows
 
     def read_block(self, epoch: int, block: int) -> tuple[np.ndarray, np.ndarray, int]:
         """(samples, their positions within the block, #skipped), in the block's shuffled order.

@@ -21,6 +21,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import tarfile
 import time
 import zlib
 
@@ -64,7 +65,7 @@ def write_shard(path: str, samples: np.ndarray, first_index: int) -> str:
     ext = "tokens." + {2: "u16", 4: "u32"}[samples.dtype.itemsize]
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
-        writer = wds.TarWriter(f, mtime=1.0)
+        writer = wds.TarWriter(f, mtime=1, format=tarfile.USTAR_FORMAT)  # fixed mtime: reproducible bytes
         for j, row in enumerate(samples):
             writer.write({"__key__": f"{first_index + j:010d}", ext: row.tobytes()})
         writer.close()
