@@ -140,3 +140,20 @@ def test_prepare_corpus_tokenises_and_shards_the_bundled_corpus(tmp_path):
     assert tok.vocab_size == 512 and m.fingerprint == tok.fingerprint and m.seq_len == 64
     assert len(m.shards("valid")) >= 4 and sum(e["samples"] for e in m.shards("train")) > 5000
     assert verify_shards(m, progress=False) == []
+
+
+def test_the_paper_tokenizer_drives_the_shard_writer_and_loader(corpus, tmp_path):
+    from pldr_dist.data.loader import TokenLoader
+    d, docs = corpus
+    paper = os.path.join(ROOT, "data", "reference", "refinedweb-tokenizer-pldrllm-paper.model")
+    m = make_shards(str(d / "docs.jsonl"), paper, str(tmp_path / "paper"), 63, 20, 0.2, show_progress=False)
+    tok = Tokenizer.from_file(paper)
+    assert m.dtype == "uint16" and m.fingerprint == tok.fingerprint and m.data["tokenizer"]["vocab_size"] == 32000
+    first = [t for i, t in enumerate(docs) if not is_valid_document(i, 0.2)][:3]
+    stream = np.concatenate([tok.encode(t) + [tok.eos_id] for t in first])
+    batch = next(iter(TokenLoader(str(tmp_path / "paper"), "valid", 2, 63, tokenizer_fingerprint=tok.fingerprint)))
+    np.testing.assert_array_equal(read_samples(m, "train").reshape(-1)[: len(stream)], stream)
+    valid = [t for i, t in enumerate(docs) if is_valid_document(i, 0.2)]
+    valid_stream = np.concatenate([tok.encode(t) + [tok.eos_id] for t in valid])
+    np.testing.assert_array_equal(batch["input"].numpy().reshape(-1), np.concatenate(
+        [valid_stream[0:63], valid_stream[64:127]]))

@@ -148,6 +148,9 @@ def make_shards(inputs, tokenizer_path: str, out_dir: str, seq_len: int, samples
     """Tokenise `inputs` and write train/valid shards + manifest.json into `out_dir` (resumable)."""
     files = expand_inputs(inputs)
     tok = Tokenizer.from_file(tokenizer_path)
+    if tok.eos_id < 0:
+        raise ShardError(f"ShardError: {tokenizer_path}: the tokenizer has no end-of-sequence piece; documents need one "
+                         f"(train it with pldr-train-tokenizer)")
     dtype = token_dtype(tok.vocab_size)
     sample_len = seq_len + 1
     args = {"inputs": [os.path.abspath(f) for f in files], "input_bytes": [os.path.getsize(f) for f in files],
