@@ -85,14 +85,31 @@ def main() -> None:
         synth = os.path.join(tmp, "synthetic")
         os.makedirs(synth)
         synthetic_shards(synth, shards=64, per_shard=2048, seq_len=1023)
+        rates = {}
         for workers in (0, 1, 2):
-            rate = loader_tokens_per_s(synth, workers, batch=16, seq_len=1023, batches=1500, warmup=50)
+            rate = rates[workers] = loader_tokens_per_s(synth, workers, batch=16, seq_len=1023, batches=1500, warmup=50)
             label = "in the main process" if workers == 0 else f"{workers} worker(s)"
             per = f", {rate / workers / 1e6:.1f} M tokens/s per worker" if workers else ""
             report(f"loader, local uint16 shards, batch 16 x 1023, {label}: {rate / 1e6:.1f} M tokens/s{per}")
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             f.write("\n".join(lines) + "\n")
+        plot(rates, os.path.splitext(args.out)[0] + ".png")
+
+
+def plot(rates: dict[int, float], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    labels = ["main process" if w == 0 else f"{w} worker{'s' * (w > 1)}" for w in rates]
+    ax.bar(labels, [r / 1e6 for r in rates.values()], color="tab:blue")
+    ax.axhline(10, color="tab:red", linestyle="--", label="target: 10 M tokens/s per worker")
+    ax.set_ylabel("M tokens/s")
+    ax.set_title("TokenLoader, local uint16 shards, batch 16x1023 (2 shared cores)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 if __name__ == "__main__":

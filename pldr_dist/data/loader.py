@@ -82,27 +82,36 @@ class _Plan:
         self.on_corrupt = on_corrupt
         self.samples_per_epoch = sum(sizes)
         self.blocks_per_epoch = -(-len(urls) // self.shards_per_block)
+        self._layouts: dict[int, tuple[list[list[int]], list[int]]] = {}
 
     def blocks(self, epoch: int) -> list[list[int]]:
-        order = _rng(self.seed, epoch, self.dp_rank).permutation(len(self.urls)) if self.shuffle else np.arange(len(self.urls))
-        k = self.shards_per_block
-        return [order[i:i + k].tolist() for i in range(0, len(order), k)]
+        return self._layout(epoch)[0]
 
     def block_start(self, epoch: int, block: int) -> int:
-        return sum(self.sizes[s] for b in self.blocks(epoch)[:block] for s in b)
+        return self._layout(epoch)[1][block]
 
     def block_size(self, epoch: int, block: int) -> int:
-        return sum(self.sizes[s] for s in self.blocks(epoch)[block])
+        starts = self._layout(epoch)[1]
+        return starts[block + 1] - starts[block]
 
     def locate(self, epoch: int, position: int) -> tuple[int, int]:
         """(block index, offset within block) of the sample at `position` in `epoch`."""
-        start = 0
-        for b, shards in enumerate(self.blocks(epoch)):
-            size = sum(self.sizes[s] for s in shards)
-            if position < start + size:
-                return b, position - start
-            start += size
-        raise ValueError(f"position {position} is beyond epoch size {self.samples_per_epoch}")
+        starts = self._layout(epoch)[1]
+        block = int(np.searchsorted(starts, position, side="right")) - 1
+        if not 0 <= position < self.samples_per_epoch:
+            raise ValueError(f"position {position} is beyond epoch size {self.samples_per_epoch}")
+        return block, position - starts[block]
+
+    def _layout(self, epoch: int) -> tuple[list[list[int]], list[int]]:
+        """The epoch's blocks (shard lists) and their first sample positions (+ the epoch size), cached."""
+        if epoch not in self._layouts:
+            order = (_rng(self.seed, epoch, self.dp_rank).permutation(len(self.urls)) if self.shuffle
+                     else np.arange(len(self.urls)))
+            k = self.shards_per_block
+            blocks = [order[i:i + k].tolist() for i in range(0, len(order), k)]
+            starts = np.concatenate([[0], np.cumsum([sum(self.sizes[s] for s in b) for b in blocks])]).tolist()
+            self._layouts = {**dict(list(self._layouts.items())[-2:]), epoch: (blocks, starts)}
+        return self._layouts[epoch]
 
     def read_shard(self, s: int) -> tuple[np.ndarray, int]:
         """All samples of shard s as [n, sample_len] (bad ones dropped under `skip`), and #skipped."""
@@ -294,4 +303,4 @@ class TokenLoader:
                     self._count_skips()
                     tokens = torch.from_numpy(np.concatenate(pending).astype(np.int64))
                     pending, filled = [], 0
-                    yield {"input": tokens[:, :-1], "target": tokens[:, 1:]}
+                    yield {"input": tokens[:, :-1].contiguous(), "target": tokens[:, 1:].contiguous()}
