@@ -27,6 +27,7 @@ import zlib
 
 import numpy as np
 import webdataset as wds
+from tqdm import tqdm
 
 from pldr_dist.data.corpus import expand_inputs, iter_documents
 from pldr_dist.data.manifest import FORMAT, SPLITS, Manifest, ShardError, sha256_file, write_json_atomic
@@ -191,7 +192,6 @@ def make_shards(inputs, tokenizer_path: str, out_dir: str, seq_len: int, samples
             if index >= resume_at[split][0]:
                 yield index, split, text
 
-    from tqdm import tqdm
     bar = tqdm(total=sum(args["input_bytes"]), unit="B", unit_scale=True, desc="shards", disable=not show_progress)
     start, text_bytes = time.perf_counter(), 0
     pool = mp.get_context("fork").Pool(num_procs, _init_worker, (tok,)) if num_procs > 1 else None
