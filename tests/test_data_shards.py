@@ -137,8 +137,9 @@ def test_command_line_tools_show_help_and_write_a_summary(corpus, tmp_path):
 
 def test_prepare_corpus_tokenises_and_shards_the_bundled_corpus(tmp_path):
     from pldr_dist.data import prepare_corpus
-    m = prepare_corpus(SHAKESPEARE, str(tmp_path / "demo"), vocab_size=512, seq_len=64)
-    tok = Tokenizer.from_file(str(tmp_path / "demo" / "tokenizer.model"))
+    prepared = prepare_corpus(SHAKESPEARE, str(tmp_path / "demo"), vocab_size=512, seq_len=64, log=lambda line: None)
+    tok = Tokenizer(prepared.tokenizer)
+    m = Manifest.load(prepared.manifest)
     assert tok.vocab_size == 512 and m.fingerprint == tok.fingerprint and m.seq_len == 64
     assert len(m.shards("valid")) >= 4 and sum(e["samples"] for e in m.shards("train")) > 5000
     assert verify_shards(m, progress=False) == []

@@ -210,14 +210,16 @@ class _BlockStream(IterableDataset):
 class TokenLoader:
     """Batches {"input": [B, S] int64, "target": [B, S] int64} for one data-parallel rank.
 
-    `manifest_path_or_dir`: manifest.json or its directory. `shard_location`: where the shards
+    `manifest_path_or_dir`: manifest.json or its directory. `shuffle`: default True for "train",
+    False for "valid". `shard_location`: where the shards
     live if not beside the manifest: a directory, a URL prefix, or a template with `{name}`
     such as "pipe:aws s3 cp s3://bucket/shards/{name} -" (anything webdataset's gopen opens).
     """
 
     def __init__(self, manifest_path_or_dir: str, split: str, batch_size: int, seq_len: int, dp_rank: int = 0,
                  dp_size: int = 1, seed: int = 0, num_workers: int = 0, tokenizer_fingerprint: str | None = None,
-                 on_corrupt: str = "error", shard_location: str | None = None, shards_per_block: int = 4):
+                 on_corrupt: str = "error", shuffle: bool | None = None, shard_location: str | None = None,
+                 shards_per_block: int = 4):
         if on_corrupt not in ("error", "skip"):
             raise ValueError(f"on_corrupt={on_corrupt!r} must be 'error' or 'skip'")
         if not 0 <= dp_rank < dp_size:
@@ -236,7 +238,7 @@ class TokenLoader:
         mine = entries[dp_rank::dp_size]
         urls = [self._url(m, shard_location, e["name"]) for e in mine]
         self.plan = _Plan(urls, [e["samples"] for e in mine], [e["sha256"] for e in mine], m.dtype, seq_len + 1,
-                          seed, dp_rank, split == "train", shards_per_block, on_corrupt)
+                          seed, dp_rank, split == "train" if shuffle is None else shuffle, shards_per_block, on_corrupt)
         self.manifest, self.batch_size, self.num_workers = m, batch_size, num_workers
         self.epoch, self.position = 0, 0  # the next sample to yield
         self.skipped_samples = 0

@@ -24,6 +24,9 @@ class ShardError(ValueError):
     """A shard or manifest is missing, corrupt or does not fit the run (message names the file)."""
 
 
+DataError = ShardError  # the name the trainer uses
+
+
 @dataclass
 class Manifest:
     path: str
@@ -66,6 +69,10 @@ class Manifest:
 
     def save(self) -> None:
         write_json_atomic(self.path, self.data)
+
+
+def load_manifest(path_or_dir: str) -> Manifest:
+    return Manifest.load(path_or_dir)
 
 
 def write_json_atomic(path: str, data: dict) -> None:

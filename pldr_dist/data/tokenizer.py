@@ -32,11 +32,15 @@ class TokenizerError(ValueError):
 class Tokenizer:
     """A thin, picklable wrapper around a SentencePiece model."""
 
-    def __init__(self, model_proto: bytes, source: str = "<bytes>"):
-        self.model_proto = model_proto
-        self.source = source
-        self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
-        self.fingerprint = hashlib.sha256(model_proto).hexdigest()
+    def __init__(self, model: str | bytes, source: str = "<bytes>"):
+        """`model`: a .model file path, or the serialized model proto itself."""
+        if isinstance(model, str):
+            tok = self.from_file(model)
+            model, source = tok.model_proto, model
+        self.model_proto = model
+        self.source = self.path = source
+        self.sp = spm.SentencePieceProcessor(model_proto=model)
+        self.fingerprint = hashlib.sha256(model).hexdigest()
 
     @classmethod
     def from_file(cls, path: str) -> "Tokenizer":
@@ -75,14 +79,18 @@ class Tokenizer:
     def eos_id(self) -> int:
         return self.sp.eos_id()
 
-    def encode(self, text: str | list[str]) -> list[int] | list[list[int]]:
-        return self.sp.encode(text)
+    def encode(self, text: str | list[str], add_eos: bool = False) -> list[int] | list[list[int]]:
+        return self.sp.encode(text, add_eos=add_eos)
 
     def decode(self, ids: list[int] | list[list[int]]) -> str | list[str]:
         return self.sp.decode(ids)
 
     def id_to_piece(self, i: int) -> str:
         return self.sp.id_to_piece(i)
+
+    def check_model(self, cfg) -> None:
+        """Refuse a tokenizer that does not fit a PLDRConfig (pad/eos ids, vocabulary size)."""
+        self.check_compatible(cfg.pad_id, cfg.eos_id, cfg.vocab_size)
 
     def check_compatible(self, pad_id: int, eos_id: int, vocab_size: int | None = None, where: str = "model") -> None:
         """Refuse a tokenizer whose pad/eos ids (or vocab size) differ from the model config's."""
