@@ -28,9 +28,9 @@ setup(
             "pldr-demo=pldr_dist.demo:main",
             "pldr-train=pldr_dist.train.trainer:main",
             "pldr-plot-metrics=pldr_dist.train.plot:main",
-            "pldr-train-tokenizer=pldr_dist.data.shards:main_train_tokenizer",
-            "pldr-make-shards=pldr_dist.data.shards:main_make_shards",
-            "pldr-verify-shards=pldr_dist.data.shards:main_verify",
+            "pldr-train-tokenizer=pldr_dist.data.tokenizer:main",
+            "pldr-make-shards=pldr_dist.data.shard_writer:main",
+            "pldr-verify-shards=pldr_dist.data.manifest:verify_main",
         ],
     },
 )

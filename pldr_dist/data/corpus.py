@@ -1,8 +1,11 @@
-"""Documents from plain text, JSON-lines (`text` field) and .gz / .zst files or globs,
-streamed one at a time so a corpus never has to fit in memory.
+"""Read raw text corpora lazily: plain text, JSON-lines (`text` field), .gz/.zst, globs.
 
-Plain text: one document per block of lines separated by a blank line (a file with no blank
-lines is one document per 200 lines, so a corpus like tinyshakespeare still gives many)."""
+A *document* is what gets one end-of-sequence token in the shards:
+- JSON-lines files (`*.jsonl`, `*.json`, optionally `.gz`/`.zst`): one document per line,
+  taken from its `text` field (the RefinedWeb / HF-datasets export layout);
+- plain text files: one document per paragraph (lines up to a blank line).
+Nothing is ever read whole into memory; every function here is a generator.
+"""
 from __future__ import annotations
 
 import glob
@@ -10,54 +13,86 @@ import gzip
 import io
 import json
 import os
-from typing import Iterator
+from typing import Iterable, Iterator
 
 
-def expand(patterns: list[str] | str) -> list[str]:
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    files = []
-    for pattern in patterns:
-        matches = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
+class CorpusError(ValueError):
+    """A corpus file is missing or malformed (the message names the file)."""
+
+
+def expand_inputs(inputs: str | Iterable[str]) -> list[str]:
+    """Expand globs into a sorted, de-duplicated file list (fixed order = reproducible shards)."""
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    files: list[str] = []
+    for pattern in inputs:
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
         if not matches:
-            raise FileNotFoundError(f"no input files match {pattern!r}")
+            raise CorpusError(f"CorpusError: {pattern}: no file matches this pattern (check the path)")
         for path in matches:
             if not os.path.isfile(path):
-                raise FileNotFoundError(f"input file {path!r} not found")
-        files += matches
+                raise CorpusError(f"CorpusError: {path}: no such file (check the path)")
+            if path not in files:
+                files.append(path)
     return files
 
 
-def open_text(path: str):
+def open_text(path: str) -> io.TextIOBase:
+    """Open a text file for reading, decompressing .gz or .zst on the fly."""
     if path.endswith(".gz"):
         return gzip.open(path, "rt", encoding="utf-8")
     if path.endswith(".zst"):
         import zstandard
-        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")), encoding="utf-8")
-    return open(path, encoding="utf-8")
+        raw = open(path, "rb")
+        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True), encoding="utf-8")
+    return open(path, "r", encoding="utf-8")
 
 
-def documents(patterns, max_lines: int = 200) -> Iterator[str]:
-    for path in expand(patterns):
-        base = path[:-3] if path.endswith(".gz") else path[:-4] if path.endswith(".zst") else path
-        with open_text(path) as f:
-            if base.endswith((".jsonl", ".json")):
-                for n, line in enumerate(f, 1):
-                    if line.strip():
-                        try:
-                            text = json.loads(line)["text"]
-                        except (ValueError, KeyError, TypeError):
-                            raise ValueError(f"{path}:{n}: not a JSON object with a 'text' field") from None
-                        yield text
+def _is_jsonl(path: str) -> bool:
+    stem = path
+    for ext in (".gz", ".zst"):
+        if stem.endswith(ext):
+            stem = stem[: -len(ext)]
+    return stem.endswith((".jsonl", ".json"))
+
+
+def _jsonl_documents(path: str) -> Iterator[str]:
+    with open_text(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
                 continue
-            block: list[str] = []
-            for line in f:
-                if line.strip():
-                    block.append(line)
-                    if len(block) < max_lines:
-                        continue
-                if block:
-                    yield "".join(block).rstrip("\n")
-                    block = []
-            if block:
-                yield "".join(block).rstrip("\n")
+            try:
+                text = json.loads(line)["text"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise CorpusError(f"CorpusError: {path}:{lineno}: not a JSON object with a 'text' field "
+                                  f"({type(exc).__name__}); each line must look like {{\"text\": \"...\"}}") from None
+            if not isinstance(text, str):
+                raise CorpusError(f"CorpusError: {path}:{lineno}: field 'text' is {type(text).__name__}, expected a string")
+            yield text
+
+
+def _paragraph_documents(path: str) -> Iterator[str]:
+    with open_text(path) as f:
+        lines: list[str] = []
+        for line in f:
+            if line.strip():
+                lines.append(line.rstrip("\n"))
+            elif lines:
+                yield "\n".join(lines)
+                lines = []
+        if lines:
+            yield "\n".join(lines)
+
+
+def iter_documents(inputs: str | Iterable[str]) -> Iterator[str]:
+    """Yield every document of every input file, in a fixed order."""
+    for path in expand_inputs(inputs):
+        yield from (_jsonl_documents(path) if _is_jsonl(path) else _paragraph_documents(path))
+
+
+def iter_sentences(inputs: str | Iterable[str]) -> Iterator[str]:
+    """Yield non-empty lines of every document: SentencePiece trains on lines ("sentences")."""
+    for doc in iter_documents(inputs):
+        for line in doc.split("\n"):
+            if line.strip():
+                yield line

@@ -1,69 +1,134 @@
-"""The shard manifest: what the shard writer produced, and what a run checks before training."""
+"""The shard manifest: what a directory of token shards holds, and how to check it.
+
+manifest.json (written last, atomically, by the shard writer):
+    {"format": "pldr-token-shards/1", "seq_len": S, "sample_len": S+1, "dtype": "uint16",
+     "tokenizer": {"fingerprint": sha256, "vocab_size": V, "pad_id": 0, "eos_id": 3},
+     "splits": {"train": [{"name", "samples", "tokens", "sha256"}, ...], "valid": [...]},
+     "documents": {"train": n, "valid": n}, "dropped_tail_tokens": {...}, "args": {...}}
+Each sample is one tar member `<key>.tokens.<dtype>` holding S+1 little-endian token ids.
+"""
 from __future__ import annotations
 
+import argparse
+import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+import sys
+from dataclasses import dataclass
 
-FORMAT = "pldr-shards-v1"
+FORMAT = "pldr-token-shards/1"
+SPLITS = ("train", "valid")
 
 
-class DataError(ValueError):
-    """Bad or mismatched training data; the message names the file and the fix."""
+class ShardError(ValueError):
+    """A shard or manifest is missing, corrupt or does not fit the run (message names the file)."""
+
+
+DataError = ShardError  # the name the trainer uses
 
 
 @dataclass
 class Manifest:
     path: str
-    seq_len: int
-    dtype: str
-    tokenizer_fingerprint: str
-    vocab_size: int
-    splits: dict = field(default_factory=dict)   # split -> [{"name", "samples", "tokens", "sha256"}]
-    extra: dict = field(default_factory=dict)
+    data: dict
 
     @property
     def root(self) -> str:
         return os.path.dirname(os.path.abspath(self.path))
 
+    @property
+    def seq_len(self) -> int:
+        return self.data["seq_len"]
+
+    @property
+    def dtype(self) -> str:
+        return self.data["dtype"]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.data["tokenizer"]["fingerprint"]
+
     def shards(self, split: str) -> list[dict]:
-        if split not in self.splits or not self.splits[split]:
-            raise DataError(f"{self.path} has no '{split}' shards (re-run pldr-make-shards with a "
-                            f"{'--valid-fraction > 0' if split == 'valid' else 'larger corpus'})")
-        return self.splits[split]
+        if split not in SPLITS:
+            raise ShardError(f"ShardError: split={split!r} is not one of {SPLITS}")
+        return self.data["splits"][split]
 
-    def url(self, shard: dict) -> str:
-        name = shard["name"]
-        return name if ("://" in name or name.startswith("pipe:") or os.path.isabs(name)) else os.path.join(self.root, name)
+    @classmethod
+    def load(cls, path_or_dir: str) -> "Manifest":
+        path = os.path.join(path_or_dir, "manifest.json") if os.path.isdir(path_or_dir) else path_or_dir
+        if not os.path.isfile(path):
+            raise ShardError(f"ShardError: {path}: no manifest (write shards with pldr-make-shards first)")
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ShardError(f"ShardError: {path}: not valid JSON ({exc}); re-run pldr-make-shards") from None
+        if data.get("format") != FORMAT:
+            raise ShardError(f"ShardError: {path}: format={data.get('format')!r}, expected {FORMAT!r}")
+        return cls(path, data)
 
-    def to_json(self) -> str:
-        return json.dumps({"format": FORMAT, "seq_len": self.seq_len, "dtype": self.dtype,
-                           "tokenizer": {"fingerprint": self.tokenizer_fingerprint, "vocab_size": self.vocab_size},
-                           "splits": self.splits, **self.extra}, indent=1)
+    def save(self) -> None:
+        write_json_atomic(self.path, self.data)
 
 
-def load_manifest(path: str) -> Manifest:
-    if os.path.isdir(path):
-        path = os.path.join(path, "manifest.json")
-    if not os.path.isfile(path):
-        raise DataError(f"shard manifest {path!r} not found (run pldr-make-shards, or point data.shards at its manifest.json)")
+def load_manifest(path_or_dir: str) -> Manifest:
+    return Manifest.load(path_or_dir)
+
+
+def write_json_atomic(path: str, data: dict) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_shards(manifest: Manifest, progress: bool = True) -> list[str]:
+    """Check every shard's presence and sha256 against the manifest; return one line per problem."""
+    problems = []
+    entries = [(s, e) for s in SPLITS for e in manifest.shards(s)]
     try:
-        with open(path) as f:
-            raw = json.load(f)
-        if raw.get("format") != FORMAT:
-            raise KeyError("format")
-        tok = raw["tokenizer"]
-        extra = {k: v for k, v in raw.items() if k not in ("format", "seq_len", "dtype", "tokenizer", "splits")}
-        return Manifest(path, int(raw["seq_len"]), raw["dtype"], tok["fingerprint"], int(tok["vocab_size"]),
-                        raw["splits"], extra)
-    except (ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{path} is not a pldr_dist shard manifest ({type(e).__name__}: {e}); re-run pldr-make-shards") from None
+        from tqdm import tqdm
+        entries = tqdm(entries, desc="verify", unit="shard", disable=not progress)
+    except ImportError:
+        pass
+    for split, entry in entries:
+        path = os.path.join(manifest.root, entry["name"])
+        if not os.path.isfile(path):
+            problems.append(f"ShardError: {path}: missing ({split} shard listed in {manifest.path})")
+        elif sha256_file(path) != entry["sha256"]:
+            problems.append(f"ShardError: {path}: sha256 differs from {manifest.path} (corrupt; re-run pldr-make-shards)")
+    return problems
 
 
-def check_against_run(manifest: Manifest, seq_len: int | None = None, fingerprint: str | None = None) -> None:
-    if seq_len is not None and manifest.seq_len != seq_len:
-        raise DataError(f"{manifest.path}: shards have seq_len={manifest.seq_len} but the run expects {seq_len} "
-                        f"(re-shard with --seq-len {seq_len})")
-    if fingerprint and manifest.tokenizer_fingerprint != fingerprint:
-        raise DataError(f"{manifest.path}: shards were tokenised with tokenizer {manifest.tokenizer_fingerprint} but the "
-                        f"run uses {fingerprint} (re-shard with the run's tokenizer)")
+def verify_main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="pldr-verify-shards",
+                                description="Check every token shard against its manifest.json (presence and sha256).")
+    p.add_argument("manifest", help="manifest.json or the directory holding it")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    try:
+        m = Manifest.load(args.manifest)
+    except ShardError as exc:
+        sys.exit(str(exc))
+    problems = verify_shards(m, progress=not args.quiet)
+    for line in problems:
+        print(line, file=sys.stderr)
+    counts = {s: (len(m.shards(s)), sum(e["samples"] for e in m.shards(s))) for s in SPLITS}
+    summary = ", ".join(f"{s}: {n} shards / {k} samples" for s, (n, k) in counts.items())
+    print(f"{m.path}: {summary}, seq_len {m.seq_len}, {m.dtype}: "
+          + (f"{len(problems)} problem(s)" if problems else "all shards OK"))
+    sys.exit(1 if problems else 0)
+
+
+if __name__ == "__main__":
+    verify_main()
