@@ -86,4 +86,9 @@ def test_nonfinite_loss_is_skipped_and_a_persistent_one_stops_the_run(data, tmp_
                                            "train.inject_nonfinite_at=[3,4,5,6,7,8]"])
     assert result.returncode != 0
     assert "stopping: 3 non-finite steps in a row (train.max_nonfinite_in_row=3)" in result.stderr + result.stdout
-    assert open(os.path.join(persistent, "checkpoints", "latest")).read().strip() == "step_00000002"
+    # the skipped steps 3 and 4 left the weights exactly as step 2 made them, and that is what step 4 saved
+    ckpt = os.path.join(persistent, "checkpoints")
+    assert open(os.path.join(ckpt, "latest")).read().strip() == "step_00000004"
+    load = lambda tag: torch.load(os.path.join(ckpt, tag, "mp_rank_00_model_states.pt"), weights_only=False)["module"]
+    at2, at4 = load("step_00000002"), load("step_00000004")
+    assert all(torch.equal(at2[k], at4[k]) for k in at2)

@@ -24,8 +24,9 @@ def check_data(cfg: RunConfig) -> None:
     if manifest.seq_len > mcfg.context_length:
         raise ConfigError(f"{cfg.source}: shards in {cfg.data.shards} have seq_len={manifest.seq_len} but "
                           f"model.context_length={mcfg.context_length} (raise context_length or re-shard)")
-    if manifest.vocab_size > mcfg.vocab_size:
-        raise ConfigError(f"{cfg.source}: the shards' tokenizer has {manifest.vocab_size} pieces but "
+    vocab = manifest.data["tokenizer"]["vocab_size"]
+    if vocab > mcfg.vocab_size:
+        raise ConfigError(f"{cfg.source}: the shards' tokenizer has {vocab} pieces but "
                           f"model.vocab_size={mcfg.vocab_size} (set model.overrides.vocab_size)")
 
 
