@@ -132,7 +132,9 @@ def build_model(cfg: PLDRConfig, tensors: dict, weights_path="weights", config_p
     with torch.device("meta"):
         model = PLDRModel(cfg)
     check_tensors_match(model, tensors, weights_path, config_path)
-    model.load_state_dict(tensors, assign=True)
+    # Fresh (aligned) storage: tensors viewing into a safetensors blob can sit at unaligned
+    # addresses, and CPU kernels then take other SIMD paths (last-bit different results).
+    model.load_state_dict({k: v.clone(memory_format=torch.contiguous_format) for k, v in tensors.items()}, assign=True)
     return model.eval()
 
 
