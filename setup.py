@@ -26,6 +26,10 @@ setup(
     entry_points={
         "console_scripts": [
             "pldr-demo=pldr_dist.demo:main",
+            "pldr-convert=pldr_dist.convert.cli:main",
+            "pldr-generate=pldr_dist.infer.cli:generate_main",
+            "pldr-export-gcache=pldr_dist.infer.cli:export_gcache_main",
+            "pldr-gcache-check=pldr_dist.infer.cli:gcache_check_main",
         ],
     },
 )
