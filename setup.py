@@ -26,6 +26,11 @@ setup(
     entry_points={
         "console_scripts": [
             "pldr-demo=pldr_dist.demo:main",
+            "pldr-train=pldr_dist.train.trainer:main",
+            "pldr-plot-metrics=pldr_dist.train.plot:main",
+            "pldr-train-tokenizer=pldr_dist.data.tokenizer:main",
+            "pldr-make-shards=pldr_dist.data.shard_writer:main",
+            "pldr-verify-shards=pldr_dist.data.manifest:verify_main",
             "pldr-convert=pldr_dist.convert.cli:main",
             "pldr-generate=pldr_dist.infer.cli:generate_main",
             "pldr-export-gcache=pldr_dist.infer.cli:export_gcache_main",

@@ -7,6 +7,7 @@ rank raises here with that rank's traceback.
 """
 from __future__ import annotations
 
+import io
 import os
 import socket
 import traceback
@@ -34,7 +35,9 @@ def _worker(rank, world_size, port, fn, args, queue, use_deepspeed):
         else:
             dist.init_process_group("gloo", rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
-        queue.put((rank, "ok", result))
+        buf = io.BytesIO()            # plain bytes: tensors outlive this process's shared memory
+        torch.save(result, buf)
+        queue.put((rank, "ok", buf.getvalue()))
     except BaseException:  # report every failure, including assertion errors, to the parent
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -56,7 +59,8 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 600, deepspeed:
         for _ in range(world_size):
             rank, status, value = queue.get(timeout=timeout)
             if status == "ok":
-                results[rank] = value
+                import torch
+                results[rank] = torch.load(io.BytesIO(value), weights_only=False)
             else:
                 errors.append(f"rank {rank} failed:\n{value}")
                 break

@@ -79,6 +79,11 @@ def generate(model: PLDRModel, prompts: Sequence[Sequence[int]], sampling: Sampl
         raise ValueError(f"cache_mode={cache_mode!r} is unknown (choose one of {', '.join(CACHE_MODES)})")
     cfg = model.cfg
     device = next(model.parameters()).device
+    head = getattr(model, "head", None)
+    if getattr(head, "gather_output", None) is False:   # a tensor-parallel head: sample from all logits
+        from ..parallel.tensor_parallel import full_logits
+        with full_logits(model):
+            return generate(model, prompts, sampling, cache_mode, keep_logits, on_step)
     generator = None
     if sampling.seed is not None:
         generator = torch.Generator(device=device).manual_seed(sampling.seed)

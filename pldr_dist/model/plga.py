@@ -122,11 +122,12 @@ class PLGA(nn.Module):
         bias: additive mask [B, 1, S, S_total] or None for plain causal (offset 0, no padding)
         or no mask (a single new query that may attend everything cached).
         """
-        B, S, _ = x.shape
         dk = self.cfg.head_dim
-        q = self.wq(x).view(B, S, -1, dk).transpose(1, 2)
-        k = self.wk(x).view(B, S, -1, dk).transpose(1, 2)
-        v = self.wv(x).view(B, S, -1, dk).transpose(1, 2)
+        q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        B, S = q.shape[:2]   # the projections' shape: under sequence parallelism x holds a slice of S
+        q = q.view(B, S, -1, dk).transpose(1, 2)
+        k = k.view(B, S, -1, dk).transpose(1, 2)
+        v = v.view(B, S, -1, dk).transpose(1, 2)
         q = apply_rotary(q, offset, self.cfg.rope_base, self.cfg.rope_style)
         k = apply_rotary(k, offset, self.cfg.rope_base, self.cfg.rope_style)
 

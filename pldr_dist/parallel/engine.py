@@ -1,0 +1,109 @@
+"""DeepSpeed engines for every supported TP x PP x DP layout: config generation, the
+supported-combination check, and `deepspeed.initialize` with our process grid.
+
+Supported (and tested on real processes): ZeRO 0/1/2/3 with PP = 1; ZeRO 0/1 with PP > 1;
+any TP. Pipeline + bf16 + ZeRO-0 is refused because its checkpoints do not load back
+(DeepSpeed 0.19.8: KeyError in load_checkpoint); ZeRO-1 costs nothing extra there.
+"""
+from __future__ import annotations
+
+import json
+
+import deepspeed
+from deepspeed.pipe import PipelineModule
+from torch import nn
+
+from .pipeline import model_parameter_name
+from .tensor_parallel import tp_partition_dim
+
+PRECISIONS = ("fp32", "bf16")
+
+
+class UnsupportedLayout(ValueError):
+    """A parallel/ZeRO/precision combination this project does not run."""
+
+
+def check_supported(pp: int, zero_stage: int, precision: str) -> None:
+    """Raise UnsupportedLayout with a one-line reason and fix, before DeepSpeed starts."""
+    if zero_stage not in (0, 1, 2, 3):
+        raise UnsupportedLayout(f"parallel.zero_stage={zero_stage!r} is unknown (choose 0, 1, 2 or 3)")
+    if precision not in PRECISIONS:
+        raise UnsupportedLayout(f"train.precision={precision!r} is unknown (choose one of {', '.join(PRECISIONS)})")
+    if pp > 1 and zero_stage > 1:
+        raise UnsupportedLayout(f"parallel.zero_stage={zero_stage} with parallel.pp={pp}: DeepSpeed's pipeline "
+                                f"engine supports ZeRO stage 0 or 1 only (use zero_stage=1, or pp=1)")
+    if pp > 1 and zero_stage == 0 and precision == "bf16":
+        raise UnsupportedLayout(f"parallel.zero_stage=0 with parallel.pp={pp} and bf16: DeepSpeed cannot load "
+                                f"these checkpoints back (use zero_stage=1: same memory for parameters)")
+
+
+def make_ds_config(*, micro_batch_size: int, grad_accum_steps: int, dp: int, pp: int = 1,
+                   zero_stage: int = 1, precision: str = "fp32", clip_norm: float = 0.0,
+                   activation_partitioning: bool = False) -> dict:
+    """Our training settings -> a DeepSpeed config dict.
+
+    micro_batch_size is per data-parallel replica; grad_accum_steps is the number of
+    micro-batches per optimiser step (the pipeline's micro-batch count when pp > 1).
+    clip_norm = 0 disables global-norm clipping (DeepSpeed's default would be 1.0).
+    """
+    check_supported(pp, zero_stage, precision)
+    for key, value in (("micro_batch_size", micro_batch_size), ("grad_accum_steps", grad_accum_steps), ("dp", dp)):
+        if not isinstance(value, int) or value < 1:
+            raise UnsupportedLayout(f"{key}={value!r} must be a positive integer")
+    config = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum_steps,
+        "train_batch_size": micro_batch_size * grad_accum_steps * dp,
+        "gradient_clipping": float(clip_norm),
+        "zero_allow_untested_optimizer": True,  # our torch AdamW subclass (optim.py)
+        "zero_optimization": {"stage": zero_stage},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": False},
+        "steps_per_print": 10**9,  # the training loop logs; DeepSpeed stays quiet
+        "wall_clock_breakdown": False,
+    }
+    if zero_stage == 3:
+        # Gather parameters on save so checkpoints also hold a consolidated fp32/bf16 copy.
+        config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+    if pp > 1:
+        # Send whole activations between stages (TP ranks hold identical copies); DeepSpeed's
+        # partitioned sends allow only one grad-carrying tensor, and we may send two.
+        config["pipeline"] = {"pipe_partitioned": activation_partitioning, "grad_partitioned": activation_partitioning}
+    return config
+
+
+def load_ds_config(path: str) -> dict:
+    with open(path) as f:
+        config = json.load(f)
+    return config
+
+
+def mark_tensor_parallel_parameters(module: nn.Module) -> None:
+    """Tag TP-split parameters as DeepSpeed expects, so global gradient norms count each
+    replicated parameter once per TP group and each split one on every TP rank."""
+    for name, param in module.named_parameters():
+        if isinstance(module, PipelineModule):
+            name = model_parameter_name(module, name)
+        param.tensor_model_parallel = tp_partition_dim(name) is not None
+
+
+def initialize(model_or_pipe: nn.Module, grid, ds_config: dict, optimizer):
+    """deepspeed.initialize for a PLDRModel (PP = 1) or PipelineModule (PP > 1) on `grid`.
+
+    With PP = 1 the grid is DeepSpeed's `mpu`, so ZeRO shards over the data-parallel group
+    only; a PipelineModule carries the same topology (grid.topology) and DeepSpeed builds the
+    groups from it. Returns the engine (a PipelineEngine when PP > 1).
+    """
+    zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    precision = "bf16" if ds_config.get("bf16", {}).get("enabled") else "fp32"
+    check_supported(grid.pp, zero_stage, precision)
+    is_pipe = isinstance(model_or_pipe, PipelineModule)
+    if grid.pp > 1 and not is_pipe:
+        raise UnsupportedLayout(f"parallel.pp={grid.pp} needs a PipelineModule (pipeline.build_pipeline_module)")
+    if "gradient_clipping" not in ds_config:
+        raise UnsupportedLayout("DeepSpeed config has no gradient_clipping: set it (0 = off); DeepSpeed's default clips at 1.0")
+    if grid.tp > 1:
+        mark_tensor_parallel_parameters(model_or_pipe)
+    engine, _, _, _ = deepspeed.initialize(model=model_or_pipe, optimizer=optimizer, config=ds_config,
+                                           mpu=None if is_pipe else grid)
+    return engine

@@ -1,0 +1,70 @@
+"""The spec's optimiser: AdamW (betas 0.9/0.95, eps 1e-5, weight decay 0.1 on every parameter)
+with element-wise gradient clipping and a skip of non-finite steps.
+
+A plain torch optimizer (not DeepSpeed's compiled Adam), so DeepSpeed wraps it: under ZeRO
+its `param_groups` hold this rank's flat fp32 partition and `step()` is called with that
+partition's gradient set (ZeRO 1/2/3, the bf16 optimizer and the pipeline engine all call the
+base optimizer's step on every rank in lock-step). Both additions work on whatever slice the
+rank holds:
+- clipping by value (the reference's `clip_grad_value_(1.0)`) is element-wise, so it commutes
+  with partitioning and gives the same update as on the full gradient;
+- a non-finite gradient on any rank skips the update on every rank (one all-reduce over the
+  whole world), so replicas and shards never diverge; `skipped_steps` counts them. (ZeRO 1-3
+  already skip such steps before calling step(), counted in `engine.skipped_steps`; this
+  covers ZeRO-0 and the pipeline engine without ZeRO.)
+Global-norm clipping is DeepSpeed's `gradient_clipping` (engine.make_ds_config), applied
+before step() is called.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+
+BETAS = (0.9, 0.95)
+EPS = 1e-5
+WEIGHT_DECAY = 0.1
+
+
+class ClippedAdamW(torch.optim.AdamW):
+    def __init__(self, params, lr: float, clip_value: float = 0.0, betas=BETAS, eps: float = EPS,
+                 weight_decay: float = WEIGHT_DECAY):
+        """clip_value > 0 clamps every gradient element to [-clip_value, clip_value]."""
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        self.clip_value = clip_value
+        self.skipped_steps = 0
+
+    def _grads(self):
+        return [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = self._grads()
+        bad = torch.zeros(1, device=get_accelerator().current_device_name())
+        if grads:
+            bad[0] = float(not all(bool(torch.isfinite(g).all()) for g in grads))
+        if dist.is_initialized():
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item() > 0:
+            self.skipped_steps += 1
+            return None
+        if self.clip_value > 0:
+            for g in grads:
+                g.clamp_(-self.clip_value, self.clip_value)
+        return super().step(closure)
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, clip_value: float = 0.0, eps: float = EPS) -> ClippedAdamW:
+    """The spec's AdamW over every trainable parameter of `model` (weight decay on all)."""
+    return ClippedAdamW([p for p in model.parameters() if p.requires_grad], lr=lr, clip_value=clip_value, eps=eps)
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    """Bytes of optimiser state (Adam moments, step counters) this rank holds."""
+    base = getattr(optimizer, "optimizer", optimizer)  # unwrap DeepSpeed's ZeRO/bf16 wrappers
+    total = 0
+    for state in base.state.values():
+        for value in state.values():
+            if torch.is_tensor(value):
+                total += value.numel() * value.element_size()
+    return total

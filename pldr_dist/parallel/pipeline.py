@@ -1,0 +1,126 @@
+"""The PLDR model as a DeepSpeed PipelineModule (1F1B), built from the same layer objects.
+
+Build the full PLDRModel from the seed, `parallelize` it when tp > 1, then hand its pieces
+here: the embedding, every DecoderLayer and the output head become the pipeline's layers, so
+weights, initialisation and maths are exactly the non-pipelined model's. Only plain tensors
+cross stage boundaries:
+
+    embedding:  tokens                      -> (h, tokens)
+    decoder:    (h, tokens[, penalty])      -> (h, tokens[, penalty])
+    head:       (h, tokens[, penalty])      -> logits  or (logits, penalty)
+
+The tokens travel with the activations (they are integers, so DeepSpeed sends no gradient for
+them) and each stage rebuilds the causal + padding mask from them, which is cheaper than
+sending a [B, 1, S, S] mask. In v510_dag training the running sum of the layers' DAG penalties
+travels as a float tensor of shape [1] and the loss adds penalty / num_layers, like
+`PLDRModel.forward(..., return_penalty=True)`.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from deepspeed.pipe import PipelineModule
+from torch import nn
+
+from ..model import PLDRModel
+from ..model.model import attention_bias
+
+
+class EmbeddingStage(nn.Module):
+    """tokens [B, S] -> (hidden [B, S, d], tokens)."""
+
+    def __init__(self, embed: nn.Module):
+        super().__init__()
+        self.embed = embed
+
+    def forward(self, tokens):
+        return self.embed(tokens), tokens
+
+
+class DecoderStage(nn.Module):
+    """One DecoderLayer; the mask is rebuilt from the tokens that travel alongside."""
+
+    def __init__(self, layer: nn.Module, pad_id: int, carries_penalty: bool):
+        super().__init__()
+        self.layer, self.pad_id, self.carries_penalty = layer, pad_id, carries_penalty
+
+    def forward(self, inputs):
+        h, tokens = inputs[0], inputs[1]
+        bias = attention_bias(tokens.eq(self.pad_id), 0, tokens.shape[1], h.dtype)
+        out, penalty = self.layer(h, 0, bias)
+        if not self.carries_penalty:
+            return out, tokens
+        running = inputs[2] if len(inputs) > 2 else None
+        if penalty is None:  # eval mode computes no penalty; keep the tuple's shape
+            penalty = out.new_zeros(())
+        penalty = penalty.reshape(1).to(out.dtype)
+        return out, tokens, penalty if running is None else running + penalty
+
+
+class HeadStage(nn.Module):
+    """(hidden, tokens[, penalty]) -> logits [B, S, V] (or V / tp) [, penalty]."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.head = head
+
+    def forward(self, inputs):
+        logits = self.head(inputs[0])
+        return (logits, inputs[2]) if len(inputs) > 2 else logits
+
+
+def carries_penalty(model: PLDRModel) -> bool:
+    return model.cfg.mode == "v510_dag" and any(c > 0 for c in model.cfg.dag_coeffs)
+
+
+def pipeline_loss(loss_fn: Callable, num_layers: int) -> Callable:
+    """loss_fn(logits, targets) extended with the DAG penalty when the head passes one on."""
+
+    def loss(outputs, targets):
+        if isinstance(outputs, tuple):
+            logits, penalty = outputs
+            return loss_fn(logits, targets) + penalty.sum() / num_layers
+        return loss_fn(outputs, targets)
+
+    return loss
+
+
+def pipeline_layers(model: PLDRModel) -> list:
+    """The model's own modules, wrapped in the order the data flows through them."""
+    dag = carries_penalty(model)
+    return ([EmbeddingStage(model.embed)]
+            + [DecoderStage(layer, model.cfg.pad_id, dag) for layer in model.layers]
+            + [HeadStage(model.head)])
+
+
+def build_pipeline_module(model: PLDRModel, grid, loss_fn: Callable, partition_method: str = "parameters",
+                          activation_checkpoint_interval: int = 0) -> PipelineModule:
+    """`model` (already parallelized when tp > 1) -> a PipelineModule over `grid.topology`.
+
+    partition_method: DeepSpeed's "parameters" (balance parameter counts), "uniform" (balance
+    layer counts) or "type:DecoderStage" (balance decoder layers). Every rank passes the whole
+    model; each keeps only its stage's modules, the others are freed with `model`.
+    """
+    return PipelineModule(layers=pipeline_layers(model), topology=grid.topology,
+                          loss_fn=pipeline_loss(loss_fn, model.cfg.num_layers),
+                          partition_method=partition_method,
+                          activation_checkpoint_interval=activation_checkpoint_interval)
+
+
+def model_parameter_name(pipe: PipelineModule, name: str) -> str:
+    """A PipelineModule parameter name ('3.layer.attn.wq.weight') -> the PLDRModel's name
+    ('layers.2.attn.wq.weight'), so checkpoints and comparisons use one naming."""
+    index, rest = name.split(".", 1)
+    index = int(index)
+    last = len(pipe._layer_specs) - 1
+    if index == 0:
+        return rest  # 'embed.tokens.weight'
+    if index == last:
+        return rest  # 'head.weight'
+    return f"layers.{index - 1}.{rest.removeprefix('layer.')}"
+
+
+def stage_state_dict(pipe: PipelineModule) -> dict:
+    """This stage's parameters and buffers under the PLDRModel's names."""
+    return {model_parameter_name(pipe, n): t for n, t in pipe.state_dict().items()}

@@ -1,0 +1,168 @@
+"""Atomic, verified training checkpoints on top of DeepSpeed's checkpointing.
+
+Layout of `<run_dir>/checkpoints/`:
+    step_00000100/            one DeepSpeed tag: its model/optimizer files, plus
+        rank_00003.pt         per-rank state (RNGs, data-loader position, counters)
+        run_config.json       the run's config; tokenizer.model when configured
+        COMPLETE.json         written last, by rank 0, after every rank finished: the
+                              size and sha256 of every file in the tag
+    latest                    the newest complete tag (DeepSpeed's pointer name), replaced
+                              atomically (temp file + rename) only after COMPLETE.json
+
+A tag without COMPLETE.json, or whose files do not match it (truncated, corrupt), is never
+loaded: the newest tag that verifies is used and the bad one is named in a warning.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+MARKER = "COMPLETE.json"
+PREFIX = "step_"
+
+
+def tag_for(step: int) -> str:
+    return f"{PREFIX}{step:08d}"
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def verify_tag(tag_dir: str) -> Optional[str]:
+    """None if the tag is complete and intact, else the reason (naming the file)."""
+    marker = os.path.join(tag_dir, MARKER)
+    if not os.path.isfile(marker):
+        return f"{tag_dir} has no {MARKER} (the save did not finish)"
+    try:
+        with open(marker) as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError) as e:
+        return f"{marker} is unreadable ({e})"
+    for rel, meta in files.items():
+        path = os.path.join(tag_dir, rel)
+        if not os.path.isfile(path):
+            return f"{path} is missing"
+        if os.path.getsize(path) != meta["size"]:
+            return f"{path} is truncated or altered ({os.path.getsize(path)} bytes, expected {meta['size']})"
+        if _sha256(path) != meta["sha256"]:
+            return f"{path} is corrupt (sha256 mismatch)"
+    return None
+
+
+class CheckpointManager:
+    def __init__(self, run_dir: str, keep: int, rank: int, world_size: int, log=print):
+        self.dir = os.path.join(run_dir, "checkpoints")
+        self.keep, self.rank, self.world_size, self.log = keep, rank, world_size, log
+
+    def tags(self) -> list[str]:
+        if not os.path.isdir(self.dir):
+            return []
+        return sorted(t for t in os.listdir(self.dir) if t.startswith(PREFIX))
+
+    # -- saving ------------------------------------------------------------------------
+    def save(self, engine, step: int, extra: dict, run_config: dict, tokenizer: str = "") -> str:
+        """Every rank calls this. Returns the tag once it is complete and `latest` points at it."""
+        t0 = time.time()
+        tag = tag_for(step)
+        tag_dir = os.path.join(self.dir, tag)
+        if self.rank == 0:
+            os.makedirs(self.dir, exist_ok=True)
+            if os.path.isdir(tag_dir):      # a leftover of an interrupted save of this step
+                shutil.rmtree(tag_dir)
+        dist.barrier()
+        engine.save_checkpoint(self.dir, tag=tag, save_latest=False)
+        torch.save({**extra, "rng": rng_state()}, os.path.join(tag_dir, f"rank_{self.rank:05d}.pt"))
+        if self.rank == 0:
+            _atomic_write(os.path.join(tag_dir, "run_config.json"), json.dumps(run_config, indent=2))
+            if tokenizer:
+                shutil.copyfile(tokenizer, os.path.join(tag_dir, "tokenizer.model"))
+        dist.barrier()                      # every rank's files are on disk
+        if self.rank == 0:
+            files = {}
+            for root, _, names in os.walk(tag_dir):
+                for name in names:
+                    path = os.path.join(root, name)
+                    rel = os.path.relpath(path, tag_dir)
+                    if rel != MARKER:
+                        files[rel] = {"size": os.path.getsize(path), "sha256": _sha256(path)}
+            _atomic_write(os.path.join(tag_dir, MARKER),
+                          json.dumps({"step": step, "world_size": self.world_size, "files": files}, indent=1))
+            _atomic_write(os.path.join(self.dir, "latest"), tag)
+            self._prune(tag)
+        dist.barrier()
+        if self.rank == 0:
+            size = sum(os.path.getsize(os.path.join(r, n)) for r, _, ns in os.walk(tag_dir) for n in ns)
+            self.log(f"checkpoint {tag} saved ({size / 2**20:.1f} MiB, {time.time() - t0:.1f} s)")
+        return tag
+
+    def _prune(self, newest: str) -> None:
+        complete = [t for t in self.tags() if os.path.isfile(os.path.join(self.dir, t, MARKER))]
+        for tag in complete[:-self.keep]:
+            if tag != newest:
+                shutil.rmtree(os.path.join(self.dir, tag), ignore_errors=True)
+        for tag in self.tags():   # partial saves older than the newest complete one
+            if tag < newest and not os.path.isfile(os.path.join(self.dir, tag, MARKER)):
+                shutil.rmtree(os.path.join(self.dir, tag), ignore_errors=True)
+
+    # -- loading -----------------------------------------------------------------------
+    def newest_valid(self) -> Optional[str]:
+        """Rank 0 verifies (newest first) and broadcasts the chosen tag to every rank."""
+        choice = [None]
+        if self.rank == 0:
+            for tag in reversed(self.tags()):
+                reason = verify_tag(os.path.join(self.dir, tag))
+                if reason is None:
+                    choice[0] = tag
+                    break
+                self.log(f"WARNING: skipping checkpoint {tag}: {reason}; trying the previous one")
+        dist.broadcast_object_list(choice, src=0)
+        return choice[0]
+
+    def load(self, engine, tag: str) -> dict:
+        """Loads the engine state and returns this rank's extra state (RNGs restored)."""
+        path = os.path.join(self.dir, tag, f"rank_{self.rank:05d}.pt")
+        if not os.path.isfile(path):
+            raise RuntimeError(f"{path} is missing: checkpoint {tag} was written by a different number of "
+                               f"processes; convert it with pldr-reshard or launch the same layout")
+        load_path, _ = engine.load_checkpoint(self.dir, tag=tag)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {os.path.join(self.dir, tag)}")
+        extra = torch.load(path, weights_only=False)
+        set_rng_state(extra.pop("rng"))
+        return extra

@@ -1,0 +1,240 @@
+"""The run configuration: one YAML or TOML file, a tree of dataclasses, validated up front.
+
+Every error is a one-line `ConfigError` naming the file and key, raised before any process
+group work starts, so a bad config fails in seconds on every rank alike.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+from ..model import PLDRConfig, PRESETS
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class ModelSection:
+    preset: str = "tiny"
+    overrides: dict = field(default_factory=dict)   # any PLDRConfig field
+
+
+@dataclass
+class ParallelSection:
+    tp: int = 1
+    pp: int = 1
+    sequence_parallel: bool = False
+    zero_stage: int = 1
+    partition_method: str = "parameters"
+    activation_checkpoint_interval: int = 0
+
+
+@dataclass
+class DataSection:
+    shards: str = ""          # manifest.json of the shard writer, or its folder
+    seed: int = 1234
+    num_workers: int = 0
+    on_corrupt: str = "error"  # error | skip
+
+
+@dataclass
+class OptimSection:
+    lr: float = 1e-3
+    betas: tuple = (0.9, 0.95)
+    eps: float = 1e-5
+    weight_decay: float = 0.1
+    warmup_steps: int = 2000
+    min_lr_ratio: float = 0.1
+    clip: str = "value"        # value (element-wise, the reference) | norm | none
+    clip_value: float = 1.0
+
+
+@dataclass
+class TrainSection:
+    steps: int = 1000
+    micro_batch_size: int = 16       # sequences per micro-batch per data-parallel rank
+    grad_accum_steps: int = 1        # micro-batches per step (pipeline: per 1F1B schedule)
+    precision: str = "auto"          # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    seed: int = 1234
+    max_nonfinite_in_row: int = 5
+    inject_nonfinite_at: list = field(default_factory=list)   # testing aid: steps whose loss is made NaN
+
+
+@dataclass
+class EvalSection:
+    every: int = 0            # steps between validations (0 = never)
+    batches: int = 4
+
+
+@dataclass
+class CheckpointSection:
+    every: int = 0            # steps between checkpoints (0 = only at the end)
+    keep: int = 3
+    tokenizer: str = ""       # copied into each checkpoint when set
+
+
+@dataclass
+class LogSection:
+    every: int = 10
+    tensorboard: bool = True
+    g_stats_every: int = 50
+    peak_tflops: float = 0.0  # per device; 0 = auto (989 on CUDA, none on CPU)
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = "runs/default"
+    deepspeed_config: str = ""        # a JSON file from ds_configs/; empty = generated
+    model: ModelSection = field(default_factory=ModelSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    log: LogSection = field(default_factory=LogSection)
+    source: str = ""                  # the file this came from (for messages)
+
+    def model_config(self) -> PLDRConfig:
+        try:
+            return PLDRConfig(**{**PRESETS[self.model.preset], **self.model.overrides})
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{self.source}: {e}") from None
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("source")
+        return d
+
+
+def _check_type(where: str, value: Any, hint) -> Any:
+    origin = typing.get_origin(hint) or hint
+    if origin is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if origin is tuple and isinstance(value, list):
+        value = tuple(value)
+    if origin in (bool, int, float, str, list, dict, tuple):
+        if not isinstance(value, origin) or (origin is int and isinstance(value, bool)):
+            raise ConfigError(f"{where}={value!r} must be of type {origin.__name__}")
+    return value
+
+
+def _build(cls, data: dict, prefix: str, source: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: section '{prefix.rstrip('.')}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)} - {"source"}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key '{prefix}{unknown[0]}' (known in this section: "
+                          f"{', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, f"{prefix}{name}.", source)
+        else:
+            kwargs[name] = _check_type(f"{source}: {prefix}{name}", value, hint)
+    return cls(**kwargs)
+
+
+def _parse_value(text: str) -> Any:
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(raw: dict, overrides: list[str], source: str) -> dict:
+    """--set a.b.c=value (value parsed as YAML: numbers, booleans, lists)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value (e.g. --set train.steps=100)")
+        key, value = item.split("=", 1)
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: '{part}' is not a section")
+        node[parts[-1]] = _parse_value(value)
+    return raw
+
+
+def load_config(path: str, overrides: Optional[list[str]] = None) -> RunConfig:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} not found (pass --config configs/tiny.yaml or your own file)")
+    try:
+        with open(path, "rb") as f:
+            if path.endswith(".toml"):
+                raw = tomllib.load(f)
+            else:
+                raw = yaml.safe_load(f) or {}
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"{path}: not valid {'TOML' if path.endswith('.toml') else 'YAML'} ({first})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    raw = apply_overrides(raw, overrides or [], path)
+    cfg = _build(RunConfig, raw, "", path)
+    cfg.source = path
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
+    """Checks that need no process group. world_size, when given, checks the layout too."""
+    src = cfg.source or "config"
+    if cfg.model.preset not in PRESETS:
+        raise ConfigError(f"{src}: model.preset={cfg.model.preset!r} is unknown (choose one of {', '.join(PRESETS)})")
+    mcfg = cfg.model_config()
+    p, t, o = cfg.parallel, cfg.train, cfg.optim
+    positive = {"parallel.tp": p.tp, "parallel.pp": p.pp, "train.steps": t.steps,
+                "train.micro_batch_size": t.micro_batch_size, "train.grad_accum_steps": t.grad_accum_steps,
+                "checkpoint.keep": cfg.checkpoint.keep, "log.every": cfg.log.every}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{src}: {key}={value} must be >= 1")
+    if p.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{src}: parallel.zero_stage={p.zero_stage} must be 0, 1, 2 or 3")
+    if p.pp > 1 and p.zero_stage > 1:
+        raise ConfigError(f"{src}: parallel.zero_stage={p.zero_stage} with parallel.pp={p.pp} is not supported by "
+                          f"DeepSpeed's pipeline engine (use zero_stage 0 or 1 with pipelines)")
+    if p.sequence_parallel and p.tp == 1:
+        raise ConfigError(f"{src}: parallel.sequence_parallel needs parallel.tp > 1")
+    if mcfg.num_heads % p.tp:
+        divs = [d for d in range(1, mcfg.num_heads + 1) if mcfg.num_heads % d == 0]
+        raise ConfigError(f"{src}: parallel.tp={p.tp} does not divide model.num_heads={mcfg.num_heads} "
+                          f"(choose one of {', '.join(map(str, divs))})")
+    if mcfg.vocab_size % p.tp:
+        raise ConfigError(f"{src}: parallel.tp={p.tp} does not divide model.vocab_size={mcfg.vocab_size}")
+    if p.pp > mcfg.num_layers:
+        raise ConfigError(f"{src}: parallel.pp={p.pp} exceeds model.num_layers={mcfg.num_layers}")
+    if world_size is not None and world_size % (p.tp * p.pp):
+        raise ConfigError(f"{src}: {world_size} processes cannot form parallel.tp*parallel.pp={p.tp}*{p.pp} "
+                          f"groups (launch a multiple of {p.tp * p.pp} processes or change the layout)")
+    if t.precision not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"{src}: train.precision={t.precision!r} must be auto, fp32 or bf16")
+    if o.clip not in ("value", "norm", "none"):
+        raise ConfigError(f"{src}: optim.clip={o.clip!r} must be value, norm or none")
+    if not 0 <= o.min_lr_ratio <= 1 or o.lr <= 0 or o.warmup_steps < 0:
+        raise ConfigError(f"{src}: optim.lr must be > 0, optim.warmup_steps >= 0, optim.min_lr_ratio in [0, 1]")
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        raise ConfigError(f"{src}: optim.betas={list(o.betas)} must be two numbers in [0, 1)")
+    if cfg.data.on_corrupt not in ("error", "skip"):
+        raise ConfigError(f"{src}: data.on_corrupt={cfg.data.on_corrupt!r} must be error or skip")
+    if not cfg.data.shards:
+        raise ConfigError(f"{src}: data.shards is empty (point it at the manifest.json made by pldr-make-shards)")
+    if not os.path.exists(cfg.data.shards):
+        raise ConfigError(f"{src}: data.shards={cfg.data.shards!r} does not exist (run pldr-make-shards first)")
+    if cfg.deepspeed_config and not os.path.isfile(cfg.deepspeed_config):
+        raise ConfigError(f"{src}: deepspeed_config={cfg.deepspeed_config!r} not found (see ds_configs/)")
+    if cfg.checkpoint.tokenizer and not os.path.isfile(cfg.checkpoint.tokenizer):
+        raise ConfigError(f"{src}: checkpoint.tokenizer={cfg.checkpoint.tokenizer!r} not found")
+    if mcfg.context_length < 2:
+        raise ConfigError(f"{src}: model.overrides.context_length must be >= 2")

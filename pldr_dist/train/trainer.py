@@ -1,0 +1,228 @@
+"""`pldr-train`: one entry point for every layout (TP x PP x DP, ZeRO 0-3), CPU or GPU.
+
+Order of work: parse and validate the config (no process group yet) -> init the process
+group -> build the full model from the seed, apply tensor parallelism, split into pipeline
+stages -> DeepSpeed engine -> resume from the newest complete checkpoint -> train, logging on
+rank 0 -> checkpoint at the end (or when SLURM's signal arrives).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from ..model import PLDRModel
+from ..model.flops import flops_per_token
+from .checkpoint import CheckpointManager
+from .config import ConfigError, RunConfig, load_config, validate
+from .metrics import GStats, MetricsLog, peak_memory_mib
+from .schedule import lr_at
+
+EXIT_NONFINITE = 3
+
+
+class StopTraining(Exception):
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+class SignalFlag:
+    """SIGTERM/SIGUSR1 (SLURM's warning before preemption or the time limit) set a flag that
+    every rank agrees on at the end of the step, so all ranks checkpoint together."""
+
+    def __init__(self):
+        self.raised = 0
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.raised = signum
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([1.0 if self.raised else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="pldr-train", description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True, help="YAML or TOML run config (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.steps=100 (repeatable)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from ..distributed import PREEMPTED_EXIT_CODE, discover, init_distributed
+    try:
+        cfg = load_config(args.config, args.overrides)
+        env = discover()
+        validate(cfg, world_size=env.world_size)
+        from .build import check_data
+        check_data(cfg)
+    except (ConfigError, ValueError, RuntimeError, FileNotFoundError) as e:
+        print(f"pldr-train: error: {e}", file=sys.stderr)
+        return 2
+    env = init_distributed()
+    code = 0
+    try:
+        Trainer(cfg).run()
+    except StopTraining as e:
+        if dist.get_rank() == 0:
+            print(f"pldr-train: {e}", file=sys.stderr if e.code != PREEMPTED_EXIT_CODE else sys.stdout, flush=True)
+        code = e.code
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+    return code
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig):
+        from .build import build_run
+        self.cfg = cfg
+        self.rank = dist.get_rank()
+        self.job = build_run(cfg)   # grid, model config, engine, loaders, step function
+        self.ckpt = CheckpointManager(cfg.run_dir, cfg.checkpoint.keep, self.rank, dist.get_world_size(),
+                                      log=self.log)
+        self.metrics = MetricsLog(cfg.run_dir, self.rank == 0, cfg.log.tensorboard, cfg.train.steps)
+        self.gstats = GStats(self.job.module, self.job.mcfg.num_layers) if self.job.mcfg.learned_g else None
+        self.step = 0
+        self.tokens = 0
+        self.nonfinite_total = 0
+        self.nonfinite_in_row = 0
+        self.signals = SignalFlag()
+        peak = cfg.log.peak_tflops * 1e12 or (989e12 if torch.cuda.is_available() else 0.0)
+        self.peak_flops = peak
+        self.flops_per_token = flops_per_token(self.job.mcfg, self.job.seq_len)
+
+    def log(self, text: str) -> None:
+        if self.rank == 0:
+            print(text, flush=True)
+
+    # -- state -----------------------------------------------------------------------
+    def extra_state(self) -> dict:
+        return {"step": self.step, "tokens": self.tokens, "nonfinite_total": self.nonfinite_total,
+                "nonfinite_in_row": self.nonfinite_in_row, "loader": self.job.train_loader.state_dict()}
+
+    def save(self) -> None:
+        self.ckpt.save(self.job.engine, self.step, self.extra_state(), self.cfg.to_dict(),
+                       self.cfg.checkpoint.tokenizer)
+
+    def resume(self) -> None:
+        tag = self.ckpt.newest_valid()
+        if tag is None:
+            self.log(f"starting a new run in {self.cfg.run_dir}")
+            return
+        extra = self.ckpt.load(self.job.engine, tag)
+        self.step, self.tokens = extra["step"], extra["tokens"]
+        self.nonfinite_total, self.nonfinite_in_row = extra["nonfinite_total"], extra["nonfinite_in_row"]
+        self.job.train_loader.load_state_dict(extra["loader"])
+        self.log(f"resumed from checkpoint {tag} (step {self.step}, {self.tokens:,} tokens)")
+
+    # -- loop ------------------------------------------------------------------------
+    def run(self) -> None:
+        from ..distributed import PREEMPTED_EXIT_CODE
+        cfg, run = self.cfg, self.job
+        self.resume()
+        self.log(f"training {cfg.model.preset} ({run.num_params:,} parameters) with {run.grid.describe().split(' (')[0]}, "
+                 f"zero={cfg.parallel.zero_stage}, {run.precision}, {run.tokens_per_step:,} tokens/step")
+        batches = iter(run.train_loader)
+        loss = float("nan")
+        last_saved = self.step if self.step else -1
+        while self.step < cfg.train.steps:
+            t0 = time.time()
+            lr = lr_at(self.step, cfg.optim.lr, cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio)
+            run.set_lr(lr)
+            want_g = self.gstats is not None and (self.step + 1) % cfg.log.g_stats_every == 0
+            if want_g:
+                self.gstats.active = True
+            inject = (self.step + 1) in cfg.train.inject_nonfinite_at
+            loss, skipped = run.train_step(batches, inject)
+            if self.gstats is not None:
+                self.gstats.active = False
+            self.step += 1
+            self.tokens += run.tokens_per_step
+            dt = time.time() - t0
+            if skipped:
+                self.nonfinite_total += 1
+                self.nonfinite_in_row += 1
+                self.log(f"step {self.step}: non-finite loss or gradient, update skipped "
+                         f"({self.nonfinite_in_row} in a row, {self.nonfinite_total} in total)")
+                if self.nonfinite_in_row >= cfg.train.max_nonfinite_in_row:
+                    raise StopTraining(
+                        f"stopping: {self.nonfinite_in_row} non-finite steps in a row (train.max_nonfinite_in_row="
+                        f"{cfg.train.max_nonfinite_in_row}); the last good checkpoint is intact in "
+                        f"{self.ckpt.dir} (lower optim.lr or check the data)", EXIT_NONFINITE)
+            else:
+                self.nonfinite_in_row = 0
+            values = {}
+            if want_g:
+                values.update(self.gstats.collect())
+            if self.step % cfg.log.every == 0 or self.step == cfg.train.steps or values:
+                values.update(self.step_metrics(loss, lr, dt))
+                console = (f"step {self.step}/{cfg.train.steps} loss {loss:.4f} lr {lr:.2e} "
+                           f"{values['tokens_per_s']:,.0f} tok/s {values['tflops_per_device']:.2f} TFLOP/s/dev"
+                           + (f" MFU {100 * values['mfu']:.1f}%" if self.peak_flops else "")
+                           + f" mem {values['memory_mib']:.0f} MiB ETA {self.metrics.eta(self.step, dt)}")
+                self.metrics.write(self.step, values, console)
+            else:
+                self.metrics.eta(self.step, dt)
+            if cfg.eval.every and self.step % cfg.eval.every == 0:
+                self.validate()
+            self.fault_injection()
+            if self.signals.agreed():
+                self.save()
+                raise StopTraining(f"received signal {self.signals.raised or 'on another rank'}: checkpointed at "
+                                   f"step {self.step}, exiting with {PREEMPTED_EXIT_CODE} for requeue",
+                                   PREEMPTED_EXIT_CODE)
+            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+                self.save()
+                last_saved = self.step
+        if cfg.eval.every and self.step % cfg.eval.every:
+            self.validate()
+        if last_saved != self.step:
+            self.save()
+        self.metrics.close()
+        self.log(f"done: {self.step} steps, {self.tokens:,} tokens, last loss {loss:.6f}")
+
+    def fault_injection(self) -> None:
+        """Testing aid: PLDR_FAULT=kill:K makes every rank SIGKILL itself after step K (a crash);
+        PLDR_FAULT=term:K sends SIGTERM to rank 0 only (a preemption notice the ranks must agree on)."""
+        kind, _, at = os.environ.get("PLDR_FAULT", "").partition(":")
+        if not at or int(at) != self.step:
+            return
+        if kind == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif kind == "term" and self.rank == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def step_metrics(self, loss: float, lr: float, dt: float) -> dict:
+        tokens_per_s = self.job.tokens_per_step / dt
+        per_device = tokens_per_s * self.flops_per_token / dist.get_world_size()
+        values = {"loss": loss, "lr": lr, "step_time_s": dt, "tokens_per_s": tokens_per_s,
+                  "tflops_per_device": per_device / 1e12, "memory_mib": peak_memory_mib(),
+                  "tokens": self.tokens, "nonfinite_skipped": self.nonfinite_total,
+                  "grad_norm": self.job.grad_norm()}
+        if self.peak_flops:
+            values["mfu"] = per_device / self.peak_flops
+        return values
+
+    def validate(self) -> None:
+        loss = self.job.eval_loss(self.cfg.eval.batches)
+        ppl = math.exp(min(loss, 50.0))
+        self.metrics.write(self.step, {"val_loss": loss, "val_ppl": ppl},
+                           f"step {self.step}: validation loss {loss:.4f} perplexity {ppl:.2f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""The real entry point on 2 CPU processes: exact resume, signals, corrupt checkpoints, faults."""
+import os
+import shutil
+
+import pytest
+import torch
+
+from train_helpers import final_weights, losses, prepare_data, train, train_with_fault
+
+STEPS = ["train.steps=24", "checkpoint.every=5", "checkpoint.keep=2"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return prepare_data(str(tmp_path_factory.mktemp("data")))
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    """Uninterrupted 8-step runs for the DP=2 and TP=2 layouts."""
+    runs = {}
+    for name, layout in (("dp2", []), ("tp2", ["parallel.tp=2"])):
+        run_dir = str(tmp_path_factory.mktemp(f"ref_{name}"))
+        result = train(data, run_dir, sets=STEPS + layout)
+        assert result.returncode == 0, result.stdout + result.stderr
+        runs[name] = run_dir
+    return runs
+
+
+@pytest.mark.parametrize("name,layout", [("dp2", []), ("tp2", ["parallel.tp=2"])])
+def test_sigkilled_run_resumes_bit_identically(data, reference, tmp_path, name, layout):
+    run_dir = str(tmp_path / "run")
+    crashed = train_with_fault(data, run_dir, 2, STEPS + layout, "kill:13")
+    assert crashed.returncode != 0
+    killed = losses(run_dir)
+    assert max(killed) == 13
+    os.remove(os.path.join(run_dir, "metrics.jsonl"))
+    result = train(data, run_dir, sets=STEPS + layout)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "resumed from checkpoint step_00000010" in result.stdout
+    resumed, ref = losses(run_dir), losses(reference[name])
+    assert min(resumed) == 11 and max(resumed) == 24            # from the checkpoint at step 10
+    assert all(resumed[s] == ref[s] for s in resumed)           # bit-identical losses from the resume on
+    got, want = final_weights(run_dir), final_weights(reference[name])
+    assert all(torch.equal(got[k], want[k]) for k in want)      # and bit-identical parameters
+
+
+def test_sigterm_checkpoints_exits_75_and_resumes_exactly(data, reference, tmp_path):
+    run_dir = str(tmp_path / "run")
+    stopped = train_with_fault(data, run_dir, 2, STEPS, "term:7")
+    assert "received signal 15: checkpointed at step 7, exiting with 75 for requeue" in stopped.stdout
+    stopped = max(losses(run_dir))
+    assert stopped == 7
+    latest = open(os.path.join(run_dir, "checkpoints", "latest")).read().strip()
+    assert latest == f"step_{stopped:08d}"                      # checkpointed at the step it finished
+    result = train(data, run_dir, sets=STEPS)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"resumed from checkpoint {latest}" in result.stdout
+    assert losses(run_dir) == losses(reference["dp2"])
+
+
+def test_truncated_checkpoint_is_detected_and_previous_one_used(data, reference, tmp_path):
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(reference["dp2"], run_dir)
+    ckpt = os.path.join(run_dir, "checkpoints")
+    assert sorted(t for t in os.listdir(ckpt) if t.startswith("step_")) == ["step_00000020", "step_00000024"]
+    victim = os.path.join(ckpt, "step_00000024", "mp_rank_00_model_states.pt")
+    with open(victim, "r+b") as f:
+        f.truncate(os.path.getsize(victim) // 2)
+    os.remove(os.path.join(run_dir, "metrics.jsonl"))
+    result = train(data, run_dir, sets=STEPS)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"WARNING: skipping checkpoint step_00000024: {victim} is truncated" in result.stdout
+    assert "resumed from checkpoint step_00000020" in result.stdout
+    ref = losses(reference["dp2"])
+    assert losses(run_dir) == {s: ref[s] for s in range(21, 25)}
+
+
+def test_nonfinite_loss_is_skipped_and_a_persistent_one_stops_the_run(data, tmp_path):
+    once = str(tmp_path / "once")
+    result = train(data, once, sets=["train.steps=5", "train.inject_nonfinite_at=[3]"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "step 3: non-finite loss or gradient, update skipped (1 in a row, 1 in total)" in result.stdout
+    persistent = str(tmp_path / "persistent")
+    result = train(data, persistent, sets=["train.steps=8", "checkpoint.every=2", "train.max_nonfinite_in_row=3",
+                                           "train.inject_nonfinite_at=[3,4,5,6,7,8]"])
+    assert result.returncode != 0
+    assert "stopping: 3 non-finite steps in a row (train.max_nonfinite_in_row=3)" in result.stderr + result.stdout
+    assert open(os.path.join(persistent, "checkpoints", "latest")).read().strip() == "step_00000002"
