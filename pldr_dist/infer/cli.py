@@ -83,7 +83,7 @@ def generate_main(argv=None) -> None:
 
         def on_step(step, new):
             if stream and tok is not None:
-                print(tok.sp.id_to_piece(int(new[0])).replace("\u2581", " "), end="", flush=True)
+                print(tok.id_to_piece(int(new[0])).replace("\u2581", " "), end="", flush=True)
         out = generate(model, batch, sampling, cache_mode=args.cache, on_step=on_step)
         for k, gen in enumerate(out.tokens):
             produced += len(gen)

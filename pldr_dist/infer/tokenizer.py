@@ -1,28 +1,32 @@
-"""The smallest tokenizer interface inference needs; swap for pldr_dist.data.tokenizer once it lands.
+"""Prompt encoding for inference, on top of the data pipeline's SentencePiece tokenizer.
 
-A SentencePiece model file (the consolidated folder's tokenizer.model). An empty prompt
-encodes to the single end-of-sequence token, as the reference does (add_eos on "").
+An empty prompt encodes to the single end-of-sequence token, as the reference does
+(add_eos on ""), so it is the same source as the G-cache artifact's `eos`.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+from ..data.tokenizer import Tokenizer
 
-class Tokenizer:
+
+class PromptTokenizer:
     def __init__(self, path):
-        import sentencepiece as spm
-        self.sp = spm.SentencePieceProcessor(model_file=str(path))
-        self.eos_id = self.sp.eos_id()
+        self.tok = Tokenizer.from_file(str(path))
+        self.eos_id = self.tok.eos_id
 
     def encode(self, text: str) -> list:
-        ids = self.sp.encode(text)
+        ids = self.tok.encode(text)
         return ids if ids else [self.eos_id]
 
     def decode(self, ids) -> str:
-        return self.sp.decode(list(ids))
+        return self.tok.decode(list(ids))
+
+    def id_to_piece(self, i: int) -> str:
+        return self.tok.id_to_piece(i)
 
 
-def load_tokenizer(path) -> Tokenizer:
+def load_tokenizer(path) -> PromptTokenizer:
     if path is None or not Path(path).is_file():
         raise FileNotFoundError(f"{path}: no tokenizer.model; pass --tokenizer FILE.model or give --token-ids prompts")
-    return Tokenizer(path)
+    return PromptTokenizer(path)
