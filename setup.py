@@ -31,6 +31,10 @@ setup(
             "pldr-train-tokenizer=pldr_dist.data.tokenizer:main",
             "pldr-make-shards=pldr_dist.data.shard_writer:main",
             "pldr-verify-shards=pldr_dist.data.manifest:verify_main",
+            "pldr-convert=pldr_dist.convert.cli:main",
+            "pldr-generate=pldr_dist.infer.cli:generate_main",
+            "pldr-export-gcache=pldr_dist.infer.cli:export_gcache_main",
+            "pldr-gcache-check=pldr_dist.infer.cli:gcache_check_main",
         ],
     },
 )

@@ -66,10 +66,13 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator=None) -> to
 @torch.no_grad()
 def generate(model: PLDRModel, prompts: Sequence[Sequence[int]], sampling: SamplingConfig = None,
              cache_mode: str = "kv+g", keep_logits: bool = False,
-             on_step: Optional[Callable[[int, torch.Tensor], None]] = None) -> Generation:
+             on_step: Optional[Callable[[int, torch.Tensor], None]] = None,
+             g_init: Optional[Sequence[torch.Tensor]] = None) -> Generation:
     """Generate continuations for a batch of token-id prompts.
 
     on_step(step, new_tokens [B]) is called after every step, for streaming output.
+    g_init: per layer G_LM [h, dk, dk] to pre-fill the G-cache with (a G computed once from
+    another source, e.g. a G-cache artifact), instead of the G_LM of each prompt.
     """
     sampling = sampling or SamplingConfig()
     if cache_mode not in CACHE_MODES:
@@ -87,6 +90,11 @@ def generate(model: PLDRModel, prompts: Sequence[Sequence[int]], sampling: Sampl
     seq = left_pad(prompts, cfg.pad_id, device)
     flags = CACHE_MODES[cache_mode]
     cache = InferenceCache(cfg.num_layers, *flags) if flags else None
+    if g_init is not None:
+        if cache is None or not cache.use_g:
+            raise ValueError(f"g_init needs a G-cache (cache_mode 'kv+g' or 'g'), not {cache_mode!r}")
+        for layer_cache, g in zip(cache.layers, g_init):
+            layer_cache.g_lm = g.to(device, next(model.parameters()).dtype).expand(len(prompts), *g.shape)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     out, step_logits = [], []
     feed = seq
