@@ -11,8 +11,8 @@ NODE=$(hostname -s)
 
 node_ready() {   # the node accepts jobs: idle, mixed or allocated
   local state
-  state=$(sinfo -h -n "$NODE" -o %T 2>/dev/null | head -1) || return 1
-  [[ "$state" =~ ^(idle|mixed|allocated|completing) ]]
+  state=$(timeout 10 sinfo -h -n "$NODE" -o %T 2>/dev/null | head -1) || return 1
+  [[ "$state" =~ ^(idle|mixed|allocated|completing)$ ]]   # a trailing * = not responding
 }
 
 if node_ready; then
@@ -24,12 +24,12 @@ for tool in slurmctld slurmd munged sinfo; do
 done
 [ "$(id -u)" = 0 ] || { echo "[slurm] error: starting a local cluster needs root (slurmd runs jobs as their users)" >&2; exit 1; }
 
-# Configuration: this node's CPUs, and memory a quarter below what is free now.
+# Configuration: this node's CPUs, and memory a quarter below what is available now.
 if [ -f "$CONF" ] && ! grep -qF "$MARK" "$CONF"; then
   echo "[slurm] using the existing $CONF (not written by this script)"
 else
   cpus=$(nproc)
-  mem_mb=$(awk '/MemAvailable/ {print int($2 / 1024 * 3 / 4)}' /proc/meminfo)
+  mem_mb=$(awk '/MemAvailable/ {g = int($2 * 3 / 4 / 1048576); print (g > 0 ? g * 1024 : int($2 / 2048))}' /proc/meminfo)   # whole GiB: stable across runs
   mkdir -p /etc/slurm
   tmp=$(mktemp /etc/slurm/.slurm.conf.XXXXXX)
   cat > "$tmp" <<CONF_EOF
@@ -58,35 +58,50 @@ NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE OverSubscribe=YES State=UP
 CONF_EOF
   chmod 644 "$tmp"
-  mv "$tmp" "$CONF"
-  echo "[slurm] wrote $CONF (node $NODE, $cpus CPUs, ${mem_mb} MiB)"
+  if [ -f "$CONF" ] && cmp -s "$tmp" "$CONF"; then
+    rm -f "$tmp"
+  else
+    mv "$tmp" "$CONF"
+    echo "[slurm] wrote $CONF (node $NODE, $cpus CPUs, ${mem_mb} MiB)"
+    # daemons left running with an older configuration re-read it
+    pgrep -x slurmctld >/dev/null && scontrol reconfigure >/dev/null 2>&1 || true
+  fi
 fi
 mkdir -p /var/spool/slurmctld /var/spool/slurmd /var/log/slurm /run/munge
 
 # munge: every slurm message is signed with the machine's munge key.
-if ! munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; then
+munge_ok() { munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; }
+wait_for() {   # wait_for SECONDS COMMAND...: poll until COMMAND succeeds
+  local until=$((SECONDS + $1)); shift
+  until "$@"; do (( SECONDS < until )) || return 1; sleep 0.2; done
+}
+if ! munge_ok; then
   if [ ! -s /etc/munge/munge.key ]; then
     (command -v mungekey >/dev/null && mungekey --create --keyfile=/etc/munge/munge.key) \
       || dd if=/dev/urandom bs=1 count=1024 of=/etc/munge/munge.key 2>/dev/null
     chown munge:munge /etc/munge/munge.key; chmod 400 /etc/munge/munge.key
   fi
   chown munge:munge /run/munge
-  service munge start >/dev/null 2>&1 || runuser -u munge -- /usr/sbin/munged
-  for _ in $(seq 50); do munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1 && break; sleep 0.2; done
+  timeout 30 service munge start >/dev/null 2>&1 || true
+  # `service` trusts a stale pid file; start the daemon directly if it is still not answering
+  wait_for 5 munge_ok || runuser -u munge -- /usr/sbin/munged --force
+  wait_for 10 munge_ok || { echo "[slurm] error: munged does not answer (see /var/log/munge/munged.log)" >&2; exit 1; }
 fi
 
 pgrep -x slurmctld >/dev/null || slurmctld
-for _ in $(seq 100); do scontrol ping >/dev/null 2>&1 && break; sleep 0.2; done
+wait_for 30 scontrol ping >/dev/null 2>&1 || { echo "[slurm] error: slurmctld does not answer (see /var/log/slurm/slurmctld.log)" >&2; exit 1; }
 pgrep -x slurmd >/dev/null || slurmd
 
 # Wait for the node to register; a node left DOWN/DRAIN by an earlier run is resumed.
-for i in $(seq 150); do
+deadline=$((SECONDS + 60))
+while (( SECONDS < deadline )); do
   node_ready && { echo "[slurm] cluster up: node $NODE $(sinfo -h -n "$NODE" -o %T | head -1)"; exit 0; }
-  state=$(sinfo -h -n "$NODE" -o %T 2>/dev/null | head -1 || true)
-  if [[ "$state" =~ ^(down|drain|drained|draining|unknown) ]] && (( i % 10 == 5 )); then
+  state=$(timeout 10 sinfo -h -n "$NODE" -o %T 2>/dev/null | head -1 || true)
+  pgrep -x slurmd >/dev/null || slurmd   # an old slurmd may have been shutting down a moment ago
+  if [[ "$state" =~ ^(down|drain|drained|draining|unknown) ]]; then
     scontrol update NodeName="$NODE" State=RESUME >/dev/null 2>&1 || true
   fi
-  sleep 0.2
+  sleep 1
 done
-echo "[slurm] error: node $NODE did not become idle in 30 s (state: ${state:-none}); see /var/log/slurm/slurmctld.log and slurmd.log" >&2
+echo "[slurm] error: node $NODE did not become idle in 60 s (state: ${state:-none}); see /var/log/slurm/slurmctld.log and slurmd.log" >&2
 exit 1

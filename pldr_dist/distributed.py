@@ -187,8 +187,8 @@ def _from_env() -> DistEnv:
             raise LaunchError(f"{src}: {have} is set but {lacking} is not (set RANK, WORLD_SIZE, LOCAL_RANK, "
                               f"MASTER_ADDR and MASTER_PORT together, or start the job with a launcher)")
     rank, world = _int_var("RANK", src), _int_var("WORLD_SIZE", src)
-    local_rank = int(os.environ.get("LOCAL_RANK") or (rank if world == 1 else _int_var("LOCAL_RANK", src)))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or world)
+    local_rank = _int_var("LOCAL_RANK", src) if world > 1 or os.environ.get("LOCAL_RANK") else rank
+    local_world = next((_int_var(v, src) for v in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE") if os.environ.get(v)), world)
     if world > 1:
         missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
         if missing:

@@ -204,7 +204,7 @@ def test_sbatch_two_task_job_trains_to_completion_with_checkpoint(tmp_path):
     assert os.path.exists(f"{work}/logs/{job}/rank-0.log") and os.path.exists(f"{work}/logs/{job}/rank-1.log")
 
 
-def test_sbatch_job_signalled_before_time_limit_checkpoints_requeues_and_matches_uninterrupted(tmp_path):
+def test_sbatch_job_sent_usr1_by_scancel_checkpoints_requeues_and_matches_reference(tmp_path):
     job, work, run_dir = submit_training(tmp_path, "preempted", step_seconds=0.4)
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     deadline = time.time() + 180
@@ -222,3 +222,29 @@ def test_sbatch_job_signalled_before_time_limit_checkpoints_requeues_and_matches
     assert steps == sorted(steps) and steps[-1] == SBATCH_STEPS and len(steps) == SBATCH_STEPS, steps
     assert "resumed from step" in open(f"{work}/logs/{job}/rank-0.log").read()
     assert [m["loss"] for m in metrics] == pytest.approx(reference_losses(2, SBATCH_STEPS), rel=1e-12, abs=0)
+
+
+def test_sbatch_signal_before_time_limit_checkpoints_requeues_and_matches_reference(tmp_path):
+    """SLURM itself sends the warning: a 1-minute job with `--signal=B:USR1@20` is signalled
+    (SLURM checks every ~30 s, so 10-45 s after start), checkpoints, requeues itself, and the
+    requeued run (given a longer limit, and no more pause per step) finishes the same losses."""
+    ensure_slurm_cluster()
+    work = tmp_path / "time-limit"
+    (work / "logs").mkdir(parents=True)
+    run_dir, steps = str(work / "run"), 240
+    config = write_config(run_dir, steps, step_seconds=0.3)   # 72 s of steps: more than the limit
+    options = [o for o in SBATCH_LOCAL if not o.startswith("--time")] + ["--time=1", "--signal=B:USR1@20"]
+    job = sbatch(f"{LAUNCH}/slurm_train.sbatch", options, ["--config", config], cwd=str(work), env=launch_env())
+    deadline = time.time() + 120
+    while job_info(job).get("Restarts") != "1":
+        assert time.time() < deadline and job_info(job).get("JobState") in ("PENDING", "RUNNING"), job_logs(work, job)
+        time.sleep(0.5)
+    write_config(run_dir, steps, step_seconds=0.0)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=10"], check=True, timeout=30)
+    info = wait_for_job(job)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", job_logs(work, job)
+    batch_log = open(f"{work}/logs/{job}.out").read()
+    assert "USR1: asking the tasks to checkpoint" in batch_log and "training exited with 75" in batch_log, batch_log
+    metrics, _ = read_run(run_dir)
+    assert [m["step"] for m in metrics] == list(range(1, steps + 1))
+    assert [m["loss"] for m in metrics] == pytest.approx(reference_losses(2, steps), rel=1e-12, abs=0)

@@ -72,7 +72,11 @@ class Run:
             for _ in range(self.engine.gradient_accumulation_steps()):
                 batch = next(batches)
                 inputs, targets = _to_device(batch, self.engine.device)
-                loss = self.loss_fn(self.engine(inputs), targets)
+                if self.mcfg.mode == "v510_dag":
+                    logits, penalty = self.engine(inputs, return_penalty=True)
+                    loss = self.loss_fn(logits, targets) + (penalty if penalty is not None else 0.0)
+                else:
+                    loss = self.loss_fn(self.engine(inputs), targets)
                 self.engine.backward(loss)
                 self.engine.step()
                 total += loss.detach().float()
@@ -107,3 +111,95 @@ def _pipe_batches(batches):
     """DeepSpeed's pipeline engine pulls (inputs, labels) micro-batches from an iterator."""
     for batch in batches:
         yield batch["input"], batch["target"]
+
+
+def build_run(cfg: RunConfig) -> Run:
+    """Every rank: the same full model from the seed, then TP, then pipeline stages, then DeepSpeed."""
+    from ..data.loader import TokenLoader
+    from ..data.manifest import load_manifest
+    from ..parallel.cross_entropy import vocab_parallel_lm_loss
+    from ..parallel.engine import initialize, load_ds_config, make_ds_config
+    from ..parallel.grid import ProcessGrid
+    from ..parallel.optim import make_optimizer
+    from ..parallel.pipeline import build_pipeline_module
+    from ..parallel.tensor_parallel import parallelize
+
+    p, t = cfg.parallel, cfg.train
+    mcfg = cfg.model_config()
+    grid = ProcessGrid(tp=p.tp, pp=p.pp)
+    precision = precision_of(cfg)
+    torch.manual_seed(t.seed)
+    model = PLDRModel(mcfg)
+    num_params = count_parameters(model)
+    for i, layer in enumerate(model.layers):          # global layer index for G_LM statistics
+        if mcfg.learned_g:
+            layer.attn.power.layer_index = i
+    if p.tp > 1:
+        model = parallelize(model, grid, sequence_parallel=p.sequence_parallel)
+    if torch.cuda.is_available():
+        model = model.cuda()
+
+    inject = [False]       # set by Run.train_step for the testing aid train.inject_nonfinite_at
+
+    def loss_fn(logits, targets):
+        loss = (vocab_parallel_lm_loss(logits, targets, grid.tp_group, mcfg.pad_id) if p.tp > 1
+                else lm_loss(logits, targets, mcfg.pad_id))
+        return loss * float("nan") if inject[0] else loss
+
+    def dense_loss(outputs, targets):
+        return loss_fn(outputs, targets)
+
+    if p.pp > 1:
+        module = build_pipeline_module(model, grid, loss_fn, p.partition_method, p.activation_checkpoint_interval)
+    else:
+        module = model
+    optimizer = make_optimizer(module, lr=cfg.optim.lr, clip_value=cfg.optim.clip_value if cfg.optim.clip == "value" else 0.0)
+    for group in optimizer.param_groups:
+        group.update(betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+    if cfg.deepspeed_config:
+        ds_config = load_ds_config(cfg.deepspeed_config)
+        ds_config.update(train_micro_batch_size_per_gpu=t.micro_batch_size, gradient_accumulation_steps=t.grad_accum_steps,
+                         train_batch_size=t.micro_batch_size * t.grad_accum_steps * grid.dp)
+    else:
+        ds_config = make_ds_config(micro_batch_size=t.micro_batch_size, grad_accum_steps=t.grad_accum_steps, dp=grid.dp,
+                                   pp=p.pp, zero_stage=p.zero_stage, precision=precision,
+                                   clip_norm=cfg.optim.clip_value if cfg.optim.clip == "norm" else 0.0)
+    engine = initialize(module, grid, ds_config, optimizer)
+
+    manifest = load_manifest(cfg.data.shards)
+    fingerprint = _tokenizer_fingerprint(cfg)
+    train_loader = TokenLoader(cfg.data.shards, "train", t.micro_batch_size, manifest.seq_len, grid.dp_rank, grid.dp,
+                               cfg.data.seed, cfg.data.num_workers, fingerprint, cfg.data.on_corrupt)
+    valid_loader = None
+    if cfg.eval.every:
+        valid_loader = _ValidLoader(cfg.data.shards, t.micro_batch_size, manifest.seq_len, grid, fingerprint)
+    return Run(grid=grid, mcfg=mcfg, module=engine.module, engine=engine, optimizer=optimizer,
+               train_loader=train_loader, valid_loader=valid_loader, seq_len=manifest.seq_len,
+               tokens_per_step=t.micro_batch_size * t.grad_accum_steps * grid.dp * manifest.seq_len,
+               precision=precision, num_params=num_params, loss_fn=dense_loss, inject=inject)
+
+
+def _tokenizer_fingerprint(cfg: RunConfig):
+    if not cfg.checkpoint.tokenizer:
+        return None
+    from ..data.tokenizer import Tokenizer
+    tok = Tokenizer(cfg.checkpoint.tokenizer)
+    tok.check_model(cfg.model_config())
+    return tok.fingerprint
+
+
+class _ValidLoader:
+    """The same held-out batches at every validation (data-parallel ranks split the shards;
+    with fewer validation shards than ranks, every rank reads all of them)."""
+
+    def __init__(self, shards, batch_size, seq_len, grid, fingerprint):
+        from ..data.loader import TokenLoader
+        from ..data.manifest import load_manifest
+        n = len(load_manifest(shards).shards("valid"))
+        rank, size = (grid.dp_rank, grid.dp) if n >= grid.dp else (0, 1)
+        self.make = lambda: TokenLoader(shards, "valid", batch_size, seq_len, rank, size, 0, 0, fingerprint,
+                                        shuffle=False)
+        self.make()   # refuse bad validation data at start-up, not at the first validation
+
+    def __iter__(self):
+        return iter(self.make())

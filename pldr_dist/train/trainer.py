@@ -91,11 +91,11 @@ class Trainer:
         from .build import build_run
         self.cfg = cfg
         self.rank = dist.get_rank()
-        self.run = build_run(cfg)   # grid, model config, engine, loaders, step function
+        self.job = build_run(cfg)   # grid, model config, engine, loaders, step function
         self.ckpt = CheckpointManager(cfg.run_dir, cfg.checkpoint.keep, self.rank, dist.get_world_size(),
                                       log=self.log)
         self.metrics = MetricsLog(cfg.run_dir, self.rank == 0, cfg.log.tensorboard, cfg.train.steps)
-        self.gstats = GStats(self.run.module, self.run.mcfg.num_layers) if self.run.mcfg.learned_g else None
+        self.gstats = GStats(self.job.module, self.job.mcfg.num_layers) if self.job.mcfg.learned_g else None
         self.step = 0
         self.tokens = 0
         self.nonfinite_total = 0
@@ -103,7 +103,7 @@ class Trainer:
         self.signals = SignalFlag()
         peak = cfg.log.peak_tflops * 1e12 or (989e12 if torch.cuda.is_available() else 0.0)
         self.peak_flops = peak
-        self.flops_per_token = flops_per_token(self.run.mcfg, self.run.seq_len)
+        self.flops_per_token = flops_per_token(self.job.mcfg, self.job.seq_len)
 
     def log(self, text: str) -> None:
         if self.rank == 0:
@@ -112,10 +112,10 @@ class Trainer:
     # -- state -----------------------------------------------------------------------
     def extra_state(self) -> dict:
         return {"step": self.step, "tokens": self.tokens, "nonfinite_total": self.nonfinite_total,
-                "nonfinite_in_row": self.nonfinite_in_row, "loader": self.run.train_loader.state_dict()}
+                "nonfinite_in_row": self.nonfinite_in_row, "loader": self.job.train_loader.state_dict()}
 
     def save(self) -> None:
-        self.ckpt.save(self.run.engine, self.step, self.extra_state(), self.cfg.to_dict(),
+        self.ckpt.save(self.job.engine, self.step, self.extra_state(), self.cfg.to_dict(),
                        self.cfg.checkpoint.tokenizer)
 
     def resume(self) -> None:
@@ -123,16 +123,16 @@ class Trainer:
         if tag is None:
             self.log(f"starting a new run in {self.cfg.run_dir}")
             return
-        extra = self.ckpt.load(self.run.engine, tag)
+        extra = self.ckpt.load(self.job.engine, tag)
         self.step, self.tokens = extra["step"], extra["tokens"]
         self.nonfinite_total, self.nonfinite_in_row = extra["nonfinite_total"], extra["nonfinite_in_row"]
-        self.run.train_loader.load_state_dict(extra["loader"])
+        self.job.train_loader.load_state_dict(extra["loader"])
         self.log(f"resumed from checkpoint {tag} (step {self.step}, {self.tokens:,} tokens)")
 
     # -- loop ------------------------------------------------------------------------
     def run(self) -> None:
         from ..distributed import PREEMPTED_EXIT_CODE
-        cfg, run = self.cfg, self.run
+        cfg, run = self.cfg, self.job
         self.resume()
         self.log(f"training {cfg.model.preset} ({run.num_params:,} parameters) with {run.grid.describe().split(' (')[0]}, "
                  f"zero={cfg.parallel.zero_stage}, {run.precision}, {run.tokens_per_step:,} tokens/step")
@@ -186,7 +186,7 @@ class Trainer:
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                 self.save()
                 last_saved = self.step
-        if cfg.eval.every:
+        if cfg.eval.every and self.step % cfg.eval.every:
             self.validate()
         if last_saved != self.step:
             self.save()
@@ -194,18 +194,18 @@ class Trainer:
         self.log(f"done: {self.step} steps, {self.tokens:,} tokens, final loss {loss:.6f}")
 
     def step_metrics(self, loss: float, lr: float, dt: float) -> dict:
-        tokens_per_s = self.run.tokens_per_step / dt
+        tokens_per_s = self.job.tokens_per_step / dt
         per_device = tokens_per_s * self.flops_per_token / dist.get_world_size()
         values = {"loss": loss, "lr": lr, "step_time_s": dt, "tokens_per_s": tokens_per_s,
                   "tflops_per_device": per_device / 1e12, "memory_mib": peak_memory_mib(),
                   "tokens": self.tokens, "nonfinite_skipped": self.nonfinite_total,
-                  "grad_norm": self.run.grad_norm()}
+                  "grad_norm": self.job.grad_norm()}
         if self.peak_flops:
             values["mfu"] = per_device / self.peak_flops
         return values
 
     def validate(self) -> None:
-        loss = self.run.eval_loss(self.cfg.eval.batches)
+        loss = self.job.eval_loss(self.cfg.eval.batches)
         ppl = math.exp(min(loss, 50.0))
         self.metrics.write(self.step, {"val_loss": loss, "val_ppl": ppl},
                            f"step {self.step}: validation loss {loss:.4f} perplexity {ppl:.2f}")
