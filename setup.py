@@ -31,6 +31,7 @@ setup(
             "pldr-train-tokenizer=pldr_dist.data.shards:main_train_tokenizer",
             "pldr-make-shards=pldr_dist.data.shards:main_make_shards",
             "pldr-verify-shards=pldr_dist.data.shards:main_verify",
+            "pldr-eval=pldr_dist.eval.cli:main",
         ],
     },
 )

@@ -23,7 +23,9 @@ def evaluate_loss(model, batches: Iterable[dict], loss_fn: Optional[Callable] = 
     each batch is weighed by its non-pad target count so the result is a mean over tokens, not
     over batches (batches with more padding would otherwise count too much).
     """
-    pad_id = model.cfg.pad_id if pad_id is None else pad_id
+    if pad_id is None:   # a DeepSpeed engine wraps the model: read its config through .module
+        cfg = getattr(model, "cfg", None) or getattr(getattr(model, "module", None), "cfg", None)
+        pad_id = cfg.pad_id if cfg is not None else 0
     loss_fn = loss_fn or (lambda logits, targets: lm_loss(logits, targets, pad_id))
     device = next(model.parameters()).device
     was_training = model.training
