@@ -63,3 +63,30 @@ def test_local_task_accuracy_is_one_after_memorising_and_not_before(monkeypatch)
     print(table)
     assert uncached["pldr_tiny_qa"]["acc"] == 1.0
     assert "pldr_tiny_qa" in cached and "G-cache" in table
+
+
+def test_pldr_eval_harness_cli_loads_a_consolidated_folder_like_the_python_api(monkeypatch, tmp_path):
+    """`pldr-eval harness --model pldr --model_args pretrained=<folder>` (lm_eval's own command line)
+    gives the same accuracy as the Python API on the same folder (real SentencePiece tokenizer)."""
+    from pldr_dist.data.tokenizer import train_tokenizer
+    from pldr_dist.eval.cli import main as pldr_eval
+    from pldr_dist.eval.model_io import save_consolidated
+
+    monkeypatch.chdir(ROOT)
+    corpus = tmp_path / "corpus.txt"
+    with open(os.path.join(TASK_DIR, "pldr_tiny_qa.jsonl")) as f:
+        corpus.write_text("\n\n".join(json.loads(line)["question"] + " blue green red woof moo meow 3 4 5 6 7 8"
+                                      for line in f) * 20)
+    tok = train_tokenizer([str(corpus)], str(tmp_path / "tok.model"), vocab_size=290, log=lambda *a: None)
+    folder = tmp_path / "consolidated"
+    save_consolidated(tiny_model(seed=5, dtype=torch.float64), str(folder), tok.path)
+
+    want = run_tasks(PLDRLM(pretrained=str(folder), dtype="float64"), ["pldr_tiny_qa"],
+                     TaskManager(include_path=TASK_DIR))["pldr_tiny_qa"]["acc"]
+    out = tmp_path / "results"
+    pldr_eval(["harness", "--model", "pldr", "--model_args", f"pretrained={folder},dtype=float64",
+               "--tasks", "pldr_tiny_qa", "--include_path", TASK_DIR, "--batch_size", "4",
+               "--output_path", str(out)])
+    (result_file,) = [os.path.join(d, f) for d, _, fs in os.walk(out) for f in fs if f.startswith("results")]
+    with open(result_file) as f:
+        assert json.load(f)["results"]["pldr_tiny_qa"]["acc,none"] == want

@@ -18,12 +18,16 @@ from itertools import groupby
 from typing import Optional
 
 import torch
+import logging
+
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from ..infer.generate import SamplingConfig, generate
 from .model_io import load_for_eval, parse_dtype
+
+eval_logger = logging.getLogger(__name__)
 
 
 def batches_of(items: list, batch_size: int, key) -> list:
@@ -45,6 +49,10 @@ class PLDRLM(TemplateLM):
             raise ValueError(f"pldr model_args: unknown {sorted(unused)} (known: pretrained, gcache, fixed_g, "
                              f"device, dtype, batch_size)")
         if model is None:
+            if str(device or "cpu").startswith("cuda") and not torch.cuda.is_available():
+                # lm_eval's command line asks for cuda unless told otherwise; HF's adapter falls back too.
+                eval_logger.warning(f"pldr: device={device} but CUDA is not available; running on CPU")
+                device = "cpu"
             if not pretrained:
                 raise ValueError("pldr model_args: pretrained=<consolidated folder> is required")
             model, tokenizer = load_for_eval(pretrained, gcache, fixed_g, device or "cpu", dtype)
