@@ -22,7 +22,7 @@ setup(
         "matplotlib",
         "zstandard",
     ],
-    extras_require={"test": ["pytest"], "eval": ["lm_eval"]},
+    extras_require={"test": ["pytest", "lm-eval>=0.4,<0.5"], "eval": ["lm-eval>=0.4,<0.5"]},
     entry_points={
         "console_scripts": [
             "pldr-demo=pldr_dist.demo:main",
@@ -35,6 +35,7 @@ setup(
             "pldr-generate=pldr_dist.infer.cli:generate_main",
             "pldr-export-gcache=pldr_dist.infer.cli:export_gcache_main",
             "pldr-gcache-check=pldr_dist.infer.cli:gcache_check_main",
+            "pldr-eval=pldr_dist.eval.cli:main",
         ],
     },
 )
