@@ -36,6 +36,7 @@ setup(
             "pldr-export-gcache=pldr_dist.infer.cli:export_gcache_main",
             "pldr-gcache-check=pldr_dist.infer.cli:gcache_check_main",
             "pldr-eval=pldr_dist.eval.cli:main",
+            "pldr-consolidate=pldr_dist.convert.consolidate:main",
         ],
     },
 )

@@ -23,7 +23,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="pldr-demo", description=__doc__.splitlines()[0])
     p.add_argument("--corpus", default=os.path.join(ROOT, "data", "tinyshakespeare.txt"))
     p.add_argument("--work", default="runs", help="folder for the shards, run and exports")
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--prompt", action="append", default=None)
     args = p.parse_args(argv)
@@ -33,7 +33,7 @@ def main(argv=None) -> int:
 
     from .data.prepare import prepare_corpus
     print(f"[1/4] tokenizer + shards from {args.corpus}", flush=True)
-    prepared = prepare_corpus(args.corpus, data_dir, vocab_size=512, seq_len=64)
+    prepared = prepare_corpus(args.corpus, data_dir, vocab_size=512, seq_len=64, samples_per_shard=512)
 
     print(f"[2/4] training the tiny model with {args.nproc} CPU processes (torchrun)", flush=True)
     env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
@@ -47,14 +47,16 @@ def main(argv=None) -> int:
     model_dir = os.path.join(args.work, "demo-model")
     gcache = os.path.join(args.work, "demo-gcache.safetensors")
     sh([sys.executable, "-m", "pldr_dist.convert.consolidate", os.path.join(run_dir, "checkpoints"), model_dir])
-    sh([sys.executable, "-m", "pldr_dist.infer.gcache_artifact", model_dir, gcache, "--source", "eos"])
+    sh([sys.executable, "-c", "from pldr_dist.infer.cli import export_gcache_main; export_gcache_main()",
+        model_dir, gcache, "--source", "eos"])
 
     print("[4/4] generate with the inference-only model (KV-cache + G-cache)", flush=True)
-    prompts = args.prompt or ["ROMEO:", "First Citizen:\nWe are", "KING HENRY:"]
+    prompts = args.prompt or ["ROMEO:", "First Citizen:", "KING HENRY:"]
     prompt_file = os.path.join(args.work, "demo-prompts.txt")
     with open(prompt_file, "w") as f:
         f.write("\n".join(p.replace("\n", "\\n") for p in prompts) + "\n")
-    sh([sys.executable, "-m", "pldr_dist.infer.cli", model_dir, "--gcache", gcache, "--prompts", prompt_file,
+    sh([sys.executable, "-c", "from pldr_dist.infer.cli import generate_main; generate_main()",
+        model_dir, "--gcache", gcache, "--prompts", prompt_file,
         "--max-new-tokens", "60", "--temperature", "0.8", "--top-k", "40", "--seed", "0"])
     print(f"demo finished in {time.time() - t0:.0f} s", flush=True)
     return 0
