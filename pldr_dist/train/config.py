@@ -119,6 +119,11 @@ def _check_type(where: str, value: Any, hint) -> Any:
     origin = typing.get_origin(hint) or hint
     if origin is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if origin is float and isinstance(value, str):   # YAML 1.1 reads 1e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if origin is tuple and isinstance(value, list):
         value = tuple(value)
     if origin in (bool, int, float, str, list, dict, tuple):

@@ -1,0 +1,82 @@
+"""pldr-consolidate on checkpoints written by the real trainer in several layouts."""
+import glob
+import os
+import re
+
+import pytest
+import torch
+
+from pldr_dist.convert.consolidate import consolidate
+from pldr_dist.convert.consolidated import CheckpointError, load_consolidated
+from pldr_dist.parallel.tensor_parallel import shard_full_state_dict
+from train_helpers import prepare_data, train
+
+LAYOUTS = {"dp2_zero1": (2, []), "tp2": (2, ["parallel.tp=2"]), "pp2": (2, ["parallel.pp=2"]),
+           "tp2_pp2": (4, ["parallel.tp=2", "parallel.pp=2"]), "dp2_zero3": (2, ["parallel.zero_stage=3"])}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    data = prepare_data(str(tmp_path_factory.mktemp("data")))
+    out = {}
+    for name, (nproc, layout) in LAYOUTS.items():
+        run_dir = str(tmp_path_factory.mktemp(name))
+        result = train(data, run_dir, nproc=nproc, sets=["train.steps=3", "optim.lr=1e-4"] + layout)
+        assert result.returncode == 0, result.stdout + result.stderr
+        folder = str(tmp_path_factory.mktemp(name + "_model") / "model")
+        consolidate(os.path.join(run_dir, "checkpoints"), folder, log=lambda *_: None)
+        out[name] = (run_dir, load_consolidated(folder).state_dict())
+    return out
+
+
+def tag_dir(run_dir):
+    ckpt = os.path.join(run_dir, "checkpoints")
+    return os.path.join(ckpt, open(os.path.join(ckpt, "latest")).read().strip())
+
+
+def test_consolidated_tp2_equals_each_ranks_training_weights_exactly(runs):
+    run_dir, full = runs["tp2"]
+    for rank in range(2):
+        own = torch.load(os.path.join(tag_dir(run_dir), f"mp_rank_{rank:02d}_model_states.pt"), weights_only=False)["module"]
+        mine = shard_full_state_dict(full, rank, 2)
+        assert set(own) == set(mine)
+        assert all(torch.equal(own[k], mine[k]) for k in own)
+
+
+def test_consolidated_pipeline_layouts_equal_each_stage_file_exactly(runs):
+    for name, tp in (("pp2", 1), ("tp2_pp2", 2)):
+        run_dir, full = runs[name]
+        files = glob.glob(os.path.join(tag_dir(run_dir), "layer_*-model_*-model_states.pt"))
+        last = max(int(re.search(r"layer_(\d+)", f).group(1)) for f in files)
+        for path in files:
+            index = int(re.search(r"layer_(\d+)", path).group(1))
+            rank = int(re.search(r"-model_(\d+)-", path).group(1))
+            prefix = "" if index in (0, last) else f"layers.{index - 1}."
+            mine = shard_full_state_dict(full, rank, tp)
+            for key, tensor in torch.load(path, weights_only=False).items():
+                assert torch.equal(tensor, mine[prefix + key.removeprefix("layer.")]), (path, key)
+
+
+def test_layouts_that_see_the_same_batches_consolidate_to_the_same_model(runs):
+    """Same global batch (data-parallel size), different split: equal within what 3 AdamW steps of
+    lr 1e-4 can make of fp32 rounding (an update of at most lr per element per step)."""
+    for ref_name, others in (("tp2", ("pp2", "tp2_pp2")), ("dp2_zero1", ("dp2_zero3",))):
+        ref = runs[ref_name][1]
+        for name in others:
+            full = runs[name][1]
+            for key in ref:
+                # Adam turns rounding-level gradient differences near zero into up to lr per step
+                assert (full[key] - ref[key]).abs().max() <= 3 * 1e-4 * 1.5, (name, key)
+
+
+def test_incomplete_or_missing_checkpoint_is_refused(runs, tmp_path):
+    with pytest.raises(CheckpointError, match="neither a checkpoint folder"):
+        consolidate(str(tmp_path), str(tmp_path / "out"))
+    run_dir, _ = runs["tp2"]
+    broken = tmp_path / "step_x"
+    os.makedirs(broken)
+    for f in os.listdir(tag_dir(run_dir)):
+        if not f.startswith("mp_rank_01"):
+            os.link(os.path.join(tag_dir(run_dir), f), broken / f)
+    with pytest.raises(CheckpointError, match="mp_rank_01_model_states.pt is missing"):
+        consolidate(str(broken), str(tmp_path / "out"))
