@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from eval_helpers import tiny_model
 
-from pldr_dist.data.manifest import Manifest
-from pldr_dist.data.shards import tar_bytes
+from pldr_dist.data.manifest import FORMAT, Manifest
+from pldr_dist.data.shard_writer import write_shard
 from pldr_dist.eval.cli import main as pldr_eval
 from pldr_dist.eval.model_io import g_from_prompt, save_consolidated, with_fixed_g
 from pldr_dist.eval.perplexity import evaluate_loss, evaluate_shards
@@ -20,23 +20,21 @@ SEQ = 16
 
 def write_valid_shards(folder, samples_per_shard=(5, 7), vocab=512, seed=0):
     """Two 'valid' shards of random token samples (seq_len + 1 each), with their manifest."""
-    import hashlib
-
     rng = np.random.default_rng(seed)
-    shards, all_samples = [], []
+    shards, all_samples, first = [], [], 0
     for index, count in enumerate(samples_per_shard):
-        samples = [rng.integers(4, vocab, SEQ + 1).astype(np.uint16) for _ in range(count)]
-        data = tar_bytes((f"valid{index:06d}_{i:06d}", s) for i, s in enumerate(samples))
+        samples = rng.integers(4, vocab, (count, SEQ + 1)).astype(np.uint16)
         name = f"valid-{index:06d}.tar"
-        with open(os.path.join(folder, name), "wb") as f:
-            f.write(data)
-        shards.append({"name": name, "samples": count, "tokens": count * (SEQ + 1),
-                       "sha256": hashlib.sha256(data).hexdigest()})
-        all_samples += samples
-    manifest = Manifest(os.path.join(folder, "manifest.json"), SEQ, "uint16", "test", vocab, {"valid": shards})
-    with open(manifest.path, "w") as f:
-        f.write(manifest.to_json())
-    return manifest.path, torch.tensor(np.stack(all_samples).astype(np.int64))
+        digest = write_shard(os.path.join(folder, name), samples, first)
+        first += count
+        shards.append({"name": name, "samples": count, "tokens": count * (SEQ + 1), "sha256": digest})
+        all_samples.append(samples)
+    manifest = Manifest(os.path.join(folder, "manifest.json"), {
+        "format": FORMAT, "seq_len": SEQ, "sample_len": SEQ + 1, "dtype": "uint16",
+        "tokenizer": {"fingerprint": "test", "vocab_size": vocab, "pad_id": 0, "eos_id": 3},
+        "splits": {"train": [], "valid": shards}})
+    manifest.save()
+    return manifest.path, torch.tensor(np.concatenate(all_samples).astype(np.int64))
 
 
 @torch.no_grad()

@@ -52,9 +52,10 @@ def evaluate_shards(model, shards: str, split: str = "valid", batch_size: int = 
                     max_batches: Optional[int] = None) -> dict:
     """Loss, perplexity and tokens/s of `model` over one pass of a shard split (in order)."""
     from ..data.loader import TokenLoader
+    from ..data.manifest import load_manifest
 
-    loader = TokenLoader(shards, split, batch_size, shuffle=False)
-    batches = loader.samples_per_epoch // batch_size   # one epoch; the loader itself never ends
+    loader = TokenLoader(shards, split, batch_size, load_manifest(shards).seq_len, shuffle=False)
+    batches = loader.plan.samples_per_epoch // batch_size   # one epoch; the loader itself never ends
     if max_batches is not None:
         batches = min(batches, max_batches)
     start = time.perf_counter()
