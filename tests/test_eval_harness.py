@@ -77,7 +77,7 @@ def test_pldr_eval_harness_cli_loads_a_consolidated_folder_like_the_python_api(m
     with open(os.path.join(TASK_DIR, "pldr_tiny_qa.jsonl")) as f:
         corpus.write_text("\n\n".join(json.loads(line)["question"] + " blue green red woof moo meow 3 4 5 6 7 8"
                                       for line in f) * 20)
-    tok = train_tokenizer([str(corpus)], str(tmp_path / "tok.model"), vocab_size=290, log=lambda *a: None)
+    tok = train_tokenizer([str(corpus)], str(tmp_path / "tok.model"), vocab_size=290)
     folder = tmp_path / "consolidated"
     save_consolidated(tiny_model(seed=5, dtype=torch.float64), str(folder), tok.path)
 

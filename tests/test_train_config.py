@@ -87,9 +87,10 @@ def test_set_overrides_and_toml(tmp_path, base):
     assert load_config(str(toml)).train.steps == 5
 
 
-def test_shipped_configs_parse():
+def test_shipped_configs_parse(tmp_path, monkeypatch):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for name in ("tiny.yaml", "pldr-110m.yaml"):
+    monkeypatch.chdir(tmp_path)     # their data paths are relative and absent here
+    for name in ("tiny.yaml", "pldr-110m.yaml", "pldr-1b.yaml"):
         with pytest.raises(ConfigError, match="data.shards=.* does not exist"):
             load_config(os.path.join(root, "configs", name))   # everything but the data is valid
 

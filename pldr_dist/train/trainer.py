@@ -119,6 +119,7 @@ class Trainer:
                        self.cfg.checkpoint.tokenizer)
 
     def resume(self) -> None:
+        t0 = time.time()
         tag = self.ckpt.newest_valid()
         if tag is None:
             self.log(f"starting a new run in {self.cfg.run_dir}")
@@ -127,7 +128,8 @@ class Trainer:
         self.step, self.tokens = extra["step"], extra["tokens"]
         self.nonfinite_total, self.nonfinite_in_row = extra["nonfinite_total"], extra["nonfinite_in_row"]
         self.job.train_loader.load_state_dict(extra["loader"])
-        self.log(f"resumed from checkpoint {tag} (step {self.step}, {self.tokens:,} tokens)")
+        self.log(f"resumed from checkpoint {tag} (step {self.step}, {self.tokens:,} tokens; verified and loaded "
+                 f"in {time.time() - t0:.1f} s)")
 
     # -- loop ------------------------------------------------------------------------
     def run(self) -> None:
