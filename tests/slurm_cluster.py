@@ -12,6 +12,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLUSTER_SCRIPT = os.path.join(ROOT, "launch", "local_slurm_cluster.sh")
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL")
 
 
 def ensure_slurm_cluster() -> None:
@@ -46,7 +47,7 @@ def wait_for_job(job_id: int, timeout: float = 300) -> dict:
     while time.time() < deadline:
         info = job_info(job_id)
         state = info.get("JobState", "")
-        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"):
+        if state in ENDED:
             return info
         if state == "PENDING" and info.get("Reason") == "BeginTime":
             since = held_since.setdefault(info.get("Restarts"), time.time())
