@@ -86,6 +86,9 @@ class PLDRModel(nn.Module):
         self.embed = Embedding(cfg)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size)  # untied, with bias
+        # True for training on packed sequences that hold no pad tokens: skips the padding
+        # check (a host sync) so the step never waits on the GPU. Not saved; off by default.
+        self.assume_unpadded = False
         self.reset_parameters()
 
     @torch.no_grad()
@@ -124,7 +127,7 @@ class PLDRModel(nn.Module):
         the new tokens only and `key_pad` their padding; positions continue from the cache.
         """
         offset = cache.length if cache is not None and cache.use_kv else 0
-        if key_pad is None:
+        if key_pad is None and not (self.assume_unpadded and cache is None):
             key_pad = tokens.eq(self.cfg.pad_id)
         if cache is not None and cache.use_kv:
             if cache.key_pad is not None:

@@ -102,6 +102,9 @@ class PLGA(nn.Module):
         else:
             eye = torch.eye(cfg.head_dim).expand(cfg.num_heads, -1, -1).clone()
             self.register_buffer("G_fixed", eye)
+        # Set True only when G_fixed is known to be the identity (benchmarks' plain-SDPA
+        # upper bound): the q@G product is then skipped. Never saved; off by default.
+        self.skip_identity_g = False
 
     # -- deductive path ---------------------------------------------------------------
     def metric_output(self, q_rot: torch.Tensor) -> torch.Tensor:
@@ -158,7 +161,8 @@ class PLGA(nn.Module):
                 terms = [c * dag_penalty(t) for c, t in ((c_a, a_lm), (c_p, a_p), (c_g, g_lm)) if c > 0]
                 penalty = sum(terms) if terms else None
 
-        h = self.attend(torch.matmul(q, g_lm), k, v, bias)
+        q_g = q if self.skip_identity_g and not self.cfg.learned_g else torch.matmul(q, g_lm)
+        h = self.attend(q_g, k, v, bias)
         return self.wo(h.transpose(1, 2).reshape(B, S, -1)), penalty
 
     def attend(self, q_g: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

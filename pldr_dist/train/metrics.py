@@ -90,8 +90,10 @@ class GStats:
     def collect(self) -> dict:
         """All ranks call this; returns {'g_dist/layer_i': ..., 'g_mean/layer_i': ...}."""
         sums = self.sums.clone()
-        if dist.is_initialized():
+        if dist.is_initialized():   # NCCL reduces device tensors only
+            sums = sums.to("cuda" if torch.cuda.is_available() else "cpu")
             dist.all_reduce(sums)
+            sums = sums.cpu()
         self.sums.zero_()
         out = {}
         for i in range(self.num_layers):

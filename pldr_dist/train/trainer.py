@@ -47,7 +47,8 @@ class SignalFlag:
         self.raised = signum
 
     def agreed(self) -> bool:
-        flag = torch.tensor([1.0 if self.raised else 0.0])
+        device = "cuda" if torch.cuda.is_available() else "cpu"     # NCCL reduces device tensors only
+        flag = torch.tensor([1.0 if self.raised else 0.0], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 

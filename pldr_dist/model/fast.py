@@ -1,0 +1,74 @@
+"""Fast training path: the same model, the same state dict, fewer and larger GPU kernels.
+
+`optimize_for_training(model)` changes how the model runs, never what it computes:
+- each metric-learner GLU runs U1 and U2 as one matrix product, with the hidden width
+  (a_dff = 170 in the presets) zero-padded to a multiple of 8 so bf16 rows stay 16-byte
+  aligned for the tensor cores; the padding adds exact zeros. The parameters keep their
+  names (`u1`, `u2`, `u3`); the fused weight is built from them inside each forward.
+- each decoder layer is compiled on its own (regional compilation: one graph reused by
+  every layer, short compile times) with no graph breaks, so the metric learner, power
+  law, rotary and norms become a few fused kernels, and attention on q~G_LM stays in the
+  SDPA flash kernel;
+- the loss is compiled, so the fp32 upcast and the log-softmax fuse into the reduction;
+- `assume_unpadded` skips the padding check (a host sync) for packed data without pads.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .layers import GLU
+from .model import PLDRModel, lm_loss
+
+ALIGN = 8  # bf16 elements in 16 bytes
+
+
+class FusedGLU(GLU):
+    """GLU whose U1 and U2 run as one padded product; same parameters, same result."""
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        width = self.u1.out_features
+        pad = -width % ALIGN
+        w12 = torch.cat((F.pad(self.u1.weight, (0, 0, 0, pad)), F.pad(self.u2.weight, (0, 0, 0, pad))))
+        b12 = torch.cat((F.pad(self.u1.bias, (0, pad)), F.pad(self.u2.bias, (0, pad))))
+        gate, up = F.linear(y, w12, b12).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, F.pad(self.u3.weight, (0, pad)), self.u3.bias)
+
+
+def fuse_metric_glus(model: PLDRModel) -> int:
+    """Switch every metric-learner GLU to the fused forward in place; returns how many."""
+    count = 0
+    for module in model.modules():
+        if type(module) is GLU:
+            module.__class__ = FusedGLU
+            count += 1
+    return count
+
+
+def optimize_for_training(model: PLDRModel, compile: bool = True, packed: bool = True,
+                          cuda_graphs: bool = True, backend: str = "inductor") -> Callable:
+    """Make `model` train fast in place and return the loss function to use with it.
+
+    packed=True: the batches hold no pad tokens (packed pretraining data), so the padding
+    mask is never built. cuda_graphs=True replays each compiled layer as a CUDA graph: the
+    metric learner launches ~1000 small kernels a step, and without graphs the step waits on
+    the CPU (call `torch.compiler.cudagraph_mark_step_begin()` before each step's forward).
+    backend: torch.compile's backend ("aot_eager" in CPU tests).
+    """
+    fuse_metric_glus(model)
+    model.assume_unpadded = packed
+    if not compile:
+        return lm_loss
+    # One compiled graph per shape serves every layer; several models or batch sizes in one
+    # process (benchmarks) need more cache entries than the default.
+    dynamo = torch._dynamo.config
+    dynamo.cache_size_limit = max(dynamo.cache_size_limit, 64)
+    dynamo.accumulated_cache_size_limit = max(dynamo.accumulated_cache_size_limit, 512)
+    options = dict(fullgraph=True, dynamic=False, backend=backend)
+    if cuda_graphs and backend == "inductor":
+        options["mode"] = "reduce-overhead"
+    for layer in model.layers:
+        layer.compile(**options)
+    return torch.compile(lm_loss, **options)
