@@ -23,18 +23,36 @@ def shard_parameter(full: torch.Tensor, dim: int, rank: int, size: int) -> nn.Pa
     return part
 
 
+class SharedRegionEntry:
+    """Column-parallel layers that read the same input (Wq, Wk, Wv; FFN w1, w2) enter the
+    tensor-parallel region ONCE, as Megatron's fused QKV layer does: one all-gather (sequence
+    parallel) or one backward all-reduce (copy_to_tp) instead of one per layer. The first layer
+    applies the entry and keeps the result; siblings given the same tensor reuse it, and
+    autograd sums their gradients before the single backward collective."""
+
+    def __init__(self):
+        self.source, self.entered = None, None
+
+    def __call__(self, x, group, sequence_parallel: bool):
+        if x is not self.source:
+            self.source = x
+            self.entered = gather_seq(x, group) if sequence_parallel else copy_to_tp(x, group)
+        return self.entered
+
+
 class ColumnParallelLinear(nn.Module):
     """Y = X A^T + b with A split by output rows: each rank computes its slice of the outputs."""
 
     def __init__(self, full: nn.Linear, group, rank: int, size: int, gather_output: bool = False,
-                 sequence_parallel: bool = False):
+                 sequence_parallel: bool = False, shared_entry: SharedRegionEntry | None = None):
         super().__init__()
         self.group, self.gather_output, self.sequence_parallel = group, gather_output, sequence_parallel
+        self.shared_entry = shared_entry or SharedRegionEntry()
         self.weight = shard_parameter(full.weight, 0, rank, size)
         self.bias = shard_parameter(full.bias, 0, rank, size) if full.bias is not None else None
 
     def forward(self, x):
-        x = gather_seq(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
+        x = self.shared_entry(x, self.group, self.sequence_parallel)
         y = F.linear(x, self.weight, self.bias)
         return gather_last_dim(y, self.group) if self.gather_output else y
 

@@ -13,11 +13,18 @@ The sequence dimension is 1 (activations are [B, S, d]).
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 SEQ_DIM = 1
+COMM_BYTES: Counter = Counter()   # collective -> bytes of its full (unsplit) payload, for benchmarks
+
+
+def _count(op: str, x: torch.Tensor, factor: int = 1) -> None:
+    COMM_BYTES[op] += x.numel() * x.element_size() * factor
 
 
 def _size(group) -> int:
@@ -25,6 +32,7 @@ def _size(group) -> int:
 
 
 def _all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    _count("all_gather", x, _size(group))
     parts = [torch.empty_like(x) for _ in range(_size(group))]
     dist.all_gather(parts, x.contiguous(), group=group)
     return torch.cat(parts, dim=dim)
@@ -35,6 +43,8 @@ def _split(x: torch.Tensor, dim: int, group) -> torch.Tensor:
 
 
 def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    if dim == SEQ_DIM or dist.get_backend(group) != "nccl":
+        _count("reduce_scatter", x)
     if dist.get_backend(group) == "nccl" and dim == 0:
         out = torch.empty_like(x.chunk(_size(group), dim=0)[0])
         dist.reduce_scatter_tensor(out, x.contiguous(), group=group)
@@ -55,6 +65,7 @@ class _CopyToTP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         grad = grad.contiguous()
+        _count("all_reduce", grad)
         dist.all_reduce(grad, group=ctx.group)
         return grad, None
 
@@ -63,6 +74,7 @@ class _ReduceFromTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         x = x.contiguous()
+        _count("all_reduce", x)
         dist.all_reduce(x, group=group)
         return x
 
@@ -126,6 +138,7 @@ class _AllReduceGrads(torch.autograd.Function):
         grads = [g if g is not None else torch.zeros(()) for g in grads]
         present = [g for g in grads if g.dim() > 0]
         flat = _flatten_dense_tensors([g.contiguous() for g in present])
+        _count("grad_all_reduce", flat)
         dist.all_reduce(flat, group=ctx.group)
         reduced = iter(_unflatten_dense_tensors(flat, present))
         return (None, *[next(reduced) if g.dim() > 0 else None for g in grads])

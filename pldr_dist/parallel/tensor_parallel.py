@@ -23,8 +23,8 @@ from torch import nn
 
 from ..model import PLDRModel
 from .grid import check_layout
-from .layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, share_gradients,
-                     shard_parameter)
+from .layers import (ColumnParallelLinear, RowParallelLinear, SharedRegionEntry, VocabParallelEmbedding,
+                     share_gradients, shard_parameter)
 
 _RULES = [  # (suffix pattern, split dim)
     (r"embed\.tokens\.weight$", 0),
@@ -55,8 +55,10 @@ def parallelize(model: PLDRModel, grid, sequence_parallel: bool = False) -> PLDR
     model.embed.tokens = VocabParallelEmbedding(model.embed.tokens, g, r, t, sp)
     for layer in model.layers:
         attn = layer.attn
+        qkv_input = SharedRegionEntry()
         for name in ("wq", "wk", "wv"):
-            setattr(attn, name, ColumnParallelLinear(getattr(attn, name), g, r, t, sequence_parallel=sp))
+            setattr(attn, name, ColumnParallelLinear(getattr(attn, name), g, r, t, sequence_parallel=sp,
+                                                     shared_entry=qkv_input))
         attn.wo = RowParallelLinear(attn.wo, g, r, t, sequence_parallel=sp)
         if cfg.learned_g:
             for name in ("W", "b", "P", "alpha", "beta"):
@@ -64,8 +66,9 @@ def parallelize(model: PLDRModel, grid, sequence_parallel: bool = False) -> PLDR
             share_gradients(attn.metric, g)
         else:
             attn.G_fixed = torch.tensor_split(attn.G_fixed, t, dim=-3)[r].clone()
-        layer.ffn.w1 = ColumnParallelLinear(layer.ffn.w1, g, r, t, sequence_parallel=sp)
-        layer.ffn.w2 = ColumnParallelLinear(layer.ffn.w2, g, r, t, sequence_parallel=sp)
+        ffn_input = SharedRegionEntry()
+        layer.ffn.w1 = ColumnParallelLinear(layer.ffn.w1, g, r, t, sequence_parallel=sp, shared_entry=ffn_input)
+        layer.ffn.w2 = ColumnParallelLinear(layer.ffn.w2, g, r, t, sequence_parallel=sp, shared_entry=ffn_input)
         layer.ffn.w3 = RowParallelLinear(layer.ffn.w3, g, r, t, sequence_parallel=sp)
         if sp:
             share_gradients(layer.norm1, g)
