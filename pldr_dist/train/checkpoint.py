@@ -14,7 +14,6 @@ loaded: the newest tag that verifies is used and the bad one is named in a warni
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -26,20 +25,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..data.manifest import sha256_file
+
 MARKER = "COMPLETE.json"
 PREFIX = "step_"
 
 
 def tag_for(step: int) -> str:
     return f"{PREFIX}{step:08d}"
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _atomic_write(path: str, text: str) -> None:
@@ -80,7 +73,7 @@ def verify_tag(tag_dir: str) -> Optional[str]:
             return f"{path} is missing"
         if os.path.getsize(path) != meta["size"]:
             return f"{path} is truncated or altered ({os.path.getsize(path)} bytes, expected {meta['size']})"
-        if _sha256(path) != meta["sha256"]:
+        if sha256_file(path) != meta["sha256"]:
             return f"{path} is corrupt (sha256 mismatch)"
     return None
 
@@ -120,7 +113,7 @@ class CheckpointManager:
                     path = os.path.join(root, name)
                     rel = os.path.relpath(path, tag_dir)
                     if rel != MARKER:
-                        files[rel] = {"size": os.path.getsize(path), "sha256": _sha256(path)}
+                        files[rel] = {"size": os.path.getsize(path), "sha256": sha256_file(path)}
             _atomic_write(os.path.join(tag_dir, MARKER),
                           json.dumps({"step": step, "world_size": self.world_size, "files": files}, indent=1))
             _atomic_write(os.path.join(self.dir, "latest"), tag)
