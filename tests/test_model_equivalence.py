@@ -6,12 +6,21 @@ deductive path, attention, post-LN blocks, SwiGLU and the head by hand.
 """
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from pldr_dist.model import PLDRModel, preset
 
-torch.set_default_dtype(torch.float64)
+
+@pytest.fixture(autouse=True)
+def float64_default():
+    """fp64 for this module's tests only (a module-level set_default_dtype leaks into every
+    test collected after it)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def layer_norm(x, w, b, eps=1e-6):
