@@ -37,6 +37,7 @@ setup(
             "pldr-gcache-check=pldr_dist.infer.cli:gcache_check_main",
             "pldr-eval=pldr_dist.eval.cli:main",
             "pldr-consolidate=pldr_dist.convert.consolidate:main",
+            "pldr-reshard=pldr_dist.convert.reshard:main",
         ],
     },
 )

@@ -1,17 +1,23 @@
 """TokenLoader: endless, deterministic, exactly resumable batches from token shards.
 
-Order of samples (a pure function of seed, epoch, dp_rank and position):
-  1. data-parallel rank r owns shards r, r + dp_size, ... of the split (disjoint across ranks;
-     every TP/PP rank of one replica passes the same dp_rank and so sees the same batches);
-  2. each epoch, the rank's shards are permuted with RNG(seed, epoch, dp_rank) and grouped into
+The sample order is one global stream, a pure function of (seed, epoch, position), the same
+whatever the number of data-parallel ranks:
+  1. each epoch, the split's shards are permuted with RNG(seed, epoch) and grouped into
      *blocks* of `shards_per_block` consecutive shards;
-  3. the samples of a block are permuted with RNG(seed, epoch, dp_rank, block) (the shuffle
-     buffer, made deterministic); the validation split is read in order, unshuffled;
-  4. epochs follow each other endlessly; a batch may span an epoch boundary.
+  2. the samples of a block are permuted with RNG(seed, epoch, block) (the shuffle buffer,
+     made deterministic); the validation split is read in order, unshuffled;
+  3. epochs follow each other endlessly; a batch may span an epoch boundary.
+Data-parallel rank r of dp takes rows [r*B, (r+1)*B) of every *global* micro-batch of dp*B
+samples (Megatron's global-index scheme): ranks see disjoint samples, every TP/PP rank of one
+replica passes the same dp_rank and sees identical batches, and the samples of a global step
+do not depend on how they are spread over ranks. So a checkpoint resharded to another DP size
+(pldr-reshard) continues on exactly the batches the original layout would have seen. Every
+rank reads every block and keeps its rows: token data is tiny next to what a GPU computes
+(2 bytes a token; 1M tokens/s is 2 MB/s).
 Loader workers read whole blocks: worker w of n reads blocks w, w + n, ...; torch's DataLoader
 returns worker outputs round-robin, so the main process sees blocks in order whatever n is.
-The state is just (epoch, position in the epoch), so a resume with any worker count yields
-exactly the batches an uninterrupted run would have.
+The state is just the global (epoch, position), so a resume with any worker count, or any DP
+size with the same global batch, yields exactly the batches an uninterrupted run would have.
 
 Checksums are verified lazily: each shard's bytes are hashed when a worker reads it (every
 epoch; ~1 GB/s, far above the training rate), not up front, so start-up stays instant on
@@ -74,10 +80,10 @@ class _Plan:
     """The per-rank sample order; shared (pickled) by the main process and the workers."""
 
     def __init__(self, urls: list[str], sizes: list[int], shas: list[str], dtype: str, sample_len: int,
-                 seed: int, dp_rank: int, shuffle: bool, shards_per_block: int, on_corrupt: str):
+                 seed: int, shuffle: bool, shards_per_block: int, on_corrupt: str):
         self.urls, self.sizes, self.shas = urls, sizes, shas
         self.dtype, self.sample_len = np.dtype(dtype).newbyteorder("<"), sample_len
-        self.seed, self.dp_rank, self.shuffle = seed, dp_rank, shuffle
+        self.seed, self.shuffle = seed, shuffle
         self.shards_per_block = shards_per_block if shuffle else 1
         self.on_corrupt = on_corrupt
         self.samples_per_epoch = sum(sizes)
@@ -105,7 +111,7 @@ class _Plan:
     def _layout(self, epoch: int) -> tuple[list[list[int]], list[int]]:
         """The epoch's blocks (shard lists) and their first sample positions (+ the epoch size), cached."""
         if epoch not in self._layouts:
-            order = (_rng(self.seed, epoch, self.dp_rank).permutation(len(self.urls)) if self.shuffle
+            order = (_rng(self.seed, epoch).permutation(len(self.urls)) if self.shuffle
                      else np.arange(len(self.urls)))
             k = self.shards_per_block
             blocks = [order[i:i + k].tolist() for i in range(0, len(order), k)]
@@ -172,7 +178,7 @@ class _Plan:
             start += self.sizes[s]
         samples, positions = np.concatenate(parts), np.concatenate(positions)
         if self.shuffle:
-            perm = _rng(self.seed, epoch, self.dp_rank, block).permutation(start)
+            perm = _rng(self.seed, epoch, block).permutation(start)
             slot = np.empty(start, dtype=np.int64)
             slot[perm] = np.arange(start)  # the sample at block offset p goes to slot[p]
             positions = slot[positions]
@@ -208,7 +214,8 @@ class _BlockStream(IterableDataset):
 
 
 class TokenLoader:
-    """Batches {"input": [B, S] int64, "target": [B, S] int64} for one data-parallel rank.
+    """Batches {"input": [B, S] int64, "target": [B, S] int64} for one data-parallel rank:
+    its B rows of each global micro-batch of dp_size * B samples.
 
     `manifest_path_or_dir`: manifest.json or its directory. `shuffle`: default True for "train",
     False for "valid". `shard_location`: where the shards
@@ -232,14 +239,13 @@ class TokenLoader:
             raise ShardError(f"ShardError: {m.path}: shards were tokenised with tokenizer {m.fingerprint[:16]}…, the run "
                              f"uses {tokenizer_fingerprint[:16]}… (re-shard with the run's tokenizer)")
         entries = m.shards(split)
-        if len(entries) < dp_size:
-            raise ShardError(f"ShardError: {m.path}: {len(entries)} {split} shard(s) for {dp_size} data-parallel ranks "
-                             f"(re-shard with a smaller --samples-per-shard so every rank gets at least one)")
-        mine = entries[dp_rank::dp_size]
-        urls = [self._url(m, shard_location, e["name"]) for e in mine]
-        self.plan = _Plan(urls, [e["samples"] for e in mine], [e["sha256"] for e in mine], m.dtype, seq_len + 1,
-                          seed, dp_rank, split == "train" if shuffle is None else shuffle, shards_per_block, on_corrupt)
+        if not entries:
+            raise ShardError(f"ShardError: {m.path}: the manifest lists no {split} shards (re-run pldr-make-shards)")
+        urls = [self._url(m, shard_location, e["name"]) for e in entries]
+        self.plan = _Plan(urls, [e["samples"] for e in entries], [e["sha256"] for e in entries], m.dtype, seq_len + 1,
+                          seed, split == "train" if shuffle is None else shuffle, shards_per_block, on_corrupt)
         self.manifest, self.batch_size, self.num_workers = m, batch_size, num_workers
+        self.dp_rank, self.dp_size = dp_rank, dp_size
         self.epoch, self.position = 0, 0  # the next sample to yield
         self.skipped_samples = 0
 
@@ -288,7 +294,8 @@ class TokenLoader:
 
     def __iter__(self):
         self._uncounted_skips = []
-        B, pending, filled = self.batch_size, [], 0
+        B, pending, filled = self.batch_size * self.dp_size, [], 0   # one global micro-batch
+        mine = slice(self.dp_rank * self.batch_size, (self.dp_rank + 1) * self.batch_size)
         for epoch, start, samples, positions, block_end in self._blocks():
             i = 0
             while i < len(samples):
@@ -303,6 +310,6 @@ class TokenLoader:
                     if self.position >= self.plan.samples_per_epoch:
                         self.epoch, self.position = epoch + 1, 0
                     self._count_skips()
-                    tokens = torch.from_numpy(np.concatenate(pending).astype(np.int64))
+                    tokens = torch.from_numpy(np.concatenate(pending)[mine].astype(np.int64))
                     pending, filled = [], 0
                     yield {"input": tokens[:, :-1].contiguous(), "target": tokens[:, 1:].contiguous()}

@@ -194,15 +194,12 @@ def _tokenizer_fingerprint(cfg: RunConfig):
 
 
 class _ValidLoader:
-    """The same held-out batches at every validation (data-parallel ranks split the shards;
-    with fewer validation shards than ranks, every rank reads all of them)."""
+    """The same held-out batches at every validation; data-parallel ranks split each global
+    batch, as for training."""
 
     def __init__(self, shards, batch_size, seq_len, grid, fingerprint):
         from ..data.loader import TokenLoader
-        from ..data.manifest import load_manifest
-        n = len(load_manifest(shards).shards("valid"))
-        rank, size = (grid.dp_rank, grid.dp) if n >= grid.dp else (0, 1)
-        self.make = lambda: TokenLoader(shards, "valid", batch_size, seq_len, rank, size, 0, 0, fingerprint,
+        self.make = lambda: TokenLoader(shards, "valid", batch_size, seq_len, grid.dp_rank, grid.dp, 0, 0, fingerprint,
                                         shuffle=False)
         self.make()   # refuse bad validation data at start-up, not at the first validation
 

@@ -35,13 +35,25 @@ def tag_for(step: int) -> str:
     return f"{PREFIX}{step:08d}"
 
 
-def _atomic_write(path: str, text: str) -> None:
+def atomic_write(path: str, text: str) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_marker(tag_dir: str, step: int, world_size: int) -> None:
+    """COMPLETE.json: the size and sha256 of every file in the tag, written last."""
+    files = {}
+    for root, _, names in os.walk(tag_dir):
+        for name in names:
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, tag_dir)
+            if rel != MARKER:
+                files[rel] = {"size": os.path.getsize(path), "sha256": sha256_file(path)}
+    atomic_write(os.path.join(tag_dir, MARKER), json.dumps({"step": step, "world_size": world_size, "files": files}, indent=1))
 
 
 def rng_state() -> dict:
@@ -102,21 +114,13 @@ class CheckpointManager:
         engine.save_checkpoint(self.dir, tag=tag, save_latest=False)
         torch.save({**extra, "rng": rng_state()}, os.path.join(tag_dir, f"rank_{self.rank:05d}.pt"))
         if self.rank == 0:
-            _atomic_write(os.path.join(tag_dir, "run_config.json"), json.dumps(run_config, indent=2))
+            atomic_write(os.path.join(tag_dir, "run_config.json"), json.dumps(run_config, indent=2))
             if tokenizer:
                 shutil.copyfile(tokenizer, os.path.join(tag_dir, "tokenizer.model"))
         dist.barrier()                      # every rank's files are on disk
         if self.rank == 0:
-            files = {}
-            for root, _, names in os.walk(tag_dir):
-                for name in names:
-                    path = os.path.join(root, name)
-                    rel = os.path.relpath(path, tag_dir)
-                    if rel != MARKER:
-                        files[rel] = {"size": os.path.getsize(path), "sha256": sha256_file(path)}
-            _atomic_write(os.path.join(tag_dir, MARKER),
-                          json.dumps({"step": step, "world_size": self.world_size, "files": files}, indent=1))
-            _atomic_write(os.path.join(self.dir, "latest"), tag)
+            write_marker(tag_dir, step, self.world_size)
+            atomic_write(os.path.join(self.dir, "latest"), tag)
             self._prune(tag)
         dist.barrier()
         if self.rank == 0:
@@ -147,12 +151,17 @@ class CheckpointManager:
         dist.broadcast_object_list(choice, src=0)
         return choice[0]
 
-    def load(self, engine, tag: str) -> dict:
-        """Loads the engine state and returns this rank's extra state (RNGs restored)."""
+    def load(self, engine, tag: str, grid=None) -> dict:
+        """Loads the engine state and returns this rank's extra state (RNGs restored).
+        A portable tag (pldr-reshard) loads into any layout, its RNGs left as they are."""
+        if os.path.isfile(os.path.join(self.dir, tag, "portable.json")):
+            from .portable import load_portable
+            return load_portable(engine, grid, os.path.join(self.dir, tag))
         path = os.path.join(self.dir, tag, f"rank_{self.rank:05d}.pt")
         if not os.path.isfile(path):
             raise RuntimeError(f"{path} is missing: checkpoint {tag} was written by a different number of "
-                               f"processes; convert it with pldr-reshard or launch the same layout")
+                               f"processes; convert it with `pldr-reshard {os.path.join(self.dir, tag)} NEW_RUN_DIR` "
+                               f"or launch the same layout")
         load_path, _ = engine.load_checkpoint(self.dir, tag=tag)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {os.path.join(self.dir, tag)}")

@@ -1,0 +1,78 @@
+"""pldr-reshard: a TP=2 x PP=2 run continued as TP=1 x DP=2 and back, on the real entry point."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pldr_dist.convert.consolidate import gather_weights
+from pldr_dist.convert.consolidated import CheckpointError
+from pldr_dist.convert.reshard import main as reshard_main
+from pldr_dist.convert.reshard import reshard
+from train_helpers import losses, prepare_data, train, train_with_fault
+
+# 8 sequences per step in both layouts: 4 x 2 pipeline micro-batches, or 4 on each of 2 DP ranks
+COMMON = ["train.steps=8", "checkpoint.every=3", "checkpoint.keep=10", "optim.lr=1e-3"]
+PIPELINE = (4, COMMON + ["parallel.tp=2", "parallel.pp=2", "train.grad_accum_steps=2"])
+DATA_PARALLEL = (2, COMMON + ["train.grad_accum_steps=1"])
+PREEMPTED = 75
+
+
+def run(data, run_dir, layout, fault=None):
+    nproc, sets = layout
+    result = (train_with_fault(data, str(run_dir), nproc, sets, fault) if fault
+              else train(data, str(run_dir), nproc, sets))
+    assert result.returncode == (PREEMPTED if fault else 0), result.stdout + result.stderr
+    return losses(str(run_dir))
+
+
+def assert_same_losses(got, ref, steps):
+    assert sorted(got) == list(steps)
+    for step in steps:
+        assert abs(got[step] - ref[step]) <= 1e-5 * abs(ref[step]), (step, got[step], ref[step])
+
+
+def test_tp2_pp2_to_tp1_dp2_and_back_continues_with_the_losses_of_the_unchanged_run(tmp_path):
+    data = prepare_data(str(tmp_path / "data"))
+    ref = run(data, tmp_path / "ref", PIPELINE)
+    assert sorted(ref) == list(range(1, 9))
+
+    source = tmp_path / "ref" / "checkpoints" / "step_00000003"
+    reshard(str(source), str(tmp_path / "dp"), log=lambda *_: None)
+    portable = load_file(str(tmp_path / "dp" / "checkpoints" / "step_00000003" / "portable.safetensors"))
+    run_config = json.loads((source / "run_config.json").read_text())
+    for name, tensor in gather_weights(str(source.parent), source.name, run_config).items():
+        assert torch.equal(portable[f"param.{name}"], tensor), name       # the training weights, bit for bit
+    assert all(portable[f"exp_avg_sq.{n}"].min() >= 0 for n in (k[len("param."):] for k in portable if k.startswith("param.")))
+
+    # TP=1 x DP=2 from step 3, preempted after step 6
+    dp = run(data, tmp_path / "dp", DATA_PARALLEL, fault="term:6")
+    assert_same_losses(dp, ref, range(4, 7))
+
+    # and back to TP=2 x PP=2 from the DP run's step 6, to the end
+    assert reshard_main([str(tmp_path / "dp" / "checkpoints"), str(tmp_path / "back")]) == 0
+    back = run(data, tmp_path / "back", PIPELINE)
+    assert_same_losses(back, ref, range(7, 9))
+
+
+def test_refusals_name_the_checkpoint(tmp_path, capsys):
+    with pytest.raises(CheckpointError, match="neither a checkpoint folder"):
+        reshard(str(tmp_path), str(tmp_path / "out"))
+    tag = tmp_path / "ckpt" / "step_00000002"
+    tag.mkdir(parents=True)
+    (tag / "COMPLETE.json").write_text("{}")
+    (tag / "run_config.json").write_text(json_config(zero_stage=3))
+    assert reshard_main([str(tag), str(tmp_path / "out")]) == 2
+    assert "reads ZeRO-1/2 checkpoints; this run used parallel.zero_stage=3" in capsys.readouterr().err
+    (tag / "run_config.json").write_text(json_config(zero_stage=1))
+    with pytest.raises(CheckpointError, match=r"optimizer files for mp_rank \[\]"):
+        reshard(str(tag), str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out" / "checkpoints" / "step_00000002")
+
+
+def json_config(zero_stage):
+    from pldr_dist.train.config import load_config
+    cfg = load_config(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "tiny.yaml"),
+                      [f"parallel.zero_stage={zero_stage}"])
+    return json.dumps(cfg.to_dict())
