@@ -15,21 +15,17 @@ node_ready() {   # the node accepts jobs: idle, mixed or allocated
   [[ "$state" =~ ^(idle|mixed|allocated|completing)$ ]]   # a trailing * = not responding
 }
 
-if node_ready; then
-  echo "[slurm] cluster already up: node $NODE $(sinfo -h -n "$NODE" -o %T | head -1)"
-  exit 0
-fi
 for tool in slurmctld slurmd munged sinfo; do
   command -v "$tool" >/dev/null || { echo "[slurm] error: $tool not found (apt-get install slurm-wlm munge, or run tools/setup_machine.sh)" >&2; exit 1; }
 done
-[ "$(id -u)" = 0 ] || { echo "[slurm] error: starting a local cluster needs root (slurmd runs jobs as their users)" >&2; exit 1; }
 
-# Configuration: this node's CPUs, and memory a quarter below what is available now.
+
+# Configuration: this node's CPUs, and three quarters of its memory (jobs here do not reserve memory).
 if [ -f "$CONF" ] && ! grep -qF "$MARK" "$CONF"; then
   echo "[slurm] using the existing $CONF (not written by this script)"
 else
-  cpus=$(nproc)
-  mem_mb=$(awk '/MemAvailable/ {g = int($2 * 3 / 4 / 1048576); print (g > 0 ? g * 1024 : int($2 / 2048))}' /proc/meminfo)   # whole GiB: stable across runs
+  cpus=$(getconf _NPROCESSORS_ONLN)   # not nproc: it obeys OMP_NUM_THREADS, which the tests set to 1
+  mem_mb=$(awk '/MemTotal/ {print int($2 * 3 / 4 / 1048576) * 1024}' /proc/meminfo)   # fixed per machine, so the file stays the same
   mkdir -p /etc/slurm
   tmp=$(mktemp /etc/slurm/.slurm.conf.XXXXXX)
   cat > "$tmp" <<CONF_EOF
@@ -61,12 +57,23 @@ CONF_EOF
   if [ -f "$CONF" ] && cmp -s "$tmp" "$CONF"; then
     rm -f "$tmp"
   else
+    [ "$(id -u)" = 0 ] || { echo "[slurm] error: writing $CONF needs root" >&2; exit 1; }
     mv "$tmp" "$CONF"
     echo "[slurm] wrote $CONF (node $NODE, $cpus CPUs, ${mem_mb} MiB)"
-    # daemons left running with an older configuration re-read it
-    pgrep -x slurmctld >/dev/null && scontrol reconfigure >/dev/null 2>&1 || true
+    # daemons running with an older configuration (another CPU count) restart with this one
+    if pgrep -x slurmctld >/dev/null || pgrep -x slurmd >/dev/null; then
+      echo "[slurm] restarting the daemons with the new configuration"
+      scontrol shutdown >/dev/null 2>&1 || true
+      for _ in $(seq 50); do pgrep -x slurmctld >/dev/null || pgrep -x slurmd >/dev/null || break; sleep 0.2; done
+      pkill -x slurmctld 2>/dev/null || true; pkill -x slurmd 2>/dev/null || true
+    fi
   fi
 fi
+if node_ready; then
+  echo "[slurm] cluster already up: node $NODE $(sinfo -h -n "$NODE" -o %T | head -1)"
+  exit 0
+fi
+[ "$(id -u)" = 0 ] || { echo "[slurm] error: starting a local cluster needs root (slurmd runs jobs as their users)" >&2; exit 1; }
 mkdir -p /var/spool/slurmctld /var/spool/slurmd /var/log/slurm /run/munge
 
 # munge: every slurm message is signed with the machine's munge key.
