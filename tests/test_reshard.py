@@ -16,14 +16,17 @@ from train_helpers import losses, prepare_data, train, train_with_fault
 COMMON = ["train.steps=8", "checkpoint.every=3", "checkpoint.keep=10", "optim.lr=1e-3"]
 PIPELINE = (4, COMMON + ["parallel.tp=2", "parallel.pp=2", "train.grad_accum_steps=2"])
 DATA_PARALLEL = (2, COMMON + ["train.grad_accum_steps=1"])
-PREEMPTED = 75
+PREEMPTED = 75   # pldr_dist.distributed.PREEMPTED_EXIT_CODE
 
 
 def run(data, run_dir, layout, fault=None):
     nproc, sets = layout
     result = (train_with_fault(data, str(run_dir), nproc, sets, fault) if fault
               else train(data, str(run_dir), nproc, sets))
-    assert result.returncode == (PREEMPTED if fault else 0), result.stdout + result.stderr
+    if fault:   # every rank exits 75; torchrun itself reports a failed child
+        assert f"exiting with {PREEMPTED} for requeue" in result.stdout, result.stdout + result.stderr
+    else:
+        assert result.returncode == 0, result.stdout + result.stderr
     return losses(str(run_dir))
 
 
@@ -34,6 +37,7 @@ def assert_same_losses(got, ref, steps):
 
 
 def test_tp2_pp2_to_tp1_dp2_and_back_continues_with_the_losses_of_the_unchanged_run(tmp_path):
+    (tmp_path / "data").mkdir()
     data = prepare_data(str(tmp_path / "data"))
     ref = run(data, tmp_path / "ref", PIPELINE)
     assert sorted(ref) == list(range(1, 9))
@@ -72,7 +76,7 @@ def test_refusals_name_the_checkpoint(tmp_path, capsys):
 
 
 def json_config(zero_stage):
-    from pldr_dist.train.config import load_config
-    cfg = load_config(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "tiny.yaml"),
-                      [f"parallel.zero_stage={zero_stage}"])
+    from pldr_dist.train.config import RunConfig
+    cfg = RunConfig()
+    cfg.parallel.zero_stage = zero_stage
     return json.dumps(cfg.to_dict())
