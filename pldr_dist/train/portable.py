@@ -65,7 +65,10 @@ def load_portable(engine, grid, tag_dir: str) -> dict:
 def _load_optimizer(engine, params: dict, weights: dict, moments: dict, step: float) -> None:
     zero = engine.zero_optimization_stage()
     optimizer = engine.optimizer
-    if zero == 0 and not hasattr(optimizer, "bit16_groups"):
+    if zero == 0 and engine.bfloat16_enabled():
+        raise RuntimeError("a portable checkpoint loads under ZeRO-0 in fp32, or ZeRO 1/2 in fp32 or bf16; this run is "
+                           "bf16 with parallel.zero_stage=0 (use zero_stage=1: same memory for parameters)")
+    if zero == 0:
         base = getattr(optimizer, "optimizer", optimizer)
         for n, p in params.items():      # the optimizer holds the module's own parameters
             base.state[p] = {"step": torch.tensor(step), **{k: moments[k][n].to(p.device).clone() for k in MOMENTS}}
