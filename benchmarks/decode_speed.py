@@ -3,7 +3,9 @@
 For each prompt length: prefill the prompt, then time single-token decode steps (batch 1,
 greedy). Modes: none (re-runs the whole sequence each token), kv, kv+g (the paper's fast
 path), artifact (the v510Gi inference-only model: fixed G from pldr-export-gcache, KV cache),
-sdpa (a v510G model with identity G: plain attention, the floor). Random weights: speed does
+sdpa (a v510G model with identity G and the q@G product skipped: plain attention, the floor).
+On CUDA also kv+g+cg, artifact+cg, sdpa+cg: the same with fixed-shape caches and each decode
+step replayed as a CUDA graph (pldr_dist.infer.static_decode, what pldr-generate uses there). Random weights: speed does
 not depend on their values. Only the last position goes through the LM head (generation
 needs no other logits), in every mode, so prefill and the no-cache mode do not pay for
 32000-way logits of the whole prompt.
@@ -21,9 +23,11 @@ import torch
 
 from pldr_dist.infer.gcache_artifact import compute_g_cache, load_artifact, parameter_bytes, save_artifact, \
     to_inference_model
+from pldr_dist.infer.static_decode import StaticDecoder
 from pldr_dist.model import InferenceCache, PLDRModel, preset
 
 MODES = ("none", "kv", "kv+g", "artifact", "sdpa")
+GRAPH_MODES = ("kv+g+cg", "artifact+cg", "sdpa+cg")
 
 
 class LastTokenHead(torch.nn.Module):
@@ -45,15 +49,18 @@ def time_decode(model, prompt_len, steps, cache_mode, device):
     """Median seconds per decode step after the prompt (prefill not counted)."""
     vocab = model.cfg.vocab_size
     seq = torch.randint(4, vocab, (1, prompt_len), device=device)
-    flags = {"none": None, "kv": (True, False), "kv+g": (True, True)}[cache_mode]
+    flags = {"none": None, "kv": (True, False), "kv+g": (True, True), "static": (True, True)}[cache_mode]
     cache = InferenceCache(model.cfg.num_layers, *flags) if flags else None
     logits = model(seq, cache=cache)[:, -1]
+    decoder = StaticDecoder(model, cache, prompt_len + steps + 1) if cache_mode == "static" else None
     sync(device)
     times = []
     for _ in range(steps):
         nxt = logits.argmax(-1, keepdim=True)
         start = time.perf_counter()
-        if cache is None:
+        if decoder is not None:
+            logits = decoder.step(nxt)
+        elif cache is None:
             seq = torch.cat((seq, nxt), 1)
             logits = model(seq)[:, -1]
         else:
@@ -83,14 +90,18 @@ def main():
     fast = to_inference_model(model, load_artifact(art_path, model))
     art_path.unlink()
     sdpa = PLDRModel(preset("pldr-110m", mode="v510G", fixed_g="identity")).to(args.device, dtype).eval()
+    for layer in sdpa.layers:
+        layer.attn.skip_identity_g = True
     models = {"none": (model, "none"), "kv": (model, "kv"), "kv+g": (model, "kv+g"),
-              "artifact": (fast, "kv"), "sdpa": (sdpa, "kv")}
+              "artifact": (fast, "kv"), "sdpa": (sdpa, "kv"),
+              "kv+g+cg": (model, "static"), "artifact+cg": (fast, "static"), "sdpa+cg": (sdpa, "static")}
+    modes = MODES + (GRAPH_MODES if args.device.startswith("cuda") else ())
     for m in (model, fast, sdpa):
         m.head = LastTokenHead(m.head)
     lengths = [int(x) for x in args.lengths.split(",")]
-    results = {m: [] for m in MODES}
+    results = {m: [] for m in modes}
     for n in lengths:
-        for mode in MODES:
+        for mode in modes:
             m, cache_mode = models[mode]
             results[mode].append(time_decode(m, n, args.steps, cache_mode, args.device))
             print(f"prompt {n:>5} {mode:>9}: {1000 * results[mode][-1]:8.1f} ms/token", flush=True)
@@ -99,9 +110,14 @@ def main():
              f"threads={args.threads}, median of {args.steps} decode steps after prefill",
              f"# inference-only model (artifact) saves {saved / 2**20:.1f} MiB of parameters "
              f"({100 * saved / parameter_bytes(model):.1f}%)",
-             f"{'prompt_len':>10} " + " ".join(f"{m + ' ms':>12} {m + ' tok/s':>13}" for m in MODES)]
+             f"{'prompt_len':>10} " + " ".join(f"{m + ' ms':>14} {m + ' tok/s':>15}" for m in modes)]
     for k, n in enumerate(lengths):
-        lines.append(f"{n:>10} " + " ".join(f"{1000 * results[m][k]:>12.1f} {1 / results[m][k]:>13.2f}" for m in MODES))
+        lines.append(f"{n:>10} " + " ".join(f"{1000 * results[m][k]:>14.2f} {1 / results[m][k]:>15.1f}" for m in modes))
+    best = "kv+g+cg" if "kv+g+cg" in modes else "kv+g"
+    floor = "sdpa+cg" if "sdpa+cg" in modes else "sdpa"
+    for k, n in enumerate(lengths):
+        lines.append(f"# prompt {n}: no cache / {best} = {results['none'][k] / results[best][k]:.1f}x; "
+                     f"{best} / {floor} = {results[best][k] / results[floor][k]:.3f}")
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     plot(lengths, results, out.with_suffix(".png"), args)
@@ -112,7 +128,7 @@ def plot(lengths, results, path, args):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for mode in MODES:
+    for mode in results:
         ax.plot(lengths, [1000 * t for t in results[mode]], "o-", label=mode)
     ax.set_xlabel("prompt length (tokens)")
     ax.set_ylabel("ms per decoded token (batch 1)")

@@ -1,4 +1,5 @@
 """KV-cache and G-cache generation (spec §6, §11.3), fp64, batched prompts with left padding."""
+import pytest
 import torch
 
 from pldr_dist.infer.generate import SamplingConfig, generate, left_pad
@@ -66,3 +67,33 @@ def test_fixed_g_model_caches_agree_with_no_cache():
     reference = run(model, "none")
     for mode in ("kv+g", "kv", "g"):
         assert max_step_diff(reference, run(model, mode)) <= 1e-12, mode
+
+
+def test_static_decoder_equals_the_dynamic_kv_g_path_with_padding_and_pad_fed_rows():
+    """The fixed-shape decoder (the one replayed as a CUDA graph on a GPU) runs eagerly here:
+    same logits as the growing caches, for learned G, fixed G and identity G (SDPA floor)."""
+    from pldr_dist.infer.static_decode import StaticDecoder
+    from pldr_dist.model import InferenceCache
+    torch.manual_seed(0)
+    sdpa = PLDRModel(preset("tiny", mode="v510G", fixed_g="identity")).double().eval()
+    for layer in sdpa.layers:
+        layer.attn.skip_identity_g = True
+    fixed = PLDRModel(preset("tiny", mode="v510G", fixed_g="random")).double().eval()
+    for model in (tiny_model(), fixed, sdpa):
+        greedy = SamplingConfig(max_new_tokens=STEPS, stop_at_eos=False)
+        dynamic = generate(model, PROMPTS, greedy, cache_mode="kv+g", keep_logits=True, static=False)
+        static = generate(model, PROMPTS, greedy, cache_mode="kv+g", keep_logits=True, static=True)
+        assert max_step_diff(dynamic, static) <= 1e-12
+        assert dynamic.tokens == static.tokens
+    # rows fed a pad token (finished rows) keep that position masked, as the dynamic path does
+    model = tiny_model()
+    seq = left_pad(PROMPTS, 0)
+    cache = InferenceCache(model.cfg.num_layers)
+    with torch.no_grad():
+        model(seq, cache=cache)
+        decoder = StaticDecoder(model, cache, seq.shape[1] + 3)
+        feeds = [torch.tensor([[7], [0], [9]]), torch.tensor([[8], [0], [10]]), torch.tensor([[1], [5], [2]])]
+        for feed in feeds:
+            assert (decoder.step(feed) - model(feed, cache=cache)[:, -1]).abs().max().item() <= 1e-12
+        with pytest.raises(ValueError, match="holds 10 positions; raise max_len"):
+            decoder.step(feeds[0])

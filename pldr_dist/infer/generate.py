@@ -67,9 +67,11 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator=None) -> to
 def generate(model: PLDRModel, prompts: Sequence[Sequence[int]], sampling: SamplingConfig = None,
              cache_mode: str = "kv+g", keep_logits: bool = False,
              on_step: Optional[Callable[[int, torch.Tensor], None]] = None,
-             g_init: Optional[Sequence[torch.Tensor]] = None) -> Generation:
+             g_init: Optional[Sequence[torch.Tensor]] = None, static: Optional[bool] = None) -> Generation:
     """Generate continuations for a batch of token-id prompts.
 
+    static: decode the steps after the prompt with fixed-shape caches (infer/static_decode.py),
+    replayed as a CUDA graph on a GPU. Default: on for "kv+g" on CUDA. Same outputs.
     on_step(step, new_tokens [B]) is called after every step, for streaming output.
     g_init: per layer G_LM [h, dk, dk] to pre-fill the G-cache with (a G computed once from
     another source, e.g. a G-cache artifact), instead of the G_LM of each prompt.
@@ -83,7 +85,7 @@ def generate(model: PLDRModel, prompts: Sequence[Sequence[int]], sampling: Sampl
     if getattr(head, "gather_output", None) is False:   # a tensor-parallel head: sample from all logits
         from ..parallel.tensor_parallel import full_logits
         with full_logits(model):
-            return generate(model, prompts, sampling, cache_mode, keep_logits, on_step)
+            return generate(model, prompts, sampling, cache_mode, keep_logits, on_step, g_init, static=False)
     generator = None
     if sampling.seed is not None:
         generator = torch.Generator(device=device).manual_seed(sampling.seed)
@@ -95,11 +97,22 @@ def generate(model: PLDRModel, prompts: Sequence[Sequence[int]], sampling: Sampl
             raise ValueError(f"g_init needs a G-cache (cache_mode 'kv+g' or 'g'), not {cache_mode!r}")
         for layer_cache, g in zip(cache.layers, g_init):
             layer_cache.g_lm = g.to(device, next(model.parameters()).dtype).expand(len(prompts), *g.shape)
+    if static is None:
+        static = cache_mode == "kv+g" and device.type == "cuda"
+    if static and cache_mode != "kv+g":
+        raise ValueError(f"static decoding needs cache_mode 'kv+g', not {cache_mode!r}")
+    decoder = None
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     out, step_logits = [], []
     feed = seq
     for step in range(sampling.max_new_tokens):
-        logits = model(feed, cache=cache)[:, -1]
+        if decoder is not None:
+            logits = decoder.step(feed)
+        else:
+            logits = model(feed, cache=cache)[:, -1]
+            if static and sampling.max_new_tokens > 1:
+                from .static_decode import StaticDecoder
+                decoder = StaticDecoder(model, cache, seq.shape[1] + sampling.max_new_tokens)
         if keep_logits:
             step_logits.append(logits.clone())
         nxt = sample_next(logits, sampling, generator)

@@ -18,14 +18,17 @@ def rotary_tables(positions: torch.Tensor, head_dim: int, base: float, dtype: to
     return angles.cos(), angles.sin()
 
 
-def apply_rotary(x: torch.Tensor, offset: int, base: float, style: str) -> torch.Tensor:
+def apply_rotary(x: torch.Tensor, offset, base: float, style: str) -> torch.Tensor:
     """Rotate x [B, h, S, dk] at positions offset..offset+S-1.
 
-    "interleaved" rotates pairs (2i, 2i+1) together (GPT-J / torchtune style, PLDR v51, the
-    spec); "half" rotates (i, i + dk/2) together (GPT-NeoX style, the authors' v52 models).
+    `offset` is an int, or a 0-d tensor on x's device (the graph-captured decoder keeps the
+    position on the GPU). "interleaved" rotates pairs (2i, 2i+1) together (GPT-J / torchtune
+    style, PLDR v51, the spec); "half" rotates (i, i + dk/2) together (GPT-NeoX style, the
+    authors' v52 models).
     """
     S, dk = x.shape[-2], x.shape[-1]
-    cos, sin = rotary_tables(torch.arange(offset, offset + S, device=x.device), dk, base, x.dtype)
+    positions = torch.arange(S, device=x.device) + offset
+    cos, sin = rotary_tables(positions, dk, base, x.dtype)
     xf = x.to(cos.dtype)
     if style == "interleaved":
         x1, x2 = xf[..., 0::2], xf[..., 1::2]
