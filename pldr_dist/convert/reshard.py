@@ -40,6 +40,7 @@ from collections import defaultdict
 import torch
 from safetensors.torch import save_file
 
+from ..model import PLDRModel
 from ..parallel.tensor_parallel import tp_partition_dim
 from .consolidate import _load, _merge_tp, gather_weights, resolve_tag
 from .consolidated import CheckpointError
@@ -120,7 +121,8 @@ def read_training_state(ckpt_dir: str, tag: str) -> dict:
         raise CheckpointError(f"{tag_dir}: optimizer files for mp_rank {sorted(per_mp)}, but the layout tp={tp} pp={pp} "
                               f"needs 0..{tp * pp - 1} (the checkpoint is incomplete)")
     # (stage, tp rank) -> flat tensors; merge the TP slices of each stage, then the stages
-    shapes = _full_shapes(ckpt_dir, tag, run)
+    with torch.device("meta"):
+        shapes = {n: tuple(t.shape) for n, t in PLDRModel(cfg).state_dict().items()}
     weights, moments, steps = {}, {k: {} for k in MOMENTS}, set()
     for stage in range(pp):
         parts = [_read_partitions(per_mp[stage * tp + r], pp, cfg.num_layers) for r in range(tp)]
@@ -137,20 +139,14 @@ def read_training_state(ckpt_dir: str, tag: str) -> dict:
     if set(weights) != params:
         raise CheckpointError(f"{tag_dir}: optimizer files hold {len(weights)} parameters, the model has {len(params)} "
                               f"(missing {sorted(params - set(weights))[:3]})")
-    buffers = {n: t for n, t in gather_weights(ckpt_dir, tag, run).items() if n not in params} if len(shapes) > len(params) else {}
+    buffers = {}
+    if len(shapes) > len(params):      # a fixed G (v510G) is a buffer: it lives in the module files only
+        buffers = {n: t for n, t in gather_weights(ckpt_dir, tag, run).items() if n not in params}
     extra = _load(os.path.join(tag_dir, "rank_00000.pt"))
     extra.pop("rng", None)
     return {"run_config": run, "weights": weights, "moments": moments, "buffers": buffers,
             "optimizer_step": steps.pop(), "extra": extra,
             "source_layout": {"tp": tp, "pp": pp, "dp": len(per_mp[0]), "zero_stage": zero}}
-
-
-def _full_shapes(ckpt_dir: str, tag: str, run: dict) -> dict:
-    from ..model import PLDRModel
-    from ..train.config import RunConfig, _build
-    cfg = _build(RunConfig, run, "", os.path.join(ckpt_dir, tag, "run_config.json")).model_config()
-    with torch.device("meta"):
-        return {n: tuple(t.shape) for n, t in PLDRModel(cfg).state_dict().items()}
 
 
 def _local_shape(full: tuple, name: str, tp_rank: int, tp: int) -> tuple:
@@ -165,7 +161,7 @@ def _local_shape(full: tuple, name: str, tp_rank: int, tp: int) -> tuple:
 
 def write_portable(state: dict, run_dir: str, tokenizer: str | None = None) -> str:
     """A portable checkpoint tag in <run_dir>/checkpoints (atomic: a temp folder renamed, then `latest`)."""
-    from ..train.checkpoint import MARKER, atomic_write, tag_for, write_marker
+    from ..train.checkpoint import atomic_write, tag_for, write_marker
     step = state["extra"]["step"]
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     final = os.path.join(ckpt_dir, tag_for(step))
@@ -191,7 +187,6 @@ def write_portable(state: dict, run_dir: str, tokenizer: str | None = None) -> s
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     atomic_write(os.path.join(ckpt_dir, "latest"), tag_for(step))
-    assert os.path.isfile(os.path.join(final, MARKER))
     return final
 
 

@@ -143,6 +143,9 @@ def build_run(cfg: RunConfig) -> Run:
         model = parallelize(model, grid, sequence_parallel=p.sequence_parallel)
     if torch.cuda.is_available():
         model = model.cuda()
+    if t.compile:   # same maths, fewer kernels (model/fast.py); packed shards hold no padding
+        from ..model.fast import optimize_for_training
+        optimize_for_training(model, compile=True, packed=True, cuda_graphs=False)
 
     inject = [False]       # set by Run.train_step for the testing aid train.inject_nonfinite_at
 

@@ -64,6 +64,7 @@ class TrainSection:
     grad_accum_steps: int = 1        # micro-batches per step (pipeline: per 1F1B schedule)
     precision: str = "auto"          # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     seed: int = 1234
+    compile: bool = False            # GPU fast path (pldr_dist.model.fast): fused metric-learner GLUs + per-layer torch.compile (tp=pp=1)
     max_nonfinite_in_row: int = 5
     inject_nonfinite_at: list = field(default_factory=list)   # testing aid: steps whose loss is made NaN
 
@@ -223,6 +224,9 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
     if world_size is not None and world_size % (p.tp * p.pp):
         raise ConfigError(f"{src}: {world_size} processes cannot form parallel.tp*parallel.pp={p.tp}*{p.pp} "
                           f"groups (launch a multiple of {p.tp * p.pp} processes or change the layout)")
+    if t.compile and (p.tp > 1 or p.pp > 1):
+        raise ConfigError(f"{src}: train.compile=true supports parallel.tp=1 and parallel.pp=1 only "
+                          f"(this run: tp={p.tp}, pp={p.pp}); turn it off for tensor/pipeline-parallel runs")
     if t.precision not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"{src}: train.precision={t.precision!r} must be auto, fp32 or bf16")
     if o.clip not in ("value", "norm", "none"):
