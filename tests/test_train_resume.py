@@ -17,13 +17,17 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(data, tmp_path_factory):
-    """Uninterrupted 8-step runs for the DP=2 and TP=2 layouts."""
+    """Uninterrupted 24-step runs for the DP=2 and TP=2 layouts (the DP one profiles steps 3-4:
+    profiling changes no number)."""
     runs = {}
-    for name, layout in (("dp2", []), ("tp2", ["parallel.tp=2"])):
+    for name, layout in (("dp2", ["log.profile_steps=[3,4]"]), ("tp2", ["parallel.tp=2"])):
         run_dir = str(tmp_path_factory.mktemp(f"ref_{name}"))
         result = train(data, run_dir, sets=STEPS + layout)
         assert result.returncode == 0, result.stdout + result.stderr
         runs[name] = run_dir
+    profile = open(os.path.join(runs["dp2"], "profile.txt")).read()
+    assert profile.startswith("# steps 3-4, sorted by self_cpu_time_total") and "aten::mm" in profile
+    assert os.path.getsize(os.path.join(runs["dp2"], "profile_trace.json")) > 0
     return runs
 
 

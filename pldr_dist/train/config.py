@@ -88,6 +88,7 @@ class LogSection:
     tensorboard: bool = True
     g_stats_every: int = 50
     peak_tflops: float = 0.0  # per device; 0 = auto (989 on CUDA, none on CPU)
+    profile_steps: list = field(default_factory=list)   # [first, last]: torch.profiler over these steps (rank 0)
 
 
 @dataclass
@@ -224,6 +225,9 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
     if world_size is not None and world_size % (p.tp * p.pp):
         raise ConfigError(f"{src}: {world_size} processes cannot form parallel.tp*parallel.pp={p.tp}*{p.pp} "
                           f"groups (launch a multiple of {p.tp * p.pp} processes or change the layout)")
+    prof = cfg.log.profile_steps
+    if prof and (len(prof) != 2 or not all(isinstance(x, int) and x >= 1 for x in prof) or prof[0] > prof[1]):
+        raise ConfigError(f"{src}: log.profile_steps={prof} must be [first, last] step numbers, 1 <= first <= last")
     if t.compile and (p.tp > 1 or p.pp > 1):
         raise ConfigError(f"{src}: train.compile=true supports parallel.tp=1 and parallel.pp=1 only "
                           f"(this run: tp={p.tp}, pp={p.pp}); turn it off for tensor/pipeline-parallel runs")

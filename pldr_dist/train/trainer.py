@@ -87,6 +87,37 @@ def main(argv=None) -> int:
     return code
 
 
+class StepProfiler:
+    """torch.profiler over steps [first, last] (rank 0): the top kernels and ops by device time go
+    to run_dir/profile.txt, the timeline to run_dir/profile_trace.json (chrome://tracing, Perfetto)."""
+
+    def __init__(self, steps: list, run_dir: str, log):
+        self.first, self.last = (steps + [0, 0])[:2] if steps else (0, 0)
+        self.run_dir, self.log, self.prof = run_dir, log, None
+
+    def before(self, step: int) -> None:
+        if step == self.first:
+            from torch.profiler import ProfilerActivity, profile
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            self.prof = profile(activities=activities)
+            self.prof.__enter__()
+
+    def after(self, step: int) -> None:
+        if self.prof is None or step != self.last:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.prof.__exit__(None, None, None)
+        key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        table = self.prof.key_averages().table(sort_by=key, row_limit=30)
+        path = os.path.join(self.run_dir, "profile.txt")
+        with open(path, "w") as f:
+            f.write(f"# steps {self.first}-{self.last}, sorted by {key}\n{table}\n")
+        self.prof.export_chrome_trace(os.path.join(self.run_dir, "profile_trace.json"))
+        self.log(f"profile of steps {self.first}-{self.last} written to {path}")
+        self.prof = None
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig):
         from .build import build_run
@@ -105,6 +136,7 @@ class Trainer:
         peak = cfg.log.peak_tflops * 1e12 or (989e12 if torch.cuda.is_available() else 0.0)
         self.peak_flops = peak
         self.flops_per_token = flops_per_token(self.job.mcfg, self.job.seq_len)
+        self.profiler = StepProfiler(cfg.log.profile_steps if self.rank == 0 else [], cfg.run_dir, self.log)
 
     def log(self, text: str) -> None:
         if self.rank == 0:
@@ -150,7 +182,9 @@ class Trainer:
             if want_g:
                 self.gstats.active = True
             inject = (self.step + 1) in cfg.train.inject_nonfinite_at
+            self.profiler.before(self.step + 1)
             loss, skipped = run.train_step(batches, inject)
+            self.profiler.after(self.step + 1)
             if self.gstats is not None:
                 self.gstats.active = False
             self.step += 1
