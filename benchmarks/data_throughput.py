@@ -40,8 +40,10 @@ def synthetic_shards(out: str, shards: int, per_shard: int, seq_len: int) -> Non
         "splits": {"train": entries, "valid": entries[:1]}, "documents": {}, "dropped_tail_tokens": {}, "args": {}}).save()
 
 
-def loader_tokens_per_s(out: str, workers: int, batch: int, seq_len: int, batches: int, warmup: int) -> float:
-    loader = TokenLoader(out, "train", batch, seq_len, seed=0, num_workers=workers)
+def loader_tokens_per_s(out: str, workers: int, batch: int, seq_len: int, batches: int, warmup: int,
+                        dp_size: int = 1) -> float:
+    """Tokens/s this rank receives (rank 0 of dp_size: it reads every block and keeps 1/dp_size)."""
+    loader = TokenLoader(out, "train", batch, seq_len, dp_rank=0, dp_size=dp_size, seed=0, num_workers=workers)
     it = iter(loader)
     for _ in range(warmup):
         next(it)
@@ -91,6 +93,10 @@ def main() -> None:
             label = "in the main process" if workers == 0 else f"{workers} worker(s)"
             per = f", {rate / workers / 1e6:.1f} M tokens/s per worker" if workers else ""
             report(f"loader, local uint16 shards, batch 16 x 1023, {label}: {rate / 1e6:.1f} M tokens/s{per}")
+        for dp in (4, 16):   # the DP-invariant order: each rank reads every block and keeps its rows
+            rate = loader_tokens_per_s(synth, 1, batch=16, seq_len=1023, batches=1500 // dp, warmup=5, dp_size=dp)
+            report(f"loader as rank 0 of {dp} data-parallel ranks, 1 worker, batch 16 x 1023: {rate / 1e6:.2f} M tokens/s "
+                   f"delivered to the rank (it reads {dp}x that)")
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             f.write("\n".join(lines) + "\n")
