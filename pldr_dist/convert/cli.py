@@ -9,7 +9,7 @@ import sys
 import torch
 
 from ..model import PLDRConfig, preset
-from .consolidated import CheckpointError, load_consolidated, load_metadata, save_consolidated, tokenizer_path
+from .consolidated import CheckpointError, load_consolidated, save_consolidated, tokenizer_path
 
 
 def _config(args) -> PLDRConfig:

@@ -20,7 +20,7 @@ import sys
 
 import torch
 
-from ..model import PLDRConfig, PLDRModel
+from ..model import PLDRModel
 from ..parallel.tensor_parallel import tp_partition_dim
 from .consolidated import CheckpointError, save_consolidated
 

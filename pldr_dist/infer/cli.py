@@ -6,7 +6,6 @@ one-line error on bad input.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 MODES = ("v510", "v510G", "v510_dag")
 FIXED_G_KINDS = ("identity", "random", "external")

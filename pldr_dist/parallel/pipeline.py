@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import torch
 from deepspeed.pipe import PipelineModule
 from torch import nn
 

@@ -2,9 +2,6 @@
 engine, data loaders, and the one-step functions for pipelined and non-pipelined layouts."""
 from __future__ import annotations
 
-import json
-import math
-import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -12,7 +9,6 @@ import torch
 import torch.distributed as dist
 
 from ..model import PLDRModel, count_parameters, lm_loss
-from ..model.plga import PowerLaw
 from .config import ConfigError, RunConfig
 
 

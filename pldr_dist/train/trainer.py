@@ -8,7 +8,6 @@ rank 0 -> checkpoint at the end (or when SLURM's signal arrives).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import signal
@@ -18,11 +17,10 @@ import time
 import torch
 import torch.distributed as dist
 
-from ..model import PLDRModel
 from ..model.flops import flops_per_token
 from .checkpoint import CheckpointManager
 from .config import ConfigError, RunConfig, load_config, validate
-from .metrics import GStats, MetricsLog, peak_memory_mib
+from .metrics import GStats, MetricsLog, StepProfiler, peak_memory_mib
 from .schedule import lr_at
 
 EXIT_NONFINITE = 3
@@ -85,37 +83,6 @@ def main(argv=None) -> int:
         dist.barrier()
         dist.destroy_process_group()
     return code
-
-
-class StepProfiler:
-    """torch.profiler over steps [first, last] (rank 0): the top kernels and ops by device time go
-    to run_dir/profile.txt, the timeline to run_dir/profile_trace.json (chrome://tracing, Perfetto)."""
-
-    def __init__(self, steps: list, run_dir: str, log):
-        self.first, self.last = (steps + [0, 0])[:2] if steps else (0, 0)
-        self.run_dir, self.log, self.prof = run_dir, log, None
-
-    def before(self, step: int) -> None:
-        if step == self.first:
-            from torch.profiler import ProfilerActivity, profile
-            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-            self.prof = profile(activities=activities)
-            self.prof.__enter__()
-
-    def after(self, step: int) -> None:
-        if self.prof is None or step != self.last:
-            return
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self.prof.__exit__(None, None, None)
-        key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-        table = self.prof.key_averages().table(sort_by=key, row_limit=30)
-        path = os.path.join(self.run_dir, "profile.txt")
-        with open(path, "w") as f:
-            f.write(f"# steps {self.first}-{self.last}, sorted by {key}\n{table}\n")
-        self.prof.export_chrome_trace(os.path.join(self.run_dir, "profile_trace.json"))
-        self.log(f"profile of steps {self.first}-{self.last} written to {path}")
-        self.prof = None
 
 
 class Trainer:
