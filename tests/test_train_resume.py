@@ -96,3 +96,24 @@ def test_nonfinite_loss_is_skipped_and_a_persistent_one_stops_the_run(data, tmp_
     load = lambda tag: torch.load(os.path.join(ckpt, tag, "mp_rank_00_model_states.pt"), weights_only=False)["module"]
     at2, at4 = load("step_00000002"), load("step_00000004")
     assert all(torch.equal(at2[k], at4[k]) for k in at2)
+
+
+def test_bf16_nonfinite_steps_are_skipped_by_our_check_alone(data, tmp_path):
+    """bf16 runs turn off DeepSpeed's per-tensor overflow check (engine.make_ds_config): the
+    optimizer's one check of the flat partition must still skip the step on every rank, leaving
+    the bf16 weights and the fp32 master partitions bit-identical."""
+    run_dir = str(tmp_path / "bf16")
+    result = train(data, run_dir, sets=["train.steps=4", "checkpoint.every=2", "train.precision=bf16",
+                                        "train.inject_nonfinite_at=[3,4]"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "step 4: non-finite loss or gradient, update skipped (2 in a row, 2 in total)" in result.stdout
+    ckpt = os.path.join(run_dir, "checkpoints")
+    load = lambda tag, name: torch.load(os.path.join(ckpt, tag, name), weights_only=False)  # noqa: E731
+    at2, at4 = (load(t, "mp_rank_00_model_states.pt")["module"] for t in ("step_00000002", "step_00000004"))
+    assert next(iter(at2.values())).dtype == torch.bfloat16
+    assert all(torch.equal(at2[k], at4[k]) for k in at2)
+    for rank in range(2):
+        name = f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+        m2, m4 = (load(t, name)["optimizer_state_dict"]["single_partition_of_fp32_groups"]
+                  for t in ("step_00000002", "step_00000004"))
+        assert all(torch.equal(a, b) for a, b in zip(m2, m4))
