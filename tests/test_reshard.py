@@ -36,7 +36,7 @@ def assert_same_losses(got, ref, steps):
         assert abs(got[step] - ref[step]) <= 1e-5 * abs(ref[step]), (step, got[step], ref[step])
 
 
-def test_tp2_pp2_to_tp1_dp2_and_back_continues_with_the_losses_of_the_unchanged_run(tmp_path):
+def test_tp2_pp2_to_tp1_dp2_and_back_continues_with_the_losses_of_the_unchanged_run(tmp_path, capsys):
     (tmp_path / "data").mkdir()
     data = prepare_data(str(tmp_path / "data"))
     ref = run(data, tmp_path / "ref", PIPELINE)
@@ -56,11 +56,17 @@ def test_tp2_pp2_to_tp1_dp2_and_back_continues_with_the_losses_of_the_unchanged_
 
     # and back to TP=2 x PP=2 from the DP run's step 6, to the end
     assert reshard_main([str(tmp_path / "dp" / "checkpoints"), str(tmp_path / "back")]) == 0
+    out = capsys.readouterr().out
+    assert "reading pipeline stage 1/1: 1 TP rank(s) x 2 DP optimizer file(s)" in out
+    assert "resharded" in out and "(step 6, layout {'tp': 1, 'pp': 1, 'dp': 2, 'zero_stage': 1}" in out
     back = run(data, tmp_path / "back", PIPELINE)
     assert_same_losses(back, ref, range(7, 9))
 
 
 def test_refusals_name_the_checkpoint(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        reshard_main(["--help"])
+    assert "portable" in capsys.readouterr().out
     with pytest.raises(CheckpointError, match="neither a checkpoint folder"):
         reshard(str(tmp_path), str(tmp_path / "out"))
     tag = tmp_path / "ckpt" / "step_00000002"

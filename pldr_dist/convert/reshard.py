@@ -103,7 +103,7 @@ def _read_partitions(files: list[str], pp: int, num_layers: int) -> tuple[dict, 
     return weights, moments, steps.pop()
 
 
-def read_training_state(ckpt_dir: str, tag: str) -> dict:
+def read_training_state(ckpt_dir: str, tag: str, log=lambda *_: None) -> dict:
     """Everything a run needs to continue, whole: weights, Adam moments, counters, loader position."""
     tag_dir = os.path.join(ckpt_dir, tag)
     with open(os.path.join(tag_dir, "run_config.json")) as f:
@@ -125,6 +125,7 @@ def read_training_state(ckpt_dir: str, tag: str) -> dict:
         shapes = {n: tuple(t.shape) for n, t in PLDRModel(cfg).state_dict().items()}
     weights, moments, steps = {}, {k: {} for k in MOMENTS}, set()
     for stage in range(pp):
+        log(f"reading pipeline stage {stage + 1}/{pp}: {tp} TP rank(s) x {len(per_mp[0])} DP optimizer file(s)")
         parts = [_read_partitions(per_mp[stage * tp + r], pp, cfg.num_layers) for r in range(tp)]
         steps.update(p[2] for p in parts)
         local_shapes = [{n: _local_shape(shapes[n], n, r, tp) for n in parts[r][0]} for r in range(tp)]
@@ -192,7 +193,7 @@ def write_portable(state: dict, run_dir: str, tokenizer: str | None = None) -> s
 
 def reshard(source: str, run_dir: str, log=print) -> str:
     ckpt_dir, tag = resolve_tag(source)
-    state = read_training_state(ckpt_dir, tag)
+    state = read_training_state(ckpt_dir, tag, log)
     tokenizer = os.path.join(ckpt_dir, tag, "tokenizer.model")
     out = write_portable(state, run_dir, tokenizer)
     n = sum(t.numel() for t in state["weights"].values())
