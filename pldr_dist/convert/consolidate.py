@@ -100,13 +100,19 @@ def gather_weights(ckpt_dir: str, tag: str, run: dict) -> dict:
     return out
 
 
+def read_run_config(tag_dir: str):
+    """(the run config dict a checkpoint was written with, its model's PLDRConfig)."""
+    from ..train.config import RunConfig, _build
+    path = os.path.join(tag_dir, "run_config.json")
+    with open(path) as f:
+        run = json.load(f)
+    return run, _build(RunConfig, run, "", path).model_config()
+
+
 def consolidate(path: str, out: str, dtype: str = "fp32", log=print) -> str:
     ckpt_dir, tag = resolve_tag(path)
     tag_dir = os.path.join(ckpt_dir, tag)
-    with open(os.path.join(tag_dir, "run_config.json")) as f:
-        run = json.load(f)
-    from ..train.config import RunConfig, _build
-    cfg = _build(RunConfig, run, "", os.path.join(tag_dir, "run_config.json")).model_config()
+    run, cfg = read_run_config(tag_dir)
     weights = {k: v.float() if v.is_floating_point() else v for k, v in gather_weights(ckpt_dir, tag, run).items()}
     with torch.device("meta"):
         expected = PLDRModel(cfg).state_dict()

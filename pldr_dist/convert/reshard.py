@@ -42,7 +42,7 @@ from safetensors.torch import save_file
 
 from ..model import PLDRModel
 from ..parallel.tensor_parallel import tp_partition_dim
-from .consolidate import _load, _merge_tp, gather_weights, resolve_tag
+from .consolidate import _load, _merge_tp, gather_weights, read_run_config, resolve_tag
 from .consolidated import CheckpointError
 
 PORTABLE_WEIGHTS, PORTABLE_META = "portable.safetensors", "portable.json"
@@ -106,12 +106,9 @@ def _read_partitions(files: list[str], pp: int, num_layers: int) -> tuple[dict, 
 def read_training_state(ckpt_dir: str, tag: str, log=lambda *_: None) -> dict:
     """Everything a run needs to continue, whole: weights, Adam moments, counters, loader position."""
     tag_dir = os.path.join(ckpt_dir, tag)
-    with open(os.path.join(tag_dir, "run_config.json")) as f:
-        run = json.load(f)
     if os.path.isfile(os.path.join(tag_dir, PORTABLE_META)):
         raise CheckpointError(f"{tag_dir} is already portable: any layout resumes from it (no resharding needed)")
-    from ..train.config import RunConfig, _build
-    cfg = _build(RunConfig, run, "", os.path.join(tag_dir, "run_config.json")).model_config()
+    run, cfg = read_run_config(tag_dir)
     tp, pp, zero = run["parallel"]["tp"], run["parallel"]["pp"], run["parallel"]["zero_stage"]
     if zero not in (1, 2):
         raise CheckpointError(f"{tag_dir}: pldr-reshard reads ZeRO-1/2 checkpoints; this run used parallel.zero_stage="
