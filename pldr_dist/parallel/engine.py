@@ -13,6 +13,7 @@ import deepspeed
 from deepspeed.pipe import PipelineModule
 from torch import nn
 
+from .contiguous_grads import use_contiguous_grads
 from .pipeline import model_parameter_name
 from .tensor_parallel import tp_partition_dim
 
@@ -65,6 +66,10 @@ def make_ds_config(*, micro_batch_size: int, grad_accum_steps: int, dp: int, pp:
         "steps_per_print": 10**9,  # the training loop logs; DeepSpeed stays quiet
         "wall_clock_breakdown": False,
     }
+    if precision == "bf16" and zero_stage == 1:
+        # Accumulate and reduce gradients in fp32 (as Megatron does for bf16), which also selects
+        # DeepSpeed's BF16_Optimizer, whose gradients contiguous_grads.py keeps in one buffer.
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
     if zero_stage == 3:
         # Gather parameters on save so checkpoints also hold a consolidated fp32/bf16 copy.
         config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
@@ -95,7 +100,8 @@ def initialize(model_or_pipe: nn.Module, grid, ds_config: dict, optimizer):
 
     With PP = 1 the grid is DeepSpeed's `mpu`, so ZeRO shards over the data-parallel group
     only; a PipelineModule carries the same topology (grid.topology) and DeepSpeed builds the
-    groups from it. Returns the engine (a PipelineEngine when PP > 1).
+    groups from it. With bf16 and ZeRO 0/1 the gradients live in one contiguous buffer
+    (contiguous_grads.py). Returns the engine (a PipelineEngine when PP > 1).
     """
     zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
     precision = "bf16" if ds_config.get("bf16", {}).get("enabled") else "fp32"
@@ -109,4 +115,5 @@ def initialize(model_or_pipe: nn.Module, grid, ds_config: dict, optimizer):
         mark_tensor_parallel_parameters(model_or_pipe)
     engine, _, _, _ = deepspeed.initialize(model=model_or_pipe, optimizer=optimizer, config=ds_config,
                                            mpu=None if is_pipe else grid)
+    use_contiguous_grads(engine.optimizer)
     return engine

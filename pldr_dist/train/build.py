@@ -47,6 +47,12 @@ class Run:
     num_params: int
     loss_fn: Callable
     inject: list
+    cuda_graphs: bool = False    # compiled layers replay CUDA graphs: mark each forward as a new step
+
+    def forward(self, inputs, **kwargs):
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        return self.engine(inputs, **kwargs)
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -70,10 +76,10 @@ class Run:
                 batch = next(batches)
                 inputs, targets = _to_device(batch, self.engine.device)
                 if self.mcfg.mode == "v510_dag":
-                    logits, penalty = self.engine(inputs, return_penalty=True)
+                    logits, penalty = self.forward(inputs, return_penalty=True)
                     loss = self.loss_fn(logits, targets) + (penalty if penalty is not None else 0.0)
                 else:
-                    loss = self.loss_fn(self.engine(inputs), targets)
+                    loss = self.loss_fn(self.forward(inputs), targets)
                 self.engine.backward(loss)
                 self.engine.step()
                 total += loss.detach().float()
@@ -97,7 +103,7 @@ class Run:
         self.engine.eval()
         for _ in range(num_batches):
             inputs, targets = _to_device(next(loader), self.engine.device)
-            losses.append(self.loss_fn(self.engine(inputs), targets).float())
+            losses.append(self.loss_fn(self.forward(inputs), targets).float())
         self.engine.train()
         loss = torch.stack(losses).mean()
         dist.all_reduce(loss, group=self.grid.dp_group)
@@ -139,10 +145,6 @@ def build_run(cfg: RunConfig) -> Run:
         model = parallelize(model, grid, sequence_parallel=p.sequence_parallel)
     if torch.cuda.is_available():
         model = model.cuda()
-    if t.compile:   # same maths, fewer kernels (model/fast.py); packed shards hold no padding
-        from ..model.fast import optimize_for_training
-        optimize_for_training(model, compile=True, packed=True, cuda_graphs=False)
-
     inject = [False]       # set by Run.train_step for the testing aid train.inject_nonfinite_at
 
     def loss_fn(logits, targets):
@@ -169,6 +171,14 @@ def build_run(cfg: RunConfig) -> Run:
                                    pp=p.pp, zero_stage=p.zero_stage, precision=precision,
                                    clip_norm=cfg.optim.clip_value if cfg.optim.clip == "norm" else 0.0)
     engine = initialize(module, grid, ds_config, optimizer)
+    cuda_graphs = False
+    if t.compile:   # same maths, fewer kernels (model/fast.py); packed shards hold no padding
+        from ..model.fast import optimize_for_training
+        # CUDA graphs replay each layer's kernels without the host. Only where gradients land in
+        # contiguous_grads' buffer: autograd then adds the graphs' gradient outputs into it
+        # instead of keeping them as .grad, memory the next replay overwrites.
+        cuda_graphs = torch.cuda.is_available() and hasattr(engine.optimizer, "contiguous_grads")
+        optimize_for_training(model, compile=True, packed=True, cuda_graphs=cuda_graphs)
 
     manifest = load_manifest(cfg.data.shards)
     fingerprint = _tokenizer_fingerprint(cfg)
@@ -180,7 +190,7 @@ def build_run(cfg: RunConfig) -> Run:
     return Run(grid=grid, mcfg=mcfg, module=engine.module, engine=engine, optimizer=optimizer,
                train_loader=train_loader, valid_loader=valid_loader, seq_len=manifest.seq_len,
                tokens_per_step=t.micro_batch_size * t.grad_accum_steps * grid.dp * manifest.seq_len,
-               precision=precision, num_params=num_params, loss_fn=dense_loss, inject=inject)
+               precision=precision, num_params=num_params, loss_fn=dense_loss, inject=inject, cuda_graphs=cuda_graphs)
 
 
 def _tokenizer_fingerprint(cfg: RunConfig):

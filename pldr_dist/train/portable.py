@@ -77,7 +77,9 @@ def _load_optimizer(engine, params: dict, weights: dict, moments: dict, step: fl
         raise RuntimeError(f"a portable checkpoint loads under ZeRO 0, 1 or 2; this run uses ZeRO-{zero} "
                            f"(resume with parallel.zero_stage=1, then change stage with a normal restart)")
     base = optimizer.optimizer
-    for flat in optimizer.single_partition_of_fp32_groups:
+    # ZeRO 1/2's optimizer and DeepSpeed's BF16_Optimizer (bf16 ZeRO-1) name their partitions differently
+    partitions = getattr(optimizer, "single_partition_of_fp32_groups", None) or optimizer.fp32_groups_flat_partition
+    for flat in partitions:
         base.state[flat] = {"step": torch.tensor(step), **{k: torch.zeros_like(flat) for k in MOMENTS}}
     optimizer._hp_optimizer_states_linked = False
     optimizer._lazy_init_hp_params_optimizer_state()     # point each parameter's fragment at the new state
