@@ -9,7 +9,8 @@
   every layer, short compile times) with no graph breaks, so the metric learner, power
   law, rotary and norms become a few fused kernels, and attention on q~G_LM stays in the
   SDPA flash kernel;
-- the loss is compiled, so the fp32 upcast and the log-softmax fuse into the reduction;
+- the loss is compiled (without a CUDA graph), so the fp32 upcast and the log-softmax fuse
+  into the reduction;
 - `assume_unpadded` skips the padding check (a host sync) for packed data without pads.
 """
 from __future__ import annotations
@@ -67,8 +68,7 @@ def optimize_for_training(model: PLDRModel, compile: bool = True, packed: bool =
     dynamo.cache_size_limit = max(dynamo.cache_size_limit, 64)
     dynamo.accumulated_cache_size_limit = max(dynamo.accumulated_cache_size_limit, 512)
     options = dict(fullgraph=True, dynamic=False, backend=backend)
-    if cuda_graphs and backend == "inductor":
-        options["mode"] = "reduce-overhead"
     for layer in model.layers:
-        layer.compile(**options)
+        layer.compile(**options, **({"mode": "reduce-overhead"} if cuda_graphs and backend == "inductor" else {}))
+    # The loss is a few large kernels: no graph (replaying one would first copy the logits).
     return torch.compile(lm_loss, **options)

@@ -142,7 +142,7 @@ class PLGA(nn.Module):
 
         penalty = None
         if not self.cfg.learned_g:
-            g_lm = self.G_fixed
+            g_lm = self.G_fixed.to(q.dtype)         # DeepSpeed's bf16 casts parameters, not buffers
         elif cache is not None and use_g and cache.g_lm is not None:
             g_lm = cache.g_lm                       # G-cache: the deductive network is skipped
         else:

@@ -60,13 +60,18 @@ class MetricsLog:
 class GStats:
     """Per-layer distance of G_LM from the identity, ||G - I||_F / ||I||_F, averaged over the
     batch and heads of every rank, captured by forward hooks on the PowerLaw modules during
-    the ordinary training forward (no extra compute, works for any TP/PP layout)."""
+    the ordinary training forward (no extra compute, works for any TP/PP layout).
+
+    The hooks accumulate into a float64 tensor on the model's device and never read a value
+    back: inside a compiled layer the hook is part of the graph, where a host sync or a CPU
+    tensor would break it (the graph then updates the sums as an input mutation)."""
 
     def __init__(self, model: torch.nn.Module, num_layers: int):
         from ..model.plga import PowerLaw
         self.num_layers = num_layers
         self.active = False
-        self.sums = torch.zeros(num_layers, 3, dtype=torch.float64)  # dist sum, mean sum, count
+        device = next(model.parameters()).device
+        self.sums = torch.zeros(num_layers, 3, dtype=torch.float64, device=device)  # dist sum, mean sum, count
         self.handles = []
         index = 0
         for module in model.modules():
@@ -79,22 +84,20 @@ class GStats:
         def hook(module, inputs, outputs):
             if not self.active:
                 return
-            g = outputs[2].detach().double()
+            g = outputs[2].detach().to(self.sums.device, torch.float64)
             eye = torch.eye(g.shape[-1], dtype=g.dtype, device=g.device)
             dist_ = (g - eye).flatten(-2).norm(dim=-1) / math.sqrt(g.shape[-1])   # [B, h]
-            self.sums[layer, 0] += dist_.sum().item()
-            self.sums[layer, 1] += g.mean(dim=(-1, -2)).sum().item()
-            self.sums[layer, 2] += dist_.numel()
+            count = torch.full((), float(dist_.numel()), dtype=g.dtype, device=g.device)
+            self.sums[layer] += torch.stack((dist_.sum(), g.mean(dim=(-1, -2)).sum(), count))
         return hook
 
     def collect(self) -> dict:
         """All ranks call this; returns {'g_dist/layer_i': ..., 'g_mean/layer_i': ...}."""
         sums = self.sums.clone()
-        if dist.is_initialized():   # NCCL reduces device tensors only
-            sums = sums.to("cuda" if torch.cuda.is_available() else "cpu")
-            dist.all_reduce(sums)
-            sums = sums.cpu()
         self.sums.zero_()
+        if dist.is_initialized():   # on the model's device: NCCL reduces device tensors only
+            dist.all_reduce(sums)
+        sums = sums.cpu()
         out = {}
         for i in range(self.num_layers):
             if sums[i, 2] > 0:

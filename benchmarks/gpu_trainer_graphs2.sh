@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# One device call: pldr-train with compiled layers + CUDA graphs (the shipped GPU path):
+#   110m_mb16_gstats   G_LM statistics every 10 steps under graphs (failed before GStats kept its
+#                      sums on the device) + a profile of steps 21-23
+#   110m_mb64          + profile of steps 21-23
+#   110m_mb64_identity the same model with G = I (model.overrides.learned_g=false): the plain
+#                      attention upper bound inside the real trainer
+#   1b_mb16 (or mb8 if 16 does not fit)  the ~1B preset, as the issue asks
+#   bash benchmarks/gpu_trainer_graphs2.sh $OUT
+set -uo pipefail
+OUT=${1:-/tmp/out}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
+W=/tmp/graph_run2 && rm -rf $W && mkdir -p $W
+python -m pldr_dist.data.shard_writer data/tinyshakespeare.txt \
+  --tokenizer data/reference/refinedweb-tokenizer-pldrllm-paper.model --out $W/shards --seq-len 1023 \
+  --samples-per-shard 32 2>&1 | tail -1
+run() {  # name, config, micro-batch, extra --set args...
+  local name=$1 config=$2 mb=$3; shift 3
+  python -m pldr_dist.train --config configs/$config.yaml --set run_dir=$W/$name \
+    --set data.shards=$W/shards/manifest.json --set train.steps=${STEPS:-30} --set log.every=1 --set eval.every=0 \
+    --set checkpoint.every=0 --set optim.warmup_steps=5 --set data.num_workers=2 --set train.compile=true \
+    --set train.micro_batch_size=$mb "$@" > $W/$name.log 2>&1
+  local rc=$?; echo "$name: exit $rc"; grep -E "Error|error" $W/$name.log | grep -v Warning | tail -3
+  cp $W/$name.log $OUT/$name.log; [ -f $W/$name/profile.txt ] && cp $W/$name/profile.txt $OUT/profile_$name.txt
+  return $rc
+}
+run 110m_mb16_gstats pldr-110m 16 --set log.g_stats_every=10 --set "log.profile_steps=[21,23]"
+grep -h "g_dist" $W/110m_mb16_gstats/metrics.jsonl | head -2 | cut -c1-300
+run 110m_mb64 pldr-110m 64 --set "log.profile_steps=[21,23]"
+run 110m_mb64_identity pldr-110m 64 --set model.overrides.learned_g=false
+run 1b_mb16 pldr-1b 16 || run 1b_mb8 pldr-1b 8
+python - "$W" <<'PY' | tee $OUT/trainer_graphs2.txt
+import json, os, statistics, sys, torch
+W = sys.argv[1]
+print(f"# {torch.cuda.get_device_name()}: pldr-train, bf16 ZeRO-1, compiled + CUDA graphs, S=1023, median of steps 8-20 (profiled 21-23 excluded)")
+for name in ("110m_mb16_gstats", "110m_mb64", "110m_mb64_identity", "1b_mb16", "1b_mb8"):
+    path = f"{W}/{name}/metrics.jsonl"
+    if not os.path.isfile(path):
+        continue
+    rows = [json.loads(l) for l in open(path)]
+    steady = [r for r in rows if "tokens_per_s" in r and 8 <= r["step"] <= 20]
+    if not steady:
+        print(f"{name:<20} no steady steps"); continue
+    med = lambda k: statistics.median(r[k] for r in steady)
+    g = sum(1 for r in rows if any(k.startswith("g_dist") for k in r))
+    print(f"{name:<20} {med('tokens_per_s'):>9,.0f} tokens/s  {med('tflops_per_device'):6.1f} TFLOP/s  MFU {100 * med('mfu'):4.1f}%  "
+          f"step {1000 * med('step_time_s'):5.0f} ms  mem {max(r['memory_mib'] for r in steady):6.0f} MiB  "
+          f"loss@{rows[-1]['step']} {rows[-1]['loss']:.4f}  steps with G stats {g}")
+PY
