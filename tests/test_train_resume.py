@@ -1,4 +1,5 @@
 """The real entry point on 2 CPU processes: exact resume, signals, corrupt checkpoints, faults."""
+import json
 import os
 import shutil
 
@@ -117,3 +118,22 @@ def test_bf16_nonfinite_steps_are_skipped_by_our_check_alone(data, tmp_path):
         m2, m4 = (load(t, name)["optimizer_state_dict"]["single_partition_of_fp32_groups"]
                   for t in ("step_00000002", "step_00000004"))
         assert all(torch.equal(a, b) for a, b in zip(m2, m4))
+
+
+def test_bf16_checkpoint_of_deepspeeds_zero1_optimizer_resumes_with_fp32_accumulation(data, tmp_path):
+    """Runs before fp32 gradient accumulation used DeepSpeed's ZeRO-1 optimizer for bf16; their
+    checkpoints resume under BF16_Optimizer (today's bf16 ZeRO-1) with the losses of a run
+    that never stopped (the first step after resuming accumulates one micro-batch: same sums)."""
+    from pldr_dist.parallel.engine import make_ds_config
+    old = make_ds_config(micro_batch_size=4, grad_accum_steps=1, dp=2, zero_stage=1, precision="bf16")
+    del old["data_types"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    bf16 = ["checkpoint.every=2", "train.precision=bf16"]
+    first = train(data, str(tmp_path / "run"), sets=bf16 + ["train.steps=2", f"deepspeed_config={tmp_path / 'old.json'}"])
+    assert first.returncode == 0, first.stdout + first.stderr
+    resumed = train(data, str(tmp_path / "run"), sets=bf16 + ["train.steps=4"])
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resumed from checkpoint step_00000002" in resumed.stdout
+    reference = train(data, str(tmp_path / "ref"), sets=bf16 + ["train.steps=4"])
+    assert reference.returncode == 0, reference.stdout + reference.stderr
+    assert losses(str(tmp_path / "run")) == losses(str(tmp_path / "ref"))
