@@ -1,6 +1,7 @@
 """Contiguous gradients for DeepSpeed's bf16 optimizer: one buffer, not one tensor per parameter.
 
-Why: DeepSpeed's `BF16_Optimizer` (bf16 with ZeRO 0/1, and the pipeline engine) handles the
+Why: DeepSpeed's `BF16_Optimizer` (what bf16 ZeRO-1 with fp32 gradient accumulation runs, in
+any TP x PP layout) handles the
 gradients one parameter at a time. Every step it casts and adds each bf16 gradient into its
 fp32 buffer, zeroes each one, and takes one norm per tensor. A PLGA layer has ~135 parameter
 tensors (the metric learner alone has 16 GLUs), so pldr-110m launches thousands of tiny kernels

@@ -100,8 +100,8 @@ def initialize(model_or_pipe: nn.Module, grid, ds_config: dict, optimizer):
 
     With PP = 1 the grid is DeepSpeed's `mpu`, so ZeRO shards over the data-parallel group
     only; a PipelineModule carries the same topology (grid.topology) and DeepSpeed builds the
-    groups from it. With bf16 and ZeRO 0/1 the gradients live in one contiguous buffer
-    (contiguous_grads.py). Returns the engine (a PipelineEngine when PP > 1).
+    groups from it. With bf16 and ZeRO-1 (fp32 gradient accumulation, make_ds_config) the
+    gradients live in one contiguous buffer (contiguous_grads.py). Returns the engine (a PipelineEngine when PP > 1).
     """
     zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
     precision = "bf16" if ds_config.get("bf16", {}).get("enabled") else "fp32"
