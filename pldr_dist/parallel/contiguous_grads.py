@@ -4,9 +4,9 @@ Why: DeepSpeed's `BF16_Optimizer` (what bf16 ZeRO-1 with fp32 gradient accumulat
 any TP x PP layout) handles the gradients one parameter at a time. Every step it casts and
 adds each bf16 gradient into its fp32 buffer, zeroes each one, and takes one norm per tensor.
 A PLGA layer has ~135 parameter tensors (the metric learner alone has 16 GLUs), so pldr-110m
-launches thousands of tiny kernels per step from Python, and on an H100 the GPU waited for
-the host for about a third of each step (343k -> 386k tokens/s with this module, more once
-CUDA graphs, which it makes safe, remove the rest; docs/performance.md).
+launches thousands of tiny kernels per step from Python while the GPU waits (pldr-110m on an
+H100 at micro-batch 64: 343k -> 386k tokens/s from this module alone; it also makes CUDA
+graphs for the compiled layers safe, see build.py; docs/performance.md).
 
 `use_contiguous_grads(optimizer)` points every bf16 parameter's `.grad` at a slice of one
 flat bf16 buffer laid out exactly like DeepSpeed's flat bf16 parameters (what torch DDP's
