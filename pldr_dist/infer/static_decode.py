@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 
 from ..model import InferenceCache, PLDRModel
-from ..model.layers import apply_rotary
 
 
 class StaticDecoder:
@@ -61,25 +60,17 @@ class StaticDecoder:
     @torch.no_grad()
     def _forward(self) -> torch.Tensor:
         """One token for every row at `self.position`; advances the position."""
-        cfg, pos = self.model.cfg, self.position
+        pos = self.position
         self.valid.index_copy_(1, pos.view(1), self.tokens.ne(self.pad_id))   # a fed pad stays masked
         mask = self.valid[:, None, None, :]
         x = self.model.embed(self.tokens)
-        B = x.shape[0]
         for layer, k_all, v_all, g in zip(self.model.layers, self.keys, self.values, self.g):
-            attn = layer.attn
-            q = attn.wq(x).view(B, 1, -1, cfg.head_dim).transpose(1, 2)
-            k = attn.wk(x).view(B, 1, -1, cfg.head_dim).transpose(1, 2)
-            v = attn.wv(x).view(B, 1, -1, cfg.head_dim).transpose(1, 2)
-            q = apply_rotary(q, pos, cfg.rope_base, cfg.rope_style)
-            k = apply_rotary(k, pos, cfg.rope_base, cfg.rope_style)
-            k_all.index_copy_(2, pos.view(1), k)
+            q, k, v = layer.attn.project(x, pos)
+            k_all.index_copy_(2, pos.view(1), k)        # in place: the cache keeps its shape
             v_all.index_copy_(2, pos.view(1), v)
             q_g = q if g is None else torch.matmul(q, g)
             out = F.scaled_dot_product_attention(q_g, k_all, v_all, attn_mask=mask)
-            a = attn.wo(out.transpose(1, 2).reshape(B, 1, -1))
-            hid = layer.norm1(a + x)
-            x = layer.norm2(layer.ffn(hid) + hid)
+            x = layer.after_attention(layer.attn.merge_heads(out), x)
         self.position.add_(1)
         return self.model.head(x)[:, -1]
 

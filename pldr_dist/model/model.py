@@ -42,8 +42,12 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, offset=0, bias=None, cache=None, use_kv=False, use_g=False):
         a, penalty = self.attn(x, offset, bias, cache, use_kv, use_g)
+        return self.after_attention(a, x), penalty
+
+    def after_attention(self, a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The post-LN residual blocks around the attention output a and the FFN."""
         h = self.norm1(a + x)
-        return self.norm2(self.ffn(h) + h), penalty
+        return self.norm2(self.ffn(h) + h)
 
 
 def attention_bias(key_pad: Optional[torch.Tensor], offset: int, num_queries: int,

@@ -125,15 +125,7 @@ class PLGA(nn.Module):
         bias: additive mask [B, 1, S, S_total] or None for plain causal (offset 0, no padding)
         or no mask (a single new query that may attend everything cached).
         """
-        dk = self.cfg.head_dim
-        q, k, v = self.wq(x), self.wk(x), self.wv(x)
-        B, S = q.shape[:2]   # the projections' shape: under sequence parallelism x holds a slice of S
-        q = q.view(B, S, -1, dk).transpose(1, 2)
-        k = k.view(B, S, -1, dk).transpose(1, 2)
-        v = v.view(B, S, -1, dk).transpose(1, 2)
-        q = apply_rotary(q, offset, self.cfg.rope_base, self.cfg.rope_style)
-        k = apply_rotary(k, offset, self.cfg.rope_base, self.cfg.rope_style)
-
+        q, k, v = self.project(x, offset)
         if cache is not None and use_kv:
             if cache.k is not None:
                 k = torch.cat((cache.k, k), dim=2)
@@ -162,8 +154,22 @@ class PLGA(nn.Module):
                 penalty = sum(terms) if terms else None
 
         q_g = q if self.skip_identity_g and not self.cfg.learned_g else torch.matmul(q, g_lm)
-        h = self.attend(q_g, k, v, bias)
-        return self.wo(h.transpose(1, 2).reshape(B, S, -1)), penalty
+        return self.merge_heads(self.attend(q_g, k, v, bias)), penalty
+
+    def project(self, x: torch.Tensor, offset) -> tuple:
+        """x [B, S, d] -> rotated q~, k~ and v, each [B, h, S, dk]; offset: int or 0-dim tensor."""
+        dk = self.cfg.head_dim
+        q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        B, S = q.shape[:2]   # the projections' shape: under sequence parallelism x holds a slice of S
+        q, k, v = (t.view(B, S, -1, dk).transpose(1, 2) for t in (q, k, v))
+        q = apply_rotary(q, offset, self.cfg.rope_base, self.cfg.rope_style)
+        k = apply_rotary(k, offset, self.cfg.rope_base, self.cfg.rope_style)
+        return q, k, v
+
+    def merge_heads(self, h: torch.Tensor) -> torch.Tensor:
+        """Attention output [B, h, S, dk] -> W_O applied to the concatenated heads [B, S, d]."""
+        B, _, S, _ = h.shape
+        return self.wo(h.transpose(1, 2).reshape(B, S, -1))
 
     def attend(self, q_g: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                bias: Optional[torch.Tensor]) -> torch.Tensor:
