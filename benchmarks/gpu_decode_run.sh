@@ -8,22 +8,4 @@ OUT=${1:-/tmp/out}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 python benchmarks/decode_speed.py --device cuda --lengths 128,512,1000 --steps 50 --out $OUT/decode_speed_gpu.txt 2>&1 | grep -v "^prompt"
 python benchmarks/decode_speed.py --device cuda --dtype bf16 --lengths 128,512,1000 --steps 50 --out $OUT/decode_speed_gpu_bf16.txt 2>&1 | grep -v "^prompt"
-python - <<'PY' | tee $OUT/static_decode_gpu_check.txt
-import time, torch
-from pldr_dist.infer.generate import SamplingConfig, generate
-from pldr_dist.model import PLDRModel, preset
-torch.manual_seed(0)
-model = PLDRModel(preset("pldr-110m")).cuda().eval()
-prompts = [list(range(5, 400)), list(range(900, 1000)), [3]]
-greedy = SamplingConfig(max_new_tokens=64, stop_at_eos=False)
-for static in (False, True, True):
-    torch.cuda.synchronize(); t = time.perf_counter()
-    out = generate(model, prompts, greedy, cache_mode="kv+g", keep_logits=True, static=static)
-    torch.cuda.synchronize()
-    print(f"static={static}: {64 * 3 / (time.perf_counter() - t):.0f} tokens/s (batch 3, 64 tokens, incl. prefill and capture)")
-    if not static:
-        ref = out
-diff = max((a - b).abs().max().item() for a, b in zip(ref.step_logits, out.step_logits))
-print(f"# {torch.cuda.get_device_name()}, pldr-110m fp32, 3 left-padded prompts, 64 greedy tokens:")
-print(f"# static (CUDA graph) vs dynamic KV+G: identical tokens: {ref.tokens == out.tokens}, max |logit diff| {diff:.2e}")
-PY
+python benchmarks/static_decode_check.py | tee $OUT/static_decode_gpu_check.txt
