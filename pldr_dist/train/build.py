@@ -146,11 +146,11 @@ def build_run(cfg: RunConfig) -> Run:
     if torch.cuda.is_available():
         model = model.cuda()
     inject = [False]       # set by Run.train_step for the testing aid train.inject_nonfinite_at
-    dense_lm_loss = [lm_loss]  # compiled below with train.compile
+    dense_lm_loss = lm_loss    # rebound below to the compiled loss with train.compile (loss_fn reads it late)
 
     def loss_fn(logits, targets):
         loss = (vocab_parallel_lm_loss(logits, targets, grid.tp_group, mcfg.pad_id) if p.tp > 1
-                else dense_lm_loss[0](logits, targets, mcfg.pad_id))
+                else dense_lm_loss(logits, targets, mcfg.pad_id))
         return loss * float("nan") if inject[0] else loss
 
     def dense_loss(outputs, targets):
@@ -180,7 +180,7 @@ def build_run(cfg: RunConfig) -> Run:
         # instead of keeping them as .grad, memory the next replay overwrites.
         cuda_graphs = torch.cuda.is_available() and hasattr(engine.optimizer, "contiguous_grads")
         # the loss compiled too: the fp32 upcast and log-softmax over the vocabulary fuse
-        dense_lm_loss[0] = optimize_for_training(model, compile=True, packed=True, cuda_graphs=cuda_graphs)
+        dense_lm_loss = optimize_for_training(model, compile=True, packed=True, cuda_graphs=cuda_graphs)
 
     manifest = load_manifest(cfg.data.shards)
     fingerprint = _tokenizer_fingerprint(cfg)
