@@ -29,13 +29,13 @@ SEQ = 1024
 PEAK, MATMUL_CEILING = 989e12, 798e12
 
 
-def build(name, identity_g, fast, batch, graphs=True):
+def build(name, identity_g, fast, batch, graphs=True, triton_glu=True):
     torch.manual_seed(0)
     cfg = preset(name, mode="v510G", fixed_g="identity") if identity_g else preset(name)
     model = PLDRModel(cfg).cuda()
     for layer in model.layers:
         layer.attn.skip_identity_g = identity_g
-    loss_fn = optimize_for_training(model, cuda_graphs=graphs) if fast else lm_loss
+    loss_fn = optimize_for_training(model, cuda_graphs=graphs, triton_glu=triton_glu) if fast else lm_loss
     model.assume_unpadded = True
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     return cfg, model, loss_fn, opt
@@ -66,11 +66,11 @@ def time_steps(step, warmup=3, iters=10):
     return statistics.median(times), (max(times) - min(times)) / statistics.median(times)
 
 
-def bench(name, identity_g, fast, batch, log, graphs=True):
+def bench(name, identity_g, fast, batch, log, graphs=True, triton_glu=True):
     torch._dynamo.reset()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    cfg, model, loss_fn, opt = build(name, identity_g, fast, batch, graphs)
+    cfg, model, loss_fn, opt = build(name, identity_g, fast, batch, graphs, triton_glu)
     tokens = torch.randint(4, cfg.vocab_size, (batch, SEQ + 1), device="cuda")
     t0 = time.time()
     try:
@@ -80,7 +80,8 @@ def bench(name, identity_g, fast, batch, log, graphs=True):
         return None
     tok_s = batch * SEQ / sec
     flops = tok_s * flops_per_token(cfg, SEQ)
-    row = dict(model=name, attn="G=I (SDPA)" if identity_g else "PLGA", path=("graph" if graphs else "fast") if fast else "eager",
+    path = ("graph" if graphs else "fast") + ("" if triton_glu or identity_g else "-noglu") if fast else "eager"
+    row = dict(model=name, attn="G=I (SDPA)" if identity_g else "PLGA", path=path,
                batch=batch, tok_s=tok_s, tflops=flops / 1e12, mfu=flops / PEAK,
                of_matmul=flops / MATMUL_CEILING, mem=torch.cuda.max_memory_allocated() / 2**30,
                spread=spread, wall=time.time() - t0)
@@ -118,7 +119,7 @@ def numerics_check(log):
     log(f"numerics fast vs eager (bf16): grad rel diff {dg:.2e}")
 
 
-def profile(name, batch, path, log):
+def profile(name, batch, path, log, row_limit=30):
     torch._dynamo.reset()
     torch.cuda.empty_cache()
     cfg, model, loss_fn, opt = build(name, False, True, batch)
@@ -132,7 +133,7 @@ def profile(name, batch, path, log):
         for _ in range(3):
             step()
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=90)
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=row_limit, max_name_column_width=90)
     with open(path, "w") as f:
         f.write(f"torch.profiler, {name} PLGA fast path (compiled layers, CUDA graphs), batch {batch}, seq {SEQ}, 3 steps\n{table}\n")
     log(f"profile written ({name}, B={batch})")
@@ -193,7 +194,7 @@ def main():
     log("\nmodel      attention    path  batch  tok/s     TFLOP/s  MFU    /798  mem GiB  PLGA/SDPA")
     for r in rows:
         ref = [s for s in rows if s["model"] == r["model"] and s["batch"] == r["batch"]
-               and s["attn"] != "PLGA" and s["path"] == r["path"]]
+               and s["attn"] != "PLGA" and s["path"] == r["path"].replace("-noglu", "")]
         ratio = f"{r['tok_s'] / ref[0]['tok_s']:.2f}" if r["attn"] == "PLGA" and ref else ""
         log(f"{r['model']:<10} {r['attn']:<12} {r['path']:<5} {r['batch']:>5}  {r['tok_s']:>8.0f}  "
             f"{r['tflops']:>7.1f}  {r['mfu']:.1%}  {r['of_matmul']:.1%}  {r['mem']:>6.1f}  {ratio}")

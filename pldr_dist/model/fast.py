@@ -1,10 +1,11 @@
 """Fast training path: the same model, the same state dict, fewer and larger GPU kernels.
 
 `optimize_for_training(model)` changes how the model runs, never what it computes:
-- each metric-learner GLU runs U1 and U2 as one matrix product, with the hidden width
-  (a_dff = 170 in the presets) zero-padded to a multiple of 8 so bf16 rows stay 16-byte
-  aligned for the tensor cores; the padding adds exact zeros. The parameters keep their
-  names (`u1`, `u2`, `u3`); the fused weight is built from them inside each forward.
+- each metric-learner GLU runs as one Triton kernel on CUDA in bf16 (`glu_kernel`: the
+  hidden state stays on the chip, the backward recomputes it); elsewhere U1 and U2 run as
+  one matrix product, with the hidden width (a_dff = 170 in the presets) zero-padded to a
+  multiple of 8 so bf16 rows stay 16-byte aligned; the padding adds exact zeros. The
+  parameters keep their names (`u1`, `u2`, `u3`).
 - each decoder layer is compiled on its own (regional compilation: one graph reused by
   every layer, short compile times) with no graph breaks, so the metric learner, power
   law, rotary and norms become a few fused kernels, and attention on q~G_LM stays in the
@@ -20,16 +21,32 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from . import glu_kernel
 from .layers import GLU
 from .model import PLDRModel, lm_loss
 
 ALIGN = 8  # bf16 elements in 16 bytes
 
 
+def bf16_compute(weight: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether x @ weight runs in bf16 here: under bf16 autocast, or with bf16 weights."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device) == torch.bfloat16
+    return weight.dtype == torch.bfloat16
+
+
 class FusedGLU(GLU):
-    """GLU whose U1 and U2 run as one padded product; same parameters, same result."""
+    """GLU as one Triton kernel (bf16 on CUDA, `glu_kernel`), else with U1 and U2 as one
+    padded product; same parameters, same result."""
+
+    use_kernel = True
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
+        if self.use_kernel and glu_kernel.available(y) and bf16_compute(self.u1.weight, y):
+            out = glu_kernel.glu(y.reshape(-1, y.shape[-1]), self.u1.weight, self.u1.bias,
+                                 self.u2.weight, self.u2.bias, self.u3.weight, self.u3.bias)
+            return out.view(y.shape)
         width = self.u1.out_features
         pad = -width % ALIGN
         w12 = torch.cat((F.pad(self.u1.weight, (0, 0, 0, pad)), F.pad(self.u2.weight, (0, 0, 0, pad))))
@@ -38,27 +55,31 @@ class FusedGLU(GLU):
         return F.linear(F.silu(gate) * up, F.pad(self.u3.weight, (0, pad)), self.u3.bias)
 
 
-def fuse_metric_glus(model: PLDRModel) -> int:
-    """Switch every metric-learner GLU to the fused forward in place; returns how many."""
+def fuse_metric_glus(model: PLDRModel, kernel: bool = True) -> int:
+    """Switch every metric-learner GLU to the fused forward in place; returns how many.
+    kernel=False keeps the Triton kernel off (the compiled PyTorch GLU; for comparisons)."""
     count = 0
     for module in model.modules():
-        if type(module) is GLU:
+        if isinstance(module, GLU):
             module.__class__ = FusedGLU
+            module.use_kernel = kernel
             count += 1
     return count
 
 
 def optimize_for_training(model: PLDRModel, compile: bool = True, packed: bool = True,
-                          cuda_graphs: bool = True, backend: str = "inductor") -> Callable:
+                          cuda_graphs: bool = True, backend: str = "inductor",
+                          triton_glu: bool = True) -> Callable:
     """Make `model` train fast in place and return the loss function to use with it.
 
     packed=True: the batches hold no pad tokens (packed pretraining data), so the padding
     mask is never built. cuda_graphs=True replays each compiled layer as a CUDA graph: the
     metric learner launches ~1000 small kernels a step, and without graphs the step waits on
     the CPU (call `torch.compiler.cudagraph_mark_step_begin()` before each step's forward).
-    backend: torch.compile's backend ("aot_eager" in CPU tests).
+    backend: torch.compile's backend ("aot_eager" in CPU tests). triton_glu: the metric
+    learner's GLUs run as Triton kernels where they can (CUDA, bf16; see `glu_kernel`).
     """
-    fuse_metric_glus(model)
+    fuse_metric_glus(model, triton_glu)
     model.assume_unpadded = packed
     if not compile:
         return lm_loss
