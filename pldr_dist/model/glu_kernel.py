@@ -42,14 +42,17 @@ def available(x: torch.Tensor) -> bool:
 
 
 if triton is not None:
-    def _configs(block_rows, warps):
-        return [triton.Config({"BM": bm}, num_warps=w, num_stages=2) for bm in block_rows for w in warps]
+    def _tuned(configs, key=("N",)):
+        """Autotune on the GPU (each config timed once per row count); in the interpreter the
+        first config only. configs: (rows per block BM, warps, row blocks per program ITER)."""
+        configs = configs[:1] if _INTERP else configs
+        return triton.autotune([triton.Config({"BM": bm, "ITER": it}, num_warps=w) for bm, w, it in configs],
+                               key=list(key))
 
-    def _tuned(fn):
-        """Autotune on the GPU (timed once per row count); the interpreter takes one config."""
-        if _INTERP:
-            return triton.autotune(_configs([32], [4]), key=["N"])(fn)
-        return triton.autotune(_configs([64, 128], [4, 8]), key=["N"])(fn)
+    # Row-parallel kernels: ITER > 1 reuses the weights a program loaded for several row blocks.
+    _ROW_CONFIGS = [(32, 4, 1), (64, 4, 1), (64, 4, 2), (64, 4, 4), (128, 8, 1), (128, 8, 2),
+                    (128, 4, 1), (32, 2, 4)]
+    _WEIGHT_CONFIGS = [(32, 4, 1), (64, 4, 1), (64, 8, 1), (128, 8, 1), (128, 4, 1)]
 
     @triton.jit
     def _mm(t, INTERP: tl.constexpr):
@@ -60,15 +63,19 @@ if triton is not None:
         return t.to(tl.bfloat16)
 
     @triton.jit
-    def _gate_up(x, w1_ptr, b1_ptr, w2_ptr, b2_ptr, j, jmask, cols, DK: tl.constexpr, INTERP: tl.constexpr):
-        """Gate and up projections of a row block for hidden units j: [BM, BH] fp32 each."""
+    def _load_gate_up(w1_ptr, b1_ptr, w2_ptr, b2_ptr, j, jmask, cols, DK: tl.constexpr, INTERP: tl.constexpr):
+        """U1^T and U2^T [DK, BH] (bf16) and their biases (fp32) for hidden units j."""
         w1t = tl.load(w1_ptr + j[None, :] * DK + cols[:, None], mask=jmask[None, :], other=0.0)
         w2t = tl.load(w2_ptr + j[None, :] * DK + cols[:, None], mask=jmask[None, :], other=0.0)
         b1 = tl.load(b1_ptr + j, mask=jmask, other=0.0).to(tl.float32)
         b2 = tl.load(b2_ptr + j, mask=jmask, other=0.0).to(tl.float32)
-        g = tl.dot(x, _mm(w1t, INTERP)) + b1[None, :]
-        u = tl.dot(x, _mm(w2t, INTERP)) + b2[None, :]
-        return g, u, w1t, w2t
+        return _mm(w1t, INTERP), b1, _mm(w2t, INTERP), b2
+
+    @triton.jit
+    def _gate_up(x, w1_ptr, b1_ptr, w2_ptr, b2_ptr, j, jmask, cols, DK: tl.constexpr, INTERP: tl.constexpr):
+        """Gate and up projections of a row block for hidden units j: [BM, BH] fp32 each."""
+        w1t, b1, w2t, b2 = _load_gate_up(w1_ptr, b1_ptr, w2_ptr, b2_ptr, j, jmask, cols, DK, INTERP)
+        return tl.dot(x, w1t) + b1[None, :], tl.dot(x, w2t) + b2[None, :], w1t, w2t
 
     @triton.jit
     def _gate_grads(g, u, dh):
@@ -79,62 +86,69 @@ if triton is not None:
         du = dh * silu
         return dg, du, silu * u
 
-    @_tuned
+    @_tuned(_ROW_CONFIGS)
     @triton.jit
     def _glu_fwd(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, y_ptr, N, A,
-                 DK: tl.constexpr, BH: tl.constexpr, NCHUNK: tl.constexpr, INTERP: tl.constexpr, BM: tl.constexpr):
-        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+                 DK: tl.constexpr, BH: tl.constexpr, NCHUNK: tl.constexpr, INTERP: tl.constexpr,
+                 BM: tl.constexpr, ITER: tl.constexpr):
         cols = tl.arange(0, DK)
-        rmask = rows < N
-        x = tl.load(x_ptr + rows[:, None] * DK + cols[None, :], mask=rmask[:, None], other=0.0)
-        x = _mm(x, INTERP)
-        acc = tl.zeros((BM, DK), tl.float32)
-        for c in tl.static_range(NCHUNK):
-            j = c * BH + tl.arange(0, BH)
-            jmask = j < A
-            g, u, _, _ = _gate_up(x, w1_ptr, b1_ptr, w2_ptr, b2_ptr, j, jmask, cols, DK, INTERP)
-            h = g * tl.sigmoid(g) * u
-            w3t = tl.load(w3_ptr + cols[None, :] * A + j[:, None], mask=jmask[:, None], other=0.0)
-            acc += tl.dot(_mm(h, INTERP), _mm(w3t, INTERP))
-        y = acc + tl.load(b3_ptr + cols).to(tl.float32)[None, :]
-        tl.store(y_ptr + rows[:, None] * DK + cols[None, :], y.to(y_ptr.dtype.element_ty),
-                 mask=rmask[:, None])
+        b3 = tl.load(b3_ptr + cols).to(tl.float32)
+        for it in tl.static_range(ITER):
+            rows = (tl.program_id(0) * ITER + it) * BM + tl.arange(0, BM)
+            rmask = rows < N
+            x = tl.load(x_ptr + rows[:, None] * DK + cols[None, :], mask=rmask[:, None], other=0.0)
+            x = _mm(x, INTERP)
+            acc = tl.zeros((BM, DK), tl.float32)
+            for c in tl.static_range(NCHUNK):
+                j = c * BH + tl.arange(0, BH)
+                jmask = j < A
+                g, u, _, _ = _gate_up(x, w1_ptr, b1_ptr, w2_ptr, b2_ptr, j, jmask, cols, DK, INTERP)
+                h = g * tl.sigmoid(g) * u
+                w3t = tl.load(w3_ptr + cols[None, :] * A + j[:, None], mask=jmask[:, None], other=0.0)
+                acc += tl.dot(_mm(h, INTERP), _mm(w3t, INTERP))
+            y = acc + b3[None, :]
+            tl.store(y_ptr + rows[:, None] * DK + cols[None, :], y.to(y_ptr.dtype.element_ty),
+                     mask=rmask[:, None])
 
-    @_tuned
+    @_tuned(_ROW_CONFIGS)
     @triton.jit
     def _glu_bwd_input(x_ptr, dy_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, dx_ptr, N, A,
-                       DK: tl.constexpr, BH: tl.constexpr, NCHUNK: tl.constexpr, INTERP: tl.constexpr, BM: tl.constexpr):
-        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+                       DK: tl.constexpr, BH: tl.constexpr, NCHUNK: tl.constexpr, INTERP: tl.constexpr,
+                       BM: tl.constexpr, ITER: tl.constexpr):
         cols = tl.arange(0, DK)
-        rmask = rows < N
-        offs = rows[:, None] * DK + cols[None, :]
-        x = _mm(tl.load(x_ptr + offs, mask=rmask[:, None], other=0.0), INTERP)
-        dy = _mm(tl.load(dy_ptr + offs, mask=rmask[:, None], other=0.0), INTERP)
-        dx = tl.zeros((BM, DK), tl.float32)
-        for c in tl.static_range(NCHUNK):
-            j = c * BH + tl.arange(0, BH)
-            jmask = j < A
-            g, u, w1t, w2t = _gate_up(x, w1_ptr, b1_ptr, w2_ptr, b2_ptr, j, jmask, cols, DK, INTERP)
-            w3 = tl.load(w3_ptr + cols[:, None] * A + j[None, :], mask=jmask[None, :], other=0.0)
-            dh = tl.dot(dy, _mm(w3, INTERP))
-            dg, du, _ = _gate_grads(g, u, dh)
-            dx += tl.dot(_mm(dg, INTERP), tl.trans(_mm(w1t, INTERP)))
-            dx += tl.dot(_mm(du, INTERP), tl.trans(_mm(w2t, INTERP)))
-        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=rmask[:, None])
+        for it in tl.static_range(ITER):
+            rows = (tl.program_id(0) * ITER + it) * BM + tl.arange(0, BM)
+            rmask = rows < N
+            offs = rows[:, None] * DK + cols[None, :]
+            x = _mm(tl.load(x_ptr + offs, mask=rmask[:, None], other=0.0), INTERP)
+            dy = _mm(tl.load(dy_ptr + offs, mask=rmask[:, None], other=0.0), INTERP)
+            dx = tl.zeros((BM, DK), tl.float32)
+            for c in tl.static_range(NCHUNK):
+                j = c * BH + tl.arange(0, BH)
+                jmask = j < A
+                g, u, w1t, w2t = _gate_up(x, w1_ptr, b1_ptr, w2_ptr, b2_ptr, j, jmask, cols, DK, INTERP)
+                w3 = tl.load(w3_ptr + cols[:, None] * A + j[None, :], mask=jmask[None, :], other=0.0)
+                dh = tl.dot(dy, _mm(w3, INTERP))
+                dg, du, _ = _gate_grads(g, u, dh)
+                dx += tl.dot(_mm(dg, INTERP), tl.trans(w1t))
+                dx += tl.dot(_mm(du, INTERP), tl.trans(w2t))
+            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=rmask[:, None])
 
-    @_tuned
+    @_tuned(_WEIGHT_CONFIGS)
     @triton.jit
-    def _glu_bwd_weights(x_ptr, dy_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr,
-                         dw1_ptr, db1_ptr, dw2_ptr, db2_ptr, dw3_ptr, db3_ptr, N, A, P,
-                         DK: tl.constexpr, BH: tl.constexpr, NCHUNK: tl.constexpr, INTERP: tl.constexpr, BM: tl.constexpr):
-        """Program (p, c) of (P, NCHUNK): hidden chunk c, row blocks p, p + P, ...; partial sums."""
+    def _glu_bwd_weights(x_ptr, dy_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, part_ptr, N, A, P,
+                         DK: tl.constexpr, BH: tl.constexpr, NCHUNK: tl.constexpr, INTERP: tl.constexpr,
+                         BM: tl.constexpr, ITER: tl.constexpr):
+        """Program (p, c) of (P, NCHUNK): hidden chunk c, row blocks p, p + P, p + 2P, ...
+
+        Writes its partial sums to part[p, c] = [dU1 rows j | dU2 rows j | dU3 columns j
+        (as [DK, BH]) | db1 | db2 | db3]."""
         p, c = tl.program_id(0), tl.program_id(1)
         cols = tl.arange(0, DK)
-        hid = tl.arange(0, BH)
-        j = c * BH + hid
+        j = c * BH + tl.arange(0, BH)
         jmask = j < A
-        w3 = tl.load(w3_ptr + cols[:, None] * A + j[None, :], mask=jmask[None, :], other=0.0)
-        w3 = _mm(w3, INTERP)
+        w1t, b1, w2t, b2 = _load_gate_up(w1_ptr, b1_ptr, w2_ptr, b2_ptr, j, jmask, cols, DK, INTERP)
+        w3 = _mm(tl.load(w3_ptr + cols[:, None] * A + j[None, :], mask=jmask[None, :], other=0.0), INTERP)
         dw1 = tl.zeros((BH, DK), tl.float32)
         dw2 = tl.zeros((BH, DK), tl.float32)
         dw3 = tl.zeros((DK, BH), tl.float32)
@@ -143,28 +157,31 @@ if triton is not None:
         db3 = tl.zeros((DK,), tl.float32)
         blk = p
         while blk < tl.cdiv(N, BM):   # (a while loop: Triton's interpreter fails on this range)
-            rows = blk * BM + tl.arange(0, BM)
-            blk += P
-            rmask = rows < N
-            offs = rows[:, None] * DK + cols[None, :]
-            x = _mm(tl.load(x_ptr + offs, mask=rmask[:, None], other=0.0), INTERP)
-            dy = _mm(tl.load(dy_ptr + offs, mask=rmask[:, None], other=0.0), INTERP)
-            g, u, _, _ = _gate_up(x, w1_ptr, b1_ptr, w2_ptr, b2_ptr, j, jmask, cols, DK, INTERP)
-            dg, du, h = _gate_grads(g, u, tl.dot(dy, w3))   # rows past N: dy = 0, so no share
-            dw1 += tl.dot(tl.trans(_mm(dg, INTERP)), x)
-            dw2 += tl.dot(tl.trans(_mm(du, INTERP)), x)
-            dw3 += tl.dot(tl.trans(dy), _mm(h, INTERP))
-            db1 += tl.sum(dg, axis=0)
-            db2 += tl.sum(du, axis=0)
-            db3 += tl.sum(dy.to(tl.float32), axis=0)
-        apad = NCHUNK * BH
-        part = p * apad * DK
-        tl.store(dw1_ptr + part + j[:, None] * DK + cols[None, :], dw1)
-        tl.store(dw2_ptr + part + j[:, None] * DK + cols[None, :], dw2)
-        tl.store(dw3_ptr + part + cols[:, None] * apad + j[None, :], dw3)
-        tl.store(db1_ptr + p * apad + j, db1)
-        tl.store(db2_ptr + p * apad + j, db2)
-        tl.store(db3_ptr + (p * NCHUNK + c) * DK + cols, db3)
+            for it in tl.static_range(ITER):
+                rows = (blk + it * P) * BM + tl.arange(0, BM)
+                rmask = rows < N
+                offs = rows[:, None] * DK + cols[None, :]
+                x = _mm(tl.load(x_ptr + offs, mask=rmask[:, None], other=0.0), INTERP)
+                dy = _mm(tl.load(dy_ptr + offs, mask=rmask[:, None], other=0.0), INTERP)
+                g = tl.dot(x, w1t) + b1[None, :]
+                u = tl.dot(x, w2t) + b2[None, :]
+                dg, du, h = _gate_grads(g, u, tl.dot(dy, w3))   # rows past N: dy = 0, no share
+                dw1 += tl.dot(tl.trans(_mm(dg, INTERP)), x)
+                dw2 += tl.dot(tl.trans(_mm(du, INTERP)), x)
+                dw3 += tl.dot(tl.trans(dy), _mm(h, INTERP))
+                db1 += tl.sum(dg, axis=0)
+                db2 += tl.sum(du, axis=0)
+                db3 += tl.sum(dy.to(tl.float32), axis=0)
+            blk += P * ITER
+        hid = tl.arange(0, BH)
+        BD: tl.constexpr = BH * DK
+        out = part_ptr + (p * NCHUNK + c) * (3 * BD + 2 * BH + DK)
+        tl.store(out + hid[:, None] * DK + cols[None, :], dw1)
+        tl.store(out + BD + hid[:, None] * DK + cols[None, :], dw2)
+        tl.store(out + 2 * BD + cols[:, None] * BH + hid[None, :], dw3)
+        tl.store(out + 3 * BD + hid, db1)
+        tl.store(out + 3 * BD + BH + hid, db2)
+        tl.store(out + 3 * BD + 2 * BH + cols, db3)
 
 
 def _shape(x: torch.Tensor, w1: torch.Tensor):
@@ -190,7 +207,7 @@ def glu(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b
     x = x.contiguous()
     n, dk, a, nchunk = _shape(x, w1)
     y = torch.empty(n, dk, device=x.device, dtype=torch.bfloat16)
-    grid = lambda meta: (triton.cdiv(n, meta["BM"]),)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(n, meta["BM"] * meta["ITER"]),)  # noqa: E731
     _glu_fwd[grid](x, w1, b1, w2, b2, w3, b3, y, n, a, DK=dk, BH=BLOCK_HIDDEN, NCHUNK=nchunk, INTERP=_INTERP)
     return y
 
@@ -210,21 +227,21 @@ def glu_backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torch.
     n, dk, a, nchunk = _shape(x, w1)
     apad = nchunk * BLOCK_HIDDEN
     dx = torch.empty_like(x)
-    grid = lambda meta: (triton.cdiv(n, meta["BM"]),)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(n, meta["BM"] * meta["ITER"]),)  # noqa: E731
     _glu_bwd_input[grid](x, dy, w1, b1, w2, b2, w3, dx, n, a, DK=dk, BH=BLOCK_HIDDEN, NCHUNK=nchunk, INTERP=_INTERP)
-    P = _programs(x.device)
-    f32 = dict(device=x.device, dtype=torch.float32)
-    dw1, dw2 = torch.empty(P, apad, dk, **f32), torch.empty(P, apad, dk, **f32)
-    dw3 = torch.empty(P, dk, apad, **f32)
-    db1, db2 = torch.empty(P, apad, **f32), torch.empty(P, apad, **f32)
-    db3 = torch.empty(P, nchunk, dk, **f32)
-    _glu_bwd_weights[(P, nchunk)](x, dy, w1, b1, w2, b2, w3, dw1, db1, dw2, db2, dw3, db3, n, a, P,
-                                  DK=dk, BH=BLOCK_HIDDEN, NCHUNK=nchunk, INTERP=_INTERP)
-    def total(part, shape, dtype):   # per-program partials summed in a fixed order, unpadded
-        return part.sum(0)[tuple(slice(0, s) for s in shape)].to(dtype).contiguous()
-    return (dx, total(dw1, w1.shape, w1.dtype), total(db1, b1.shape, b1.dtype),
-            total(dw2, w2.shape, w2.dtype), total(db2, b2.shape, b2.dtype),
-            total(dw3, w3.shape, w3.dtype), total(db3[:, 0], (dk,), b1.dtype))
+    P, bh, bd = _programs(x.device), BLOCK_HIDDEN, BLOCK_HIDDEN * dk
+    part = torch.empty(P, nchunk, 3 * bd + 2 * bh + dk, device=x.device, dtype=torch.float32)
+    _glu_bwd_weights[(P, nchunk)](x, dy, w1, b1, w2, b2, w3, part, n, a, P,
+                                  DK=dk, BH=bh, NCHUNK=nchunk, INTERP=_INTERP)
+    tot = part.sum(0)   # the programs' partials, summed in a fixed order: [NCHUNK, R]
+    dw1 = tot[:, :bd].reshape(apad, dk)[:a]
+    dw2 = tot[:, bd:2 * bd].reshape(apad, dk)[:a]
+    dw3 = tot[:, 2 * bd:3 * bd].reshape(nchunk, dk, bh).permute(1, 0, 2).reshape(dk, apad)[:, :a]
+    db1 = tot[:, 3 * bd:3 * bd + bh].reshape(apad)[:a]
+    db2 = tot[:, 3 * bd + bh:3 * bd + 2 * bh].reshape(apad)[:a]
+    db3 = tot[0, 3 * bd + 2 * bh:]
+    out = [(dw1, w1), (db1, b1), (dw2, w2), (db2, b2), (dw3, w3), (db3, b1.new_empty(dk))]
+    return (dx, *(torch.empty_like(like).copy_(g) for g, like in out))   # own memory, contiguous
 
 
 @glu_backward.register_fake
