@@ -42,17 +42,12 @@ def available(x: torch.Tensor) -> bool:
 
 
 if triton is not None:
-    def _tuned(configs, key=("N",)):
-        """Autotune on the GPU (each config timed once per row count); in the interpreter the
-        first config only. configs: (rows per block BM, warps, row blocks per program ITER)."""
+    def _tuned(configs):
+        """Autotune on the GPU (each config timed once per row count N); the interpreter takes
+        the first. configs: (rows per block BM, warps), the winners of a wider H100 search
+        (benchmarks/glu_kernel_bench.py) kept few so that tuning adds seconds, not minutes."""
         configs = configs[:1] if _INTERP else configs
-        return triton.autotune([triton.Config({"BM": bm, "ITER": it}, num_warps=w) for bm, w, it in configs],
-                               key=list(key))
-
-    # Row-parallel kernels: ITER > 1 reuses the weights a program loaded for several row blocks.
-    _ROW_CONFIGS = [(32, 4, 1), (64, 4, 1), (64, 4, 2), (64, 4, 4), (128, 8, 1), (128, 8, 2),
-                    (128, 4, 1), (32, 2, 4)]
-    _WEIGHT_CONFIGS = [(32, 4, 1), (64, 4, 1), (64, 8, 1), (128, 8, 1), (128, 4, 1)]
+        return triton.autotune([triton.Config({"BM": bm}, num_warps=w) for bm, w in configs], key=["N"])
 
     @triton.jit
     def _mm(t, INTERP: tl.constexpr):
@@ -86,59 +81,53 @@ if triton is not None:
         du = dh * silu
         return dg, du, silu * u
 
-    @_tuned(_ROW_CONFIGS)
+    @_tuned([(64, 4), (128, 8)])
     @triton.jit
     def _glu_fwd(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, y_ptr, N, A,
                  DK: tl.constexpr, BH: tl.constexpr, NCHUNK: tl.constexpr, INTERP: tl.constexpr,
-                 BM: tl.constexpr, ITER: tl.constexpr):
+                 BM: tl.constexpr):
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
         cols = tl.arange(0, DK)
-        b3 = tl.load(b3_ptr + cols).to(tl.float32)
-        for it in tl.static_range(ITER):
-            rows = (tl.program_id(0) * ITER + it) * BM + tl.arange(0, BM)
-            rmask = rows < N
-            x = tl.load(x_ptr + rows[:, None] * DK + cols[None, :], mask=rmask[:, None], other=0.0)
-            x = _mm(x, INTERP)
-            acc = tl.zeros((BM, DK), tl.float32)
-            for c in tl.static_range(NCHUNK):
-                j = c * BH + tl.arange(0, BH)
-                jmask = j < A
-                g, u, _, _ = _gate_up(x, w1_ptr, b1_ptr, w2_ptr, b2_ptr, j, jmask, cols, DK, INTERP)
-                h = g * tl.sigmoid(g) * u
-                w3t = tl.load(w3_ptr + cols[None, :] * A + j[:, None], mask=jmask[:, None], other=0.0)
-                acc += tl.dot(_mm(h, INTERP), _mm(w3t, INTERP))
-            y = acc + b3[None, :]
-            tl.store(y_ptr + rows[:, None] * DK + cols[None, :], y.to(y_ptr.dtype.element_ty),
-                     mask=rmask[:, None])
+        rmask = rows < N
+        x = _mm(tl.load(x_ptr + rows[:, None] * DK + cols[None, :], mask=rmask[:, None], other=0.0), INTERP)
+        acc = tl.zeros((BM, DK), tl.float32)
+        for c in tl.static_range(NCHUNK):
+            j = c * BH + tl.arange(0, BH)
+            jmask = j < A
+            g, u, _, _ = _gate_up(x, w1_ptr, b1_ptr, w2_ptr, b2_ptr, j, jmask, cols, DK, INTERP)
+            h = g * tl.sigmoid(g) * u
+            w3t = tl.load(w3_ptr + cols[None, :] * A + j[:, None], mask=jmask[:, None], other=0.0)
+            acc += tl.dot(_mm(h, INTERP), _mm(w3t, INTERP))
+        y = acc + tl.load(b3_ptr + cols).to(tl.float32)[None, :]
+        tl.store(y_ptr + rows[:, None] * DK + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=rmask[:, None])
 
-    @_tuned(_ROW_CONFIGS)
+    @_tuned([(128, 8), (64, 4)])
     @triton.jit
     def _glu_bwd_input(x_ptr, dy_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, dx_ptr, N, A,
                        DK: tl.constexpr, BH: tl.constexpr, NCHUNK: tl.constexpr, INTERP: tl.constexpr,
-                       BM: tl.constexpr, ITER: tl.constexpr):
+                       BM: tl.constexpr):
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
         cols = tl.arange(0, DK)
-        for it in tl.static_range(ITER):
-            rows = (tl.program_id(0) * ITER + it) * BM + tl.arange(0, BM)
-            rmask = rows < N
-            offs = rows[:, None] * DK + cols[None, :]
-            x = _mm(tl.load(x_ptr + offs, mask=rmask[:, None], other=0.0), INTERP)
-            dy = _mm(tl.load(dy_ptr + offs, mask=rmask[:, None], other=0.0), INTERP)
-            dx = tl.zeros((BM, DK), tl.float32)
-            for c in tl.static_range(NCHUNK):
-                j = c * BH + tl.arange(0, BH)
-                jmask = j < A
-                g, u, w1t, w2t = _gate_up(x, w1_ptr, b1_ptr, w2_ptr, b2_ptr, j, jmask, cols, DK, INTERP)
-                w3 = tl.load(w3_ptr + cols[:, None] * A + j[None, :], mask=jmask[None, :], other=0.0)
-                dh = tl.dot(dy, _mm(w3, INTERP))
-                dg, du, _ = _gate_grads(g, u, dh)
-                dx += tl.dot(_mm(dg, INTERP), tl.trans(w1t))
-                dx += tl.dot(_mm(du, INTERP), tl.trans(w2t))
-            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=rmask[:, None])
+        rmask = rows < N
+        offs = rows[:, None] * DK + cols[None, :]
+        x = _mm(tl.load(x_ptr + offs, mask=rmask[:, None], other=0.0), INTERP)
+        dy = _mm(tl.load(dy_ptr + offs, mask=rmask[:, None], other=0.0), INTERP)
+        dx = tl.zeros((BM, DK), tl.float32)
+        for c in tl.static_range(NCHUNK):
+            j = c * BH + tl.arange(0, BH)
+            jmask = j < A
+            g, u, w1t, w2t = _gate_up(x, w1_ptr, b1_ptr, w2_ptr, b2_ptr, j, jmask, cols, DK, INTERP)
+            w3 = tl.load(w3_ptr + cols[:, None] * A + j[None, :], mask=jmask[None, :], other=0.0)
+            dg, du, _ = _gate_grads(g, u, tl.dot(dy, _mm(w3, INTERP)))
+            dx += tl.dot(_mm(dg, INTERP), tl.trans(w1t))
+            dx += tl.dot(_mm(du, INTERP), tl.trans(w2t))
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=rmask[:, None])
 
-    @_tuned(_WEIGHT_CONFIGS)
+    @_tuned([(32, 4), (64, 4)])
     @triton.jit
     def _glu_bwd_weights(x_ptr, dy_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, part_ptr, N, A, P,
                          DK: tl.constexpr, BH: tl.constexpr, NCHUNK: tl.constexpr, INTERP: tl.constexpr,
-                         BM: tl.constexpr, ITER: tl.constexpr):
+                         BM: tl.constexpr):
         """Program (p, c) of (P, NCHUNK): hidden chunk c, row blocks p, p + P, p + 2P, ...
 
         Writes its partial sums to part[p, c] = [dU1 rows j | dU2 rows j | dU3 columns j
@@ -157,22 +146,21 @@ if triton is not None:
         db3 = tl.zeros((DK,), tl.float32)
         blk = p
         while blk < tl.cdiv(N, BM):   # (a while loop: Triton's interpreter fails on this range)
-            for it in tl.static_range(ITER):
-                rows = (blk + it * P) * BM + tl.arange(0, BM)
-                rmask = rows < N
-                offs = rows[:, None] * DK + cols[None, :]
-                x = _mm(tl.load(x_ptr + offs, mask=rmask[:, None], other=0.0), INTERP)
-                dy = _mm(tl.load(dy_ptr + offs, mask=rmask[:, None], other=0.0), INTERP)
-                g = tl.dot(x, w1t) + b1[None, :]
-                u = tl.dot(x, w2t) + b2[None, :]
-                dg, du, h = _gate_grads(g, u, tl.dot(dy, w3))   # rows past N: dy = 0, no share
-                dw1 += tl.dot(tl.trans(_mm(dg, INTERP)), x)
-                dw2 += tl.dot(tl.trans(_mm(du, INTERP)), x)
-                dw3 += tl.dot(tl.trans(dy), _mm(h, INTERP))
-                db1 += tl.sum(dg, axis=0)
-                db2 += tl.sum(du, axis=0)
-                db3 += tl.sum(dy.to(tl.float32), axis=0)
-            blk += P * ITER
+            rows = blk * BM + tl.arange(0, BM)
+            blk += P
+            rmask = rows < N
+            offs = rows[:, None] * DK + cols[None, :]
+            x = _mm(tl.load(x_ptr + offs, mask=rmask[:, None], other=0.0), INTERP)
+            dy = _mm(tl.load(dy_ptr + offs, mask=rmask[:, None], other=0.0), INTERP)
+            g = tl.dot(x, w1t) + b1[None, :]
+            u = tl.dot(x, w2t) + b2[None, :]
+            dg, du, h = _gate_grads(g, u, tl.dot(dy, w3))   # rows past N: dy = 0, no share
+            dw1 += tl.dot(tl.trans(_mm(dg, INTERP)), x)
+            dw2 += tl.dot(tl.trans(_mm(du, INTERP)), x)
+            dw3 += tl.dot(tl.trans(dy), _mm(h, INTERP))
+            db1 += tl.sum(dg, axis=0)
+            db2 += tl.sum(du, axis=0)
+            db3 += tl.sum(dy.to(tl.float32), axis=0)
         hid = tl.arange(0, BH)
         BD: tl.constexpr = BH * DK
         out = part_ptr + (p * NCHUNK + c) * (3 * BD + 2 * BH + DK)
@@ -207,7 +195,7 @@ def glu(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b
     x = x.contiguous()
     n, dk, a, nchunk = _shape(x, w1)
     y = torch.empty(n, dk, device=x.device, dtype=torch.bfloat16)
-    grid = lambda meta: (triton.cdiv(n, meta["BM"] * meta["ITER"]),)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(n, meta["BM"]),)  # noqa: E731
     _glu_fwd[grid](x, w1, b1, w2, b2, w3, b3, y, n, a, DK=dk, BH=BLOCK_HIDDEN, NCHUNK=nchunk, INTERP=_INTERP)
     return y
 
@@ -227,7 +215,7 @@ def glu_backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torch.
     n, dk, a, nchunk = _shape(x, w1)
     apad = nchunk * BLOCK_HIDDEN
     dx = torch.empty_like(x)
-    grid = lambda meta: (triton.cdiv(n, meta["BM"] * meta["ITER"]),)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(n, meta["BM"]),)  # noqa: E731
     _glu_bwd_input[grid](x, dy, w1, b1, w2, b2, w3, dx, n, a, DK=dk, BH=BLOCK_HIDDEN, NCHUNK=nchunk, INTERP=_INTERP)
     P, bh, bd = _programs(x.device), BLOCK_HIDDEN, BLOCK_HIDDEN * dk
     part = torch.empty(P, nchunk, 3 * bd + 2 * bh + dk, device=x.device, dtype=torch.float32)
