@@ -22,7 +22,7 @@ setup(
         "matplotlib",
         "zstandard",
     ],
-    extras_require={"test": ["pytest", "lm-eval>=0.4,<0.5"], "eval": ["lm-eval>=0.4,<0.5"]},
+    extras_require={"test": ["pytest", "lm-eval>=0.4,<0.5", "triton>=3.5"], "eval": ["lm-eval>=0.4,<0.5"]},
     entry_points={
         "console_scripts": [
             "pldr-demo=pldr_dist.demo:main",

@@ -98,6 +98,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     ap.add_argument("--skip-steps", action="store_true")
+    ap.add_argument("--steps-only", action="store_true", help="only the training-step comparison")
+    ap.add_argument("--models", default="pldr-110m:64,pldr-1b:16", help="preset:micro-batch,...")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     logf = open(os.path.join(args.out, "glu_kernel_log.txt"), "w")
@@ -108,21 +110,24 @@ def main():
         logf.flush()
 
     log(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}")
-    numerics(4099, log)
-    for label, n in ROWS.items():
-        for kernel in (True, False):
-            time_glu(n, kernel, log, label)
-    for kern in (glu_kernel._glu_fwd, glu_kernel._glu_bwd_input, glu_kernel._glu_bwd_weights):
-        log(f"autotuned {kern.fn.__name__}: {kern.best_config}")
+    if not args.steps_only:
+        numerics(4099, log)
+        for label, n in ROWS.items():
+            for kernel in (True, False):
+                time_glu(n, kernel, log, label)
+        for kern in (glu_kernel._glu_fwd, glu_kernel._glu_bwd_input, glu_kernel._glu_bwd_weights):
+            log(f"autotuned {kern.fn.__name__}: {kern.best_config}")
     if args.skip_steps:
         return
     rows = []
-    for name, batch in (("pldr-110m", 64), ("pldr-1b", 16)):
+    for name, batch in (m.split(":") for m in args.models.split(",")):
+        batch = int(batch)
         rows.append(train_step.bench(name, False, True, batch, log))
         rows.append(train_step.bench(name, False, True, batch, log, triton_glu=False))
         rows.append(train_step.bench(name, True, True, batch, log))
-    train_step.profile("pldr-110m", 64, os.path.join(args.out, "glu_kernel_profile_110m_mb64.txt"), log,
-                       row_limit=45)
+    if not args.steps_only:
+        train_step.profile("pldr-110m", 64, os.path.join(args.out, "glu_kernel_profile_110m_mb64.txt"), log,
+                           row_limit=45)
     for r in rows:
         if r and r["attn"] == "PLGA":
             ref = [s for s in rows if s and s["model"] == r["model"] and s["attn"] != "PLGA"]
