@@ -64,7 +64,7 @@ class TrainSection:
     grad_accum_steps: int = 1        # micro-batches per step (pipeline: per 1F1B schedule)
     precision: str = "auto"          # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     seed: int = 1234
-    compile: bool = False            # GPU fast path (pldr_dist.model.fast): fused metric-learner GLUs + per-layer torch.compile (tp=pp=1)
+    compile: bool = False            # GPU fast path (pldr_dist.model.fast): Triton metric-learner GLUs (CUDA, bf16) + per-layer torch.compile (tp=pp=1)
     max_nonfinite_in_row: int = 5
     inject_nonfinite_at: list = field(default_factory=list)   # testing aid: steps whose loss is made NaN
 
