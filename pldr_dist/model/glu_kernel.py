@@ -10,7 +10,7 @@ the PLGA layer most of its gap to plain attention. Here
   gradient (row blocks in parallel), one for the weight gradients;
 - weight gradients are reduced without atomics: a fixed number of programs per hidden
   chunk each sum the contributions of their own row blocks, and torch sums the per-program
-  partials in a fixed order, so a step is bit-for-bit repeatable (resumed runs stay exact).
+  partials in a fixed order, so the same step gives the same bits every time.
 
 Numerics are those of bf16 autocast: matmul inputs in bf16, accumulation and the gating in
 fp32. Exposed as the custom op `pldr::glu` with its backward registered, so torch.compile
