@@ -101,14 +101,7 @@ def main():
     ap.add_argument("--steps-only", action="store_true", help="only the training-step comparison")
     ap.add_argument("--models", default="pldr-110m:64,pldr-1b:16", help="preset:micro-batch,...")
     args = ap.parse_args()
-    os.makedirs(args.out, exist_ok=True)
-    logf = open(os.path.join(args.out, "glu_kernel_log.txt"), "w")
-
-    def log(msg):
-        print(msg, flush=True)
-        logf.write(msg + "\n")
-        logf.flush()
-
+    log = train_step.open_log(args.out, "glu_kernel_log.txt")
     log(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}")
     if not args.steps_only:
         numerics(4099, log)

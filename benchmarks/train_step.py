@@ -163,19 +163,24 @@ def decode_latency(log, prompt=128, new=128, batch=1):
                 f"{statistics.median(times) * 1e3:.2f} ms/token (eager)")
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=".")
-    ap.add_argument("--no-decode", action="store_true", help="skip the decode latency section")
-    args = ap.parse_args()
-    os.makedirs(args.out, exist_ok=True)
-    logf = open(os.path.join(args.out, "train_step_log.txt"), "w")
+def open_log(out_dir, name):
+    """A log function that prints each line and appends it to out_dir/name as it goes."""
+    os.makedirs(out_dir, exist_ok=True)
+    logf = open(os.path.join(out_dir, name), "w")
 
     def log(msg):
         print(msg, flush=True)
         logf.write(msg + "\n")
         logf.flush()
+    return log
 
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--no-decode", action="store_true", help="skip the decode latency section")
+    args = ap.parse_args()
+    log = open_log(args.out, "train_step_log.txt")
     log(f"{torch.cuda.get_device_name()} torch {torch.__version__}")
     numerics_check(log)
     # (preset, batches with CUDA graphs, batch also timed without graphs)
