@@ -100,6 +100,7 @@ def main():
     ap.add_argument("--skip-steps", action="store_true")
     ap.add_argument("--steps-only", action="store_true", help="only the training-step comparison")
     ap.add_argument("--models", default="pldr-110m:64,pldr-1b:16", help="preset:micro-batch,...")
+    ap.add_argument("--profile", action="store_true", help="with --steps-only: profile PLGA and G = I too")
     args = ap.parse_args()
     log = train_step.open_log(args.out, "glu_kernel_log.txt")
     log(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}")
@@ -118,9 +119,12 @@ def main():
         rows.append(train_step.bench(name, False, True, batch, log))
         rows.append(train_step.bench(name, False, True, batch, log, triton_glu=False))
         rows.append(train_step.bench(name, True, True, batch, log))
-    if not args.steps_only:
+    if not args.steps_only or args.profile:
         train_step.profile("pldr-110m", 64, os.path.join(args.out, "glu_kernel_profile_110m_mb64.txt"), log,
                            row_limit=45)
+    if args.profile:
+        train_step.profile("pldr-110m", 64, os.path.join(args.out, "identity_profile_110m_mb64.txt"), log,
+                           row_limit=45, identity_g=True)
     for r in rows:
         if r and r["attn"] == "PLGA":
             ref = [s for s in rows if s and s["model"] == r["model"] and s["attn"] != "PLGA"]

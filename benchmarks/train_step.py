@@ -119,10 +119,10 @@ def numerics_check(log):
     log(f"numerics fast vs eager (bf16): grad rel diff {dg:.2e}")
 
 
-def profile(name, batch, path, log, row_limit=30):
+def profile(name, batch, path, log, row_limit=30, identity_g=False):
     torch._dynamo.reset()
     torch.cuda.empty_cache()
-    cfg, model, loss_fn, opt = build(name, False, True, batch)
+    cfg, model, loss_fn, opt = build(name, identity_g, True, batch)
     tokens = torch.randint(4, cfg.vocab_size, (batch, SEQ + 1), device="cuda")
     step = make_step(model, loss_fn, opt, tokens)
     for _ in range(3):
@@ -135,8 +135,9 @@ def profile(name, batch, path, log, row_limit=30):
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=row_limit, max_name_column_width=90)
     with open(path, "w") as f:
-        f.write(f"torch.profiler, {name} PLGA fast path (compiled layers, CUDA graphs), batch {batch}, seq {SEQ}, 3 steps\n{table}\n")
-    log(f"profile written ({name}, B={batch})")
+        f.write(f"torch.profiler, {name} {'G = I' if identity_g else 'PLGA'} fast path (compiled layers, CUDA graphs), "
+                f"batch {batch}, seq {SEQ}, 3 steps\n{table}\n")
+    log(f"profile written ({name}, B={batch}, {'G = I' if identity_g else 'PLGA'})")
 
 
 @torch.no_grad()

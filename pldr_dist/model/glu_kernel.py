@@ -31,6 +31,11 @@ except ImportError:  # CPU-only installs: the compiled PyTorch GLU is used inste
     triton = None
 
 BLOCK_HIDDEN = 64
+SUM_BLOCK, SUM_ROWS = 128, 16   # partial-sum kernel: elements per program, partials per load
+# Weight-gradient kernel: (rows per block, warps, pipeline stages). One config only: the
+# choice fixes the order in which rows are summed, so a second config picked by timing could
+# change a run's bits from one process to the next.
+WGRAD_CONFIGS = [(32, 4, 3)]
 _INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -47,7 +52,8 @@ if triton is not None:
         the first. configs: (rows per block BM, warps), the winners of a wider H100 search
         (benchmarks/glu_kernel_bench.py) kept few so that tuning adds seconds, not minutes."""
         configs = configs[:1] if _INTERP else configs
-        return triton.autotune([triton.Config({"BM": bm}, num_warps=w) for bm, w in configs], key=["N"])
+        return triton.autotune([triton.Config({"BM": c[0]}, num_warps=c[1], num_stages=c[2] if len(c) > 2 else 3)
+                                for c in configs], key=["N"])
 
     @triton.jit
     def _mm(t, INTERP: tl.constexpr):
@@ -123,53 +129,108 @@ if triton is not None:
             dx += tl.dot(_mm(du, INTERP), tl.trans(w2t))
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=rmask[:, None])
 
-    @_tuned([(32, 4), (64, 4)])
+    @triton.jit
+    def _wgrad_block(blk, x_ptr, dy_ptr, w1t, b1, w2t, b2, w3, dw1t, dw2t, dw3, db1, db2, db3, N, cols,
+                     DK: tl.constexpr, INTERP: tl.constexpr, BM: tl.constexpr):
+        """One row block's share of a hidden chunk's weight gradients, added to the sums.
+        dU1 and dU2 are summed transposed ([DK, BH], x^T @ dg): the loaded x tile is then the
+        left operand, which the tensor cores read transposed for free, and only dg / du, computed
+        in registers, pass through shared memory."""
+        rows = blk * BM + tl.arange(0, BM)
+        rmask = rows < N
+        offs = rows[:, None] * DK + cols[None, :]
+        x = _mm(tl.load(x_ptr + offs, mask=rmask[:, None], other=0.0), INTERP)
+        dy = _mm(tl.load(dy_ptr + offs, mask=rmask[:, None], other=0.0), INTERP)
+        g = tl.dot(x, w1t) + b1[None, :]
+        u = tl.dot(x, w2t) + b2[None, :]
+        dg, du, h = _gate_grads(g, u, tl.dot(dy, w3))   # rows past N: dy = 0, no share
+        dw1t += tl.dot(tl.trans(x), _mm(dg, INTERP))
+        dw2t += tl.dot(tl.trans(x), _mm(du, INTERP))
+        dw3 += tl.dot(tl.trans(dy), _mm(h, INTERP))
+        db1 += tl.sum(dg, axis=0)
+        db2 += tl.sum(du, axis=0)
+        db3 += tl.sum(dy.to(tl.float32), axis=0)
+        return dw1t, dw2t, dw3, db1, db2, db3
+
+    @_tuned(WGRAD_CONFIGS)
     @triton.jit
     def _glu_bwd_weights(x_ptr, dy_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, part_ptr, N, A, P,
                          DK: tl.constexpr, BH: tl.constexpr, NCHUNK: tl.constexpr, INTERP: tl.constexpr,
                          BM: tl.constexpr):
         """Program (p, c) of (P, NCHUNK): hidden chunk c, row blocks p, p + P, p + 2P, ...
 
-        Writes its partial sums to part[p, c] = [dU1 rows j | dU2 rows j | dU3 columns j
-        (as [DK, BH]) | db1 | db2 | db3]."""
+        Writes its partial sums to part[p, c] = [dU1^T | dU2^T | dU3 (each [DK, BH], hidden
+        units j) | db1 | db2 | db3]. On the GPU the row-block loop is software-pipelined (the
+        next blocks' loads in flight while this one computes)."""
         p, c = tl.program_id(0), tl.program_id(1)
         cols = tl.arange(0, DK)
         j = c * BH + tl.arange(0, BH)
         jmask = j < A
         w1t, b1, w2t, b2 = _load_gate_up(w1_ptr, b1_ptr, w2_ptr, b2_ptr, j, jmask, cols, DK, INTERP)
         w3 = _mm(tl.load(w3_ptr + cols[:, None] * A + j[None, :], mask=jmask[None, :], other=0.0), INTERP)
-        dw1 = tl.zeros((BH, DK), tl.float32)
-        dw2 = tl.zeros((BH, DK), tl.float32)
+        dw1t = tl.zeros((DK, BH), tl.float32)
+        dw2t = tl.zeros((DK, BH), tl.float32)
         dw3 = tl.zeros((DK, BH), tl.float32)
         db1 = tl.zeros((BH,), tl.float32)
         db2 = tl.zeros((BH,), tl.float32)
         db3 = tl.zeros((DK,), tl.float32)
-        blk = p
-        while blk < tl.cdiv(N, BM):   # (a while loop: Triton's interpreter fails on this range)
-            rows = blk * BM + tl.arange(0, BM)
-            blk += P
-            rmask = rows < N
-            offs = rows[:, None] * DK + cols[None, :]
-            x = _mm(tl.load(x_ptr + offs, mask=rmask[:, None], other=0.0), INTERP)
-            dy = _mm(tl.load(dy_ptr + offs, mask=rmask[:, None], other=0.0), INTERP)
-            g = tl.dot(x, w1t) + b1[None, :]
-            u = tl.dot(x, w2t) + b2[None, :]
-            dg, du, h = _gate_grads(g, u, tl.dot(dy, w3))   # rows past N: dy = 0, no share
-            dw1 += tl.dot(tl.trans(_mm(dg, INTERP)), x)
-            dw2 += tl.dot(tl.trans(_mm(du, INTERP)), x)
-            dw3 += tl.dot(tl.trans(dy), _mm(h, INTERP))
-            db1 += tl.sum(dg, axis=0)
-            db2 += tl.sum(du, axis=0)
-            db3 += tl.sum(dy.to(tl.float32), axis=0)
+        nblocks = tl.cdiv(N, BM)
+        if INTERP:   # the interpreter fails on range() with runtime bounds (numpy 2)
+            blk = p
+            while blk < nblocks:
+                dw1t, dw2t, dw3, db1, db2, db3 = _wgrad_block(
+                    blk, x_ptr, dy_ptr, w1t, b1, w2t, b2, w3, dw1t, dw2t, dw3, db1, db2, db3, N, cols, DK, INTERP, BM)
+                blk += P
+        else:
+            for blk in tl.range(p, nblocks, P):
+                dw1t, dw2t, dw3, db1, db2, db3 = _wgrad_block(
+                    blk, x_ptr, dy_ptr, w1t, b1, w2t, b2, w3, dw1t, dw2t, dw3, db1, db2, db3, N, cols, DK, INTERP, BM)
         hid = tl.arange(0, BH)
         BD: tl.constexpr = BH * DK
+        tile = cols[:, None] * BH + hid[None, :]
         out = part_ptr + (p * NCHUNK + c) * (3 * BD + 2 * BH + DK)
-        tl.store(out + hid[:, None] * DK + cols[None, :], dw1)
-        tl.store(out + BD + hid[:, None] * DK + cols[None, :], dw2)
-        tl.store(out + 2 * BD + cols[:, None] * BH + hid[None, :], dw3)
+        tl.store(out + tile, dw1t)
+        tl.store(out + BD + tile, dw2t)
+        tl.store(out + 2 * BD + tile, dw3)
         tl.store(out + 3 * BD + hid, db1)
         tl.store(out + 3 * BD + BH + hid, db2)
         tl.store(out + 3 * BD + 2 * BH + cols, db3)
+
+    @triton.jit
+    def _glu_sum_partials(part_ptr, dw1_ptr, db1_ptr, dw2_ptr, db2_ptr, dw3_ptr, db3_ptr, A, P,
+                          DK: tl.constexpr, BH: tl.constexpr, NCHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                          PB: tl.constexpr):
+        """Sums the weight-gradient programs' partials in a fixed order and
+        writes each gradient in place, in its parameter's layout and dtype: one launch instead
+        of a sum and six copies."""
+        c = tl.program_id(1)
+        BD: tl.constexpr = BH * DK
+        R: tl.constexpr = 3 * BD + 2 * BH + DK
+        e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        emask = e < R
+        ps = tl.arange(0, PB)
+        acc = tl.zeros((PB, BLOCK), tl.float32)
+        p0 = 0
+        while p0 < P:   # PB partials per load, so that the loop is short (it waits on memory)
+            pmask = (p0 + ps) < P
+            acc += tl.load(part_ptr + ((p0 + ps[:, None]) * NCHUNK + c) * R + e[None, :],
+                           mask=pmask[:, None] & emask[None, :], other=0.0)
+            p0 += PB
+        acc = tl.sum(acc, axis=0)
+        seg = e // BD                    # 0, 1, 2: dU1^T, dU2^T, dU3 tiles [DK, BH]; 3: biases
+        k = e % BD
+        d, jj = k // BH, c * BH + k % BH
+        tmask = emask & (jj < A)
+        tl.store(dw1_ptr + jj * DK + d, acc.to(dw1_ptr.dtype.element_ty), mask=tmask & (seg == 0))
+        tl.store(dw2_ptr + jj * DK + d, acc.to(dw2_ptr.dtype.element_ty), mask=tmask & (seg == 1))
+        tl.store(dw3_ptr + d * A + jj, acc.to(dw3_ptr.dtype.element_ty), mask=tmask & (seg == 2))
+        b = e - 3 * BD                   # [db1 (BH) | db2 (BH) | db3 (DK)] of this chunk
+        jb = c * BH + b % BH
+        bmask = emask & (b >= 0)
+        tl.store(db1_ptr + jb, acc.to(db1_ptr.dtype.element_ty), mask=bmask & (b < BH) & (jb < A))
+        tl.store(db2_ptr + jb, acc.to(db2_ptr.dtype.element_ty), mask=bmask & (b >= BH) & (b < 2 * BH) & (jb < A))
+        if c == 0:   # db3 is the same sum in every chunk
+            tl.store(db3_ptr + (b - 2 * BH), acc.to(db3_ptr.dtype.element_ty), mask=bmask & (b >= 2 * BH))
 
 
 def _shape(x: torch.Tensor, w1: torch.Tensor):
@@ -213,23 +274,17 @@ def glu_backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torch.
     """(dx, dw1, db1, dw2, db2, dw3, db3); gradients in the dtypes of x and the weights."""
     x, dy = x.contiguous(), dy.contiguous()
     n, dk, a, nchunk = _shape(x, w1)
-    apad = nchunk * BLOCK_HIDDEN
     dx = torch.empty_like(x)
     grid = lambda meta: (triton.cdiv(n, meta["BM"]),)  # noqa: E731
     _glu_bwd_input[grid](x, dy, w1, b1, w2, b2, w3, dx, n, a, DK=dk, BH=BLOCK_HIDDEN, NCHUNK=nchunk, INTERP=_INTERP)
-    P, bh, bd = _programs(x.device), BLOCK_HIDDEN, BLOCK_HIDDEN * dk
-    part = torch.empty(P, nchunk, 3 * bd + 2 * bh + dk, device=x.device, dtype=torch.float32)
+    P = _programs(x.device)
+    part = torch.empty(P, nchunk, 3 * BLOCK_HIDDEN * dk + 2 * BLOCK_HIDDEN + dk, device=x.device, dtype=torch.float32)
     _glu_bwd_weights[(P, nchunk)](x, dy, w1, b1, w2, b2, w3, part, n, a, P,
-                                  DK=dk, BH=bh, NCHUNK=nchunk, INTERP=_INTERP)
-    tot = part.sum(0)   # the programs' partials, summed in a fixed order: [NCHUNK, R]
-    dw1 = tot[:, :bd].reshape(apad, dk)[:a]
-    dw2 = tot[:, bd:2 * bd].reshape(apad, dk)[:a]
-    dw3 = tot[:, 2 * bd:3 * bd].reshape(nchunk, dk, bh).permute(1, 0, 2).reshape(dk, apad)[:, :a]
-    db1 = tot[:, 3 * bd:3 * bd + bh].reshape(apad)[:a]
-    db2 = tot[:, 3 * bd + bh:3 * bd + 2 * bh].reshape(apad)[:a]
-    db3 = tot[0, 3 * bd + 2 * bh:]
-    out = [(dw1, w1), (db1, b1), (dw2, w2), (db2, b2), (dw3, w3), (db3, b1.new_empty(dk))]
-    return (dx, *(torch.empty_like(like).copy_(g) for g, like in out))   # own memory, contiguous
+                                  DK=dk, BH=BLOCK_HIDDEN, NCHUNK=nchunk, INTERP=_INTERP)
+    grads = [w.new_empty(w.shape) for w in (w1, b1, w2, b2, w3)] + [b1.new_empty(dk)]
+    _glu_sum_partials[(triton.cdiv(part.shape[-1], SUM_BLOCK), nchunk)](
+        part, *grads, a, P, DK=dk, BH=BLOCK_HIDDEN, NCHUNK=nchunk, BLOCK=SUM_BLOCK, PB=SUM_ROWS)
+    return (dx, *grads)
 
 
 @glu_backward.register_fake

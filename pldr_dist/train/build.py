@@ -180,7 +180,8 @@ def build_run(cfg: RunConfig) -> Run:
         # instead of keeping them as .grad, memory the next replay overwrites.
         cuda_graphs = torch.cuda.is_available() and hasattr(engine.optimizer, "contiguous_grads")
         # the loss compiled too: the fp32 upcast and log-softmax over the vocabulary fuse
-        dense_lm_loss = optimize_for_training(model, compile=True, packed=True, cuda_graphs=cuda_graphs)
+        dense_lm_loss = optimize_for_training(model, compile=True, packed=True, cuda_graphs=cuda_graphs,
+                                              triton_glu=t.triton_glu)
 
     manifest = load_manifest(cfg.data.shards)
     fingerprint = _tokenizer_fingerprint(cfg)

@@ -65,6 +65,7 @@ class TrainSection:
     precision: str = "auto"          # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     seed: int = 1234
     compile: bool = False            # GPU fast path (pldr_dist.model.fast): Triton metric-learner GLUs (CUDA, bf16) + per-layer torch.compile (tp=pp=1)
+    triton_glu: bool = True          # with compile: the metric-learner GLUs as Triton kernels (false: compiled PyTorch GLU, for A/B runs)
     max_nonfinite_in_row: int = 5
     inject_nonfinite_at: list = field(default_factory=list)   # testing aid: steps whose loss is made NaN
 

@@ -1,0 +1,110 @@
+"""Launch configurations of the Triton GLU kernels, each timed on its own (one GPU).
+
+Why: the weight-gradient kernel was 43% of the GLU's time at ~80 TFLOP/s. This sweeps its
+row block, warps, pipeline stages and programs per SM, the forward and input-gradient
+kernels' blocks with fp32 (autocast masters) and bf16 (DeepSpeed bf16) weights, and the
+partial-sum step, against the previous kernels (commit a4edc8f, `_glu_kernel_a4edc8f.py`).
+
+    PYTHONPATH=.:benchmarks python benchmarks/glu_variants.py --out results_dir
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import torch
+import triton
+import triton.testing
+
+import _glu_kernel_a4edc8f as old
+import train_step
+from pldr_dist.model import glu_kernel as gk
+
+DK, A, BH = 64, 170, gk.BLOCK_HIDDEN
+NCHUNK = triton.cdiv(A, BH)
+# weight-gradient configs (rows per block, warps, stages): the first call's best, its
+# neighbours and the previous default (a first, wider sweep: glu_variants_log_sweep1.txt)
+CONFIGS = [(32, 4, 3), (32, 4, 4), (64, 4, 3), (32, 2, 3), (16, 2, 3), (16, 4, 3), (128, 8, 3)]
+
+
+def us(fn):
+    return 1e3 * triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
+
+
+def weights(dtype):
+    torch.manual_seed(0)
+    mk = lambda *s: (torch.randn(*s, device="cuda") * 0.1).to(dtype)  # noqa: E731
+    return mk(A, DK), mk(A), mk(A, DK), mk(A), mk(DK, A), mk(DK)
+
+
+def sweep(n, log):
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    x = torch.randn(n, DK, device="cuda").bfloat16()
+    dy = torch.randn(n, DK, device="cuda").bfloat16()
+    for wdt in (torch.float32, torch.bfloat16):
+        w1, b1, w2, b2, w3, b3 = weights(wdt)
+        tag = f"N={n} weights {str(wdt)[6:]}"
+        y = torch.empty_like(x)
+        for bm, nw in ((64, 4), (128, 8), (32, 4), (64, 2)):
+            t = us(lambda: gk._glu_fwd.fn[(triton.cdiv(n, bm),)](
+                x, w1, b1, w2, b2, w3, b3, y, n, A, DK=DK, BH=BH, NCHUNK=NCHUNK, INTERP=False, BM=bm, num_warps=nw))
+            log(f"{tag} fwd BM={bm} warps={nw}: {t:.1f} us")
+        for bm, nw in ((64, 4), (128, 8), (32, 4), (64, 2)):
+            t = us(lambda: gk._glu_bwd_input.fn[(triton.cdiv(n, bm),)](
+                x, dy, w1, b1, w2, b2, w3, y, n, A, DK=DK, BH=BH, NCHUNK=NCHUNK, INTERP=False, BM=bm, num_warps=nw))
+            log(f"{tag} input-grad BM={bm} warps={nw}: {t:.1f} us")
+        R = 3 * BH * DK + 2 * BH + DK
+        grads = [w.new_empty(w.shape) for w in (w1, b1, w2, b2, w3)] + [b1.new_empty(DK)]
+        for P in (sms // 2, sms, 2 * sms):
+            part = torch.empty(P, NCHUNK, R, device="cuda")
+            t = us(lambda: old._glu_bwd_weights.fn[(P, NCHUNK)](
+                x, dy, w1, b1, w2, b2, w3, part, n, A, P, DK=DK, BH=BH, NCHUNK=NCHUNK, INTERP=False, BM=32, num_warps=4))
+            log(f"{tag} weights OLD P={P} BM=32 warps=4: {t:.1f} us")
+            for bm, nw, st in CONFIGS:
+                t = us(lambda: gk._glu_bwd_weights.fn[(P, NCHUNK)](
+                    x, dy, w1, b1, w2, b2, w3, part, n, A, P, DK=DK, BH=BH, NCHUNK=NCHUNK, INTERP=False,
+                    BM=bm, num_warps=nw, num_stages=st))
+                log(f"{tag} weights P={P} BM={bm} warps={nw} stages={st}: {t:.1f} us")
+            t = us(lambda: gk._glu_sum_partials[(triton.cdiv(R, gk.SUM_BLOCK), NCHUNK)](
+                part, *grads, A, P, DK=DK, BH=BH, NCHUNK=NCHUNK, BLOCK=gk.SUM_BLOCK, PB=gk.SUM_ROWS))
+            t_old = us(lambda: part.sum(0))
+            log(f"{tag} partial sums P={P}: kernel {t:.1f} us (all six gradients written), torch part.sum(0) alone {t_old:.1f} us")
+
+
+def whole_op(n, log):
+    """One GLU forward + backward through each op, GPU time from the profiler."""
+    x0 = torch.randn(n, DK, device="cuda").bfloat16()
+    dy = torch.randn(n, DK, device="cuda").bfloat16()
+    for wdt in (torch.float32, torch.bfloat16):
+        ws = [w.requires_grad_(True) for w in weights(wdt)]
+        for tag, op in (("previous", old.glu), ("new", gk.glu)):
+            x = x0.clone().requires_grad_(True)
+
+            def step():
+                op(x, *ws).backward(dy)
+            for _ in range(5):
+                step()
+            torch.cuda.synchronize()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(20):
+                    step()
+                torch.cuda.synchronize()
+            ks = {e.key: e.self_device_time_total / 20 for e in prof.key_averages()
+                  if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0}
+            top = ", ".join(f"{k[:36]} {v:.1f}" for k, v in sorted(ks.items(), key=lambda kv: -kv[1])[:7])
+            log(f"op {tag} N={n} weights {str(wdt)[6:]}: {sum(ks.values()):.1f} us GPU; {top}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=".")
+    args = ap.parse_args()
+    log = train_step.open_log(args.out, "glu_variants_log.txt")
+    log(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}")
+    for n in (64 * 14 * 64, 16 * 32 * 64):
+        whole_op(n, log)
+    sweep(64 * 14 * 64, log)
+
+
+if __name__ == "__main__":
+    main()
