@@ -10,7 +10,6 @@ partial-sum step, against the previous kernels (commit a4edc8f, `_glu_kernel_a4e
 from __future__ import annotations
 
 import argparse
-import itertools
 
 import torch
 import triton
