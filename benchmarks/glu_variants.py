@@ -70,6 +70,33 @@ def sweep(n, log):
             log(f"{tag} partial sums P={P}: kernel {t:.1f} us (all six gradients written), torch part.sum(0) alone {t_old:.1f} us")
 
 
+def wgrad_sweep(n, log):
+    """The weight-gradient kernel by hidden chunk width (register pressure), row block, warps
+    and programs per chunk, each with its partial-sum kernel."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    x = torch.randn(n, DK, device="cuda").bfloat16()
+    dy = torch.randn(n, DK, device="cuda").bfloat16()
+    w1, b1, w2, b2, w3, b3 = weights(torch.float32)
+    grads = [w.new_empty(w.shape) for w in (w1, b1, w2, b2, w3)] + [b1.new_empty(DK)]
+    results = []
+    for bh in (32, 64):
+        nchunk = triton.cdiv(A, bh)
+        R = 3 * bh * DK + 2 * bh + DK
+        for P in (sms // 4, sms // 3, sms // 2):
+            part = torch.empty(P, nchunk, R, device="cuda")
+            t_sum = us(lambda: gk._glu_sum_partials[(triton.cdiv(R, gk.SUM_BLOCK), nchunk)](
+                part, *grads, A, P, DK=DK, BH=bh, NCHUNK=nchunk, BLOCK=gk.SUM_BLOCK, PB=gk.SUM_ROWS))
+            for bm, nw, st in ((32, 4, 3), (64, 4, 3), (64, 8, 3), (128, 8, 3), (128, 4, 3)):
+                t = us(lambda: gk._glu_bwd_weights.fn[(P, nchunk)](
+                    x, dy, w1, b1, w2, b2, w3, part, n, A, P, DK=DK, BH=bh, NCHUNK=nchunk, INTERP=False,
+                    BM=bm, num_warps=nw, num_stages=st))
+                results.append((t + t_sum, bh, P, bm, nw, st))
+                log(f"N={n} weights BH={bh} P={P} BM={bm} warps={nw} stages={st}: {t:.1f} us + partial sums "
+                    f"{t_sum:.1f} us = {t + t_sum:.1f} us")
+    for r in sorted(results)[:5]:
+        log(f"N={n} weight gradients, best: {r[0]:.1f} us at BH={r[1]} P={r[2]} BM={r[3]} warps={r[4]} stages={r[5]}")
+
+
 def whole_op(n, log):
     """One GLU forward + backward through each op, GPU time from the profiler."""
     x0 = torch.randn(n, DK, device="cuda").bfloat16()
@@ -97,9 +124,14 @@ def whole_op(n, log):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
+    ap.add_argument("--wgrad", action="store_true", help="only the weight-gradient sweep")
     args = ap.parse_args()
-    log = train_step.open_log(args.out, "glu_variants_log.txt")
+    log = train_step.open_log(args.out, "glu_variants_wgrad_log.txt" if args.wgrad else "glu_variants_log.txt")
     log(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}")
+    if args.wgrad:
+        for n in (64 * 14 * 64, 16 * 32 * 64):
+            wgrad_sweep(n, log)
+        return
     for n in (64 * 14 * 64, 16 * 32 * 64):
         whole_op(n, log)
     sweep(64 * 14 * 64, log)
