@@ -97,6 +97,40 @@ def wgrad_sweep(n, log):
         log(f"N={n} weight gradients, best: {r[0]:.1f} us at BH={r[1]} P={r[2]} BM={r[3]} warps={r[4]} stages={r[5]}")
 
 
+def persistent(n, log):
+    """Prototype persistent forward / input-gradient kernels (weights loaded once per program,
+    glu_persistent_proto.py) against the shipped ones; output compared too."""
+    import glu_persistent_proto as proto
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    x = torch.randn(n, DK, device="cuda").bfloat16()
+    dy = torch.randn(n, DK, device="cuda").bfloat16()
+    for wdt in (torch.float32, torch.bfloat16):
+        w1, b1, w2, b2, w3, b3 = weights(wdt)
+        tag = f"N={n} weights {str(wdt)[6:]}"
+        ref, ref_dx, y, dx = (torch.empty_like(x) for _ in range(4))
+        gk._glu_fwd.fn[(triton.cdiv(n, 64),)](x, w1, b1, w2, b2, w3, b3, ref, n, A, DK=DK, BH=BH, NCHUNK=NCHUNK,
+                                               INTERP=False, BM=64, num_warps=4)
+        gk._glu_bwd_input.fn[(triton.cdiv(n, 64),)](x, dy, w1, b1, w2, b2, w3, ref_dx, n, A, DK=DK, BH=BH,
+                                                     NCHUNK=NCHUNK, INTERP=False, BM=64, num_warps=4)
+        log(f"{tag} shipped fwd {us(lambda: gk._glu_fwd.fn[(triton.cdiv(n, 64),)](x, w1, b1, w2, b2, w3, b3, ref, n, A, DK=DK, BH=BH, NCHUNK=NCHUNK, INTERP=False, BM=64, num_warps=4)):.1f} us, "
+            f"input-grad {us(lambda: gk._glu_bwd_input.fn[(triton.cdiv(n, 64),)](x, dy, w1, b1, w2, b2, w3, ref_dx, n, A, DK=DK, BH=BH, NCHUNK=NCHUNK, INTERP=False, BM=64, num_warps=4)):.1f} us")
+        for bm, nw, st in ((64, 4, 2), (64, 8, 2), (128, 8, 2), (64, 4, 3), (128, 8, 3), (128, 4, 2)):
+            for mult in (1, 2):
+                P = sms * mult
+                try:
+                    tf = us(lambda: proto.glu_fwd_persistent[(P,)](x, w1, b1, w2, b2, w3, b3, y, n, A, P, DK=DK, BH=BH,
+                                                                  BM=bm, num_warps=nw, num_stages=st))
+                    ti = us(lambda: proto.glu_bwd_input_persistent[(P,)](x, dy, w1, b1, w2, b2, w3, dx, n, A, P, DK=DK,
+                                                                        BH=BH, BM=bm, num_warps=nw, num_stages=st))
+                except Exception as e:  # out of shared memory or registers
+                    log(f"{tag} persistent BM={bm} warps={nw} stages={st} P={P}: {type(e).__name__} {str(e)[:120]}")
+                    continue
+                err = ((y.float() - ref.float()).norm() / ref.float().norm()).item()
+                errx = ((dx.float() - ref_dx.float()).norm() / ref_dx.float().norm()).item()
+                log(f"{tag} persistent BM={bm} warps={nw} stages={st} P={P}: fwd {tf:.1f} us, input-grad {ti:.1f} us "
+                    f"(vs shipped: y {err:.1e}, dx {errx:.1e})")
+
+
 def whole_op(n, log):
     """One GLU forward + backward through each op, GPU time from the profiler."""
     x0 = torch.randn(n, DK, device="cuda").bfloat16()
@@ -125,9 +159,13 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     ap.add_argument("--wgrad", action="store_true", help="only the weight-gradient sweep")
+    ap.add_argument("--persistent", action="store_true", help="only the persistent-kernel prototype")
     args = ap.parse_args()
-    log = train_step.open_log(args.out, "glu_variants_wgrad_log.txt" if args.wgrad else "glu_variants_log.txt")
+    log = train_step.open_log(args.out, "glu_variants_persistent_log.txt" if args.persistent else "glu_variants_wgrad_log.txt" if args.wgrad else "glu_variants_log.txt")
     log(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}")
+    if args.persistent:
+        persistent(64 * 14 * 64, log)
+        return
     if args.wgrad:
         for n in (64 * 14 * 64, 16 * 32 * 64):
             wgrad_sweep(n, log)

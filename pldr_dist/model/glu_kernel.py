@@ -32,7 +32,7 @@ except ImportError:  # CPU-only installs: the compiled PyTorch GLU is used inste
 
 BLOCK_HIDDEN = 64    # hidden units per chunk in the forward and input-gradient kernels
 WGRAD_HIDDEN = 64    # ... and in the weight-gradient kernel (its registers hold 3 [dk, BH] sums)
-SUM_BLOCK, SUM_ROWS = 128, 16   # partial-sum kernel: elements per program, partials per load
+SUM_BLOCK, SUM_ROWS = 64, 64   # partial-sum kernel: elements per program, partials per load
 # Weight-gradient kernel: (rows per block, warps, pipeline stages). One config only: the
 # choice fixes the order in which rows are summed, so a second config picked by timing could
 # change a run's bits from one process to the next.
@@ -243,10 +243,12 @@ def _shape(x: torch.Tensor, w1: torch.Tensor):
 
 
 @functools.lru_cache(maxsize=None)
-def _programs(device: torch.device) -> int:
-    """Weight-gradient programs per hidden chunk: one per SM (fixed, so the sum order is)."""
+def _programs(device: torch.device, nchunk: int) -> int:
+    """Weight-gradient programs per hidden chunk: one wave, a program per SM (the H100 sweep,
+    glu_variants_wgrad_log.txt: fewer partials to sum, and no SM left with a second program).
+    Fixed per device, so the order in which rows are summed is."""
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return max(1, torch.cuda.get_device_properties(device).multi_processor_count // nchunk)
     return 3
 
 
@@ -278,8 +280,9 @@ def glu_backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torch.
     dx = torch.empty_like(x)
     grid = lambda meta: (triton.cdiv(n, meta["BM"]),)  # noqa: E731
     _glu_bwd_input[grid](x, dy, w1, b1, w2, b2, w3, dx, n, a, DK=dk, BH=BLOCK_HIDDEN, NCHUNK=nchunk, INTERP=_INTERP)
-    P, bh = _programs(x.device), WGRAD_HIDDEN
+    bh = WGRAD_HIDDEN
     wchunk = triton.cdiv(a, bh)
+    P = _programs(x.device, wchunk)
     part = torch.empty(P, wchunk, 3 * bh * dk + 2 * bh + dk, device=x.device, dtype=torch.float32)
     _glu_bwd_weights[(P, wchunk)](x, dy, w1, b1, w2, b2, w3, part, n, a, P,
                                   DK=dk, BH=bh, NCHUNK=wchunk, INTERP=_INTERP)
