@@ -160,8 +160,9 @@ def main():
     ap.add_argument("--out", default=".")
     ap.add_argument("--wgrad", action="store_true", help="only the weight-gradient sweep")
     ap.add_argument("--persistent", action="store_true", help="only the persistent-kernel prototype")
+    ap.add_argument("--op-only", action="store_true", help="only the whole op, previous vs new")
     args = ap.parse_args()
-    log = train_step.open_log(args.out, "glu_variants_persistent_log.txt" if args.persistent else "glu_variants_wgrad_log.txt" if args.wgrad else "glu_variants_log.txt")
+    log = train_step.open_log(args.out, "glu_variants_op_log.txt" if args.op_only else "glu_variants_persistent_log.txt" if args.persistent else "glu_variants_wgrad_log.txt" if args.wgrad else "glu_variants_log.txt")
     log(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}")
     if args.persistent:
         persistent(64 * 14 * 64, log)
@@ -172,7 +173,8 @@ def main():
         return
     for n in (64 * 14 * 64, 16 * 32 * 64):
         whole_op(n, log)
-    sweep(64 * 14 * 64, log)
+    if not args.op_only:
+        sweep(64 * 14 * 64, log)
 
 
 if __name__ == "__main__":
