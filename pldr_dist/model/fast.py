@@ -44,7 +44,12 @@ class FusedGLU(GLU):
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         if self.use_kernel and glu_kernel.available(y) and bf16_compute(self.u1.weight, y):
-            out = glu_kernel.glu(y.reshape(-1, y.shape[-1]), self.u1.weight, self.u1.bias,
+            # The kernel rounds its input to bf16 anyway; casting here (fused by the compiler
+            # into whatever made y, e.g. the unit's fp32 LayerNorm) halves what the three
+            # kernels read and what autograd saves. The input's gradient is then bf16, as
+            # autocast's own linear layers give.
+            rows = y.reshape(-1, y.shape[-1]).to(torch.bfloat16)
+            out = glu_kernel.glu(rows, self.u1.weight, self.u1.bias,
                                  self.u2.weight, self.u2.bias, self.u3.weight, self.u3.bias)
             return out.view(y.shape)
         width = self.u1.out_features
