@@ -8,9 +8,9 @@ the PLGA layer most of its gap to plain attention. Here
   of the hidden width at a time, the tail masked), and writes only the dk-wide output;
 - the backward recomputes the hidden state instead of storing it: one kernel for the input
   gradient (row blocks in parallel), one for the weight gradients;
-- weight gradients are reduced without atomics: a fixed number of programs per hidden
-  chunk each sum the contributions of their own row blocks, and torch sums the per-program
-  partials in a fixed order, so the same step gives the same bits every time.
+- weight gradients are reduced without atomics: one wave of programs (one per SM) each sum
+  the contributions of their own row blocks in a pipelined loop, and a last kernel adds the
+  per-program partials in a fixed order, so the same step gives the same bits every time.
 
 Numerics are those of bf16 autocast: matmul inputs in bf16, accumulation and the gating in
 fp32. Exposed as the custom op `pldr::glu` with its backward registered, so torch.compile
