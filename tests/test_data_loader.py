@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pldr_dist.data.corpus import iter_documents
-from pldr_dist.data.loader import TokenLoader
+from pldr_dist.data.loader import BatchesAhead, TokenLoader
 from pldr_dist.data.manifest import ShardError
 from pldr_dist.data.shard_writer import make_shards
 from pldr_dist.data.tokenizer import train_tokenizer
@@ -69,6 +69,23 @@ def test_resume_yields_the_uninterrupted_batches_across_an_epoch_boundary_with_a
         tail = batches(resumed, total - stop)
         assert all(torch.equal(a, b) for a, b in zip(ref, head + tail)), (stop, workers_before, workers_after)
     assert state["epoch"] == 0 and make(0).state_dict() == {"epoch": 0, "position": 0, "skipped_samples": 0}
+
+
+def test_a_batch_prepared_ahead_is_the_first_one_a_resume_yields(shards):
+    """The trainer builds the next batch during the backward pass (BatchesAhead.prepare); a
+    checkpoint taken then must resume with that batch, not skip it."""
+    make = lambda: TokenLoader(str(shards), "train", B, SEQ, seed=7, num_workers=2)  # noqa: E731
+    ref = batches(make(), 12)
+    ahead = BatchesAhead(make())
+    got = batches(ahead, 5)
+    ahead.prepare()                      # batch 6 built, not yet taken
+    ahead.prepare()                      # idempotent: still batch 6
+    state = ahead.state_dict()
+    got += batches(ahead, 2)             # batches 6 and 7
+    resumed = make()
+    resumed.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(got, ref[:7]))
+    assert all(torch.equal(a, b) for a, b in zip(batches(resumed, 7), ref[5:12]))
 
 
 def test_batches_are_int64_inputs_with_next_token_targets(shards):

@@ -81,6 +81,8 @@ class Run:
                 else:
                     loss = self.loss_fn(self.forward(inputs), targets)
                 self.engine.backward(loss)
+                if hasattr(batches, "prepare"):   # the next batch, built while the GPU runs the backward
+                    batches.prepare()
                 self.engine.step()
                 total += loss.detach().float()
             loss = total / self.engine.gradient_accumulation_steps()

@@ -17,6 +17,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from ..data.loader import BatchesAhead
 from ..model.flops import flops_per_token
 from .checkpoint import CheckpointManager
 from .config import ConfigError, RunConfig, load_config, validate
@@ -97,6 +98,7 @@ class Trainer:
         self.gstats = GStats(self.job.module, self.job.mcfg.num_layers) if self.job.mcfg.learned_g else None
         self.step = 0
         self.tokens = 0
+        self.batches = None   # BatchesAhead over the train loader, from the start of run()
         self.nonfinite_total = 0
         self.nonfinite_in_row = 0
         self.signals = SignalFlag()
@@ -112,7 +114,7 @@ class Trainer:
     # -- state -----------------------------------------------------------------------
     def extra_state(self) -> dict:
         return {"step": self.step, "tokens": self.tokens, "nonfinite_total": self.nonfinite_total,
-                "nonfinite_in_row": self.nonfinite_in_row, "loader": self.job.train_loader.state_dict()}
+                "nonfinite_in_row": self.nonfinite_in_row, "loader": (self.batches or self.job.train_loader).state_dict()}
 
     def save(self) -> None:
         self.ckpt.save(self.job.engine, self.step, self.extra_state(), self.cfg.to_dict(),
@@ -138,7 +140,8 @@ class Trainer:
         self.resume()
         self.log(f"training {cfg.model.preset} ({run.num_params:,} parameters) with {run.grid.describe().split(' (')[0]}, "
                  f"zero={cfg.parallel.zero_stage}, {run.precision}, {run.tokens_per_step:,} tokens/step")
-        batches = iter(run.train_loader)
+        self.batches = BatchesAhead(run.train_loader)
+        batches = self.batches
         loss = float("nan")
         last_saved = self.step if self.step else -1
         while self.step < cfg.train.steps:
