@@ -3,19 +3,23 @@
 Why: the weight-gradient kernel was 43% of the GLU's time at ~80 TFLOP/s. This sweeps its
 row block, warps, pipeline stages and programs per SM, the forward and input-gradient
 kernels' blocks with fp32 (autocast masters) and bf16 (DeepSpeed bf16) weights, and the
-partial-sum step, against the previous kernels (commit a4edc8f, `_glu_kernel_a4edc8f.py`).
+partial-sum step, against the previous kernels (commit a4edc8f), which the comparisons load
+from benchmarks/_previous_glu_kernel.py when it is there (it is not kept in the repository):
 
+    git show a4edc8f:pldr_dist/model/glu_kernel.py | sed 's/"pldr::/"pldr_old::/' \
+        > benchmarks/_previous_glu_kernel.py
     PYTHONPATH=.:benchmarks python benchmarks/glu_variants.py --out results_dir
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
 
 import torch
 import triton
 import triton.testing
 
-import _glu_kernel_a4edc8f as old
 import train_step
 from pldr_dist.model import glu_kernel as gk
 
@@ -24,6 +28,23 @@ NCHUNK = triton.cdiv(A, BH)
 # weight-gradient configs (rows per block, warps, stages): the first call's best, its
 # neighbours and the previous default (a first, wider sweep: glu_variants_log_sweep1.txt)
 CONFIGS = [(32, 4, 3), (32, 4, 4), (64, 4, 3), (32, 2, 3), (16, 2, 3), (16, 4, 3), (128, 8, 3)]
+
+
+def previous_kernels():
+    """The kernels of commit a4edc8f (ops renamed pldr_old::), or None if not provided."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_previous_glu_kernel.py")
+    if not os.path.isfile(path):
+        return None
+    spec = importlib.util.spec_from_file_location("_previous_glu_kernel", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def inputs(n):
+    """SM count, and bf16 rows x and output gradients dy [n, DK]."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    return sms, torch.randn(n, DK, device="cuda").bfloat16(), torch.randn(n, DK, device="cuda").bfloat16()
 
 
 def us(fn):
@@ -37,9 +58,7 @@ def weights(dtype):
 
 
 def sweep(n, log):
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    x = torch.randn(n, DK, device="cuda").bfloat16()
-    dy = torch.randn(n, DK, device="cuda").bfloat16()
+    sms, x, dy = inputs(n)
     for wdt in (torch.float32, torch.bfloat16):
         w1, b1, w2, b2, w3, b3 = weights(wdt)
         tag = f"N={n} weights {str(wdt)[6:]}"
@@ -56,9 +75,12 @@ def sweep(n, log):
         grads = [w.new_empty(w.shape) for w in (w1, b1, w2, b2, w3)] + [b1.new_empty(DK)]
         for P in (sms // 2, sms, 2 * sms):
             part = torch.empty(P, NCHUNK, R, device="cuda")
-            t = us(lambda: old._glu_bwd_weights.fn[(P, NCHUNK)](
-                x, dy, w1, b1, w2, b2, w3, part, n, A, P, DK=DK, BH=BH, NCHUNK=NCHUNK, INTERP=False, BM=32, num_warps=4))
-            log(f"{tag} weights OLD P={P} BM=32 warps=4: {t:.1f} us")
+            old = previous_kernels()
+            if old is not None:
+                t = us(lambda: old._glu_bwd_weights.fn[(P, NCHUNK)](
+                    x, dy, w1, b1, w2, b2, w3, part, n, A, P, DK=DK, BH=BH, NCHUNK=NCHUNK, INTERP=False, BM=32,
+                    num_warps=4))
+                log(f"{tag} weights OLD P={P} BM=32 warps=4: {t:.1f} us")
             for bm, nw, st in CONFIGS:
                 t = us(lambda: gk._glu_bwd_weights.fn[(P, NCHUNK)](
                     x, dy, w1, b1, w2, b2, w3, part, n, A, P, DK=DK, BH=BH, NCHUNK=NCHUNK, INTERP=False,
@@ -73,9 +95,7 @@ def sweep(n, log):
 def wgrad_sweep(n, log):
     """The weight-gradient kernel by hidden chunk width (register pressure), row block, warps
     and programs per chunk, each with its partial-sum kernel."""
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    x = torch.randn(n, DK, device="cuda").bfloat16()
-    dy = torch.randn(n, DK, device="cuda").bfloat16()
+    sms, x, dy = inputs(n)
     w1, b1, w2, b2, w3, b3 = weights(torch.float32)
     grads = [w.new_empty(w.shape) for w in (w1, b1, w2, b2, w3)] + [b1.new_empty(DK)]
     results = []
@@ -101,9 +121,7 @@ def persistent(n, log):
     """Prototype persistent forward / input-gradient kernels (weights loaded once per program,
     glu_persistent_proto.py) against the shipped ones; output compared too."""
     import glu_persistent_proto as proto
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    x = torch.randn(n, DK, device="cuda").bfloat16()
-    dy = torch.randn(n, DK, device="cuda").bfloat16()
+    sms, x, dy = inputs(n)
     for wdt in (torch.float32, torch.bfloat16):
         w1, b1, w2, b2, w3, b3 = weights(wdt)
         tag = f"N={n} weights {str(wdt)[6:]}"
@@ -133,11 +151,12 @@ def persistent(n, log):
 
 def whole_op(n, log):
     """One GLU forward + backward through each op, GPU time from the profiler."""
-    x0 = torch.randn(n, DK, device="cuda").bfloat16()
-    dy = torch.randn(n, DK, device="cuda").bfloat16()
+    _, x0, dy = inputs(n)
+    old = previous_kernels()
+    ops = ([("previous", old.glu)] if old is not None else []) + [("new", gk.glu)]
     for wdt in (torch.float32, torch.bfloat16):
         ws = [w.requires_grad_(True) for w in weights(wdt)]
-        for tag, op in (("previous", old.glu), ("new", gk.glu)):
+        for tag, op in ops:
             x = x0.clone().requires_grad_(True)
 
             def step():

@@ -7,6 +7,8 @@
 #    G = I, each model's three runs in this one call; a profile of the pldr-110m step.
 #   bash benchmarks/gpu_glu_kernel_v2.sh $OUT
 set -uo pipefail
+# the previous kernels, for comparison (run where git is, before the call; see glu_variants.py):
+#   git show a4edc8f:pldr_dist/model/glu_kernel.py | sed 's/"pldr::/"pldr_old::/' > benchmarks/_previous_glu_kernel.py
 OUT=${1:-/tmp/out}
 export PYTHONPATH=$PWD:$PWD/benchmarks PYTHONUNBUFFERED=1
 python benchmarks/glu_variants.py --op-only --out $OUT 2>&1 | grep -v -i warn

@@ -5,6 +5,8 @@
 # (glu_kernel_bench.py --steps-only --profile).
 #   bash benchmarks/gpu_glu_variants.sh $OUT
 set -uo pipefail
+# the previous kernels, for comparison (run where git is, before the call; see glu_variants.py):
+#   git show a4edc8f:pldr_dist/model/glu_kernel.py | sed 's/"pldr::/"pldr_old::/' > benchmarks/_previous_glu_kernel.py
 OUT=${1:-/tmp/out}
 mkdir -p $OUT
 export PYTHONPATH=$PWD:$PWD/benchmarks PYTHONUNBUFFERED=1
