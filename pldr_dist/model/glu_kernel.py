@@ -30,8 +30,7 @@ try:
 except ImportError:  # CPU-only installs: the compiled PyTorch GLU is used instead
     triton = None
 
-BLOCK_HIDDEN = 64    # hidden units per chunk in the forward and input-gradient kernels
-WGRAD_HIDDEN = 64    # ... and in the weight-gradient kernel (its registers hold 3 [dk, BH] sums)
+BLOCK_HIDDEN = 64    # hidden units per chunk (chunks of 32 were no faster for the weight gradients)
 SUM_BLOCK, SUM_ROWS = 64, 64   # partial-sum kernel: elements per program, partials per load
 # Weight-gradient kernel: (rows per block, warps, pipeline stages). One config only: the
 # choice fixes the order in which rows are summed, so a second config picked by timing could
@@ -280,15 +279,13 @@ def glu_backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torch.
     dx = torch.empty_like(x)
     grid = lambda meta: (triton.cdiv(n, meta["BM"]),)  # noqa: E731
     _glu_bwd_input[grid](x, dy, w1, b1, w2, b2, w3, dx, n, a, DK=dk, BH=BLOCK_HIDDEN, NCHUNK=nchunk, INTERP=_INTERP)
-    bh = WGRAD_HIDDEN
-    wchunk = triton.cdiv(a, bh)
-    P = _programs(x.device, wchunk)
-    part = torch.empty(P, wchunk, 3 * bh * dk + 2 * bh + dk, device=x.device, dtype=torch.float32)
-    _glu_bwd_weights[(P, wchunk)](x, dy, w1, b1, w2, b2, w3, part, n, a, P,
-                                  DK=dk, BH=bh, NCHUNK=wchunk, INTERP=_INTERP)
+    P, bh = _programs(x.device, nchunk), BLOCK_HIDDEN
+    part = torch.empty(P, nchunk, 3 * bh * dk + 2 * bh + dk, device=x.device, dtype=torch.float32)
+    _glu_bwd_weights[(P, nchunk)](x, dy, w1, b1, w2, b2, w3, part, n, a, P,
+                                  DK=dk, BH=bh, NCHUNK=nchunk, INTERP=_INTERP)
     grads = [w.new_empty(w.shape) for w in (w1, b1, w2, b2, w3)] + [b1.new_empty(dk)]
-    _glu_sum_partials[(triton.cdiv(part.shape[-1], SUM_BLOCK), wchunk)](
-        part, *grads, a, P, DK=dk, BH=bh, NCHUNK=wchunk, BLOCK=SUM_BLOCK, PB=SUM_ROWS)
+    _glu_sum_partials[(triton.cdiv(part.shape[-1], SUM_BLOCK), nchunk)](
+        part, *grads, a, P, DK=dk, BH=bh, NCHUNK=nchunk, BLOCK=SUM_BLOCK, PB=SUM_ROWS)
     return (dx, *grads)
 
 

@@ -64,7 +64,7 @@ class Run:
 
     # -- one optimizer step ------------------------------------------------------------
     def train_step(self, batches, inject_nonfinite: bool):
-        """Returns (mean loss over the step's micro-batches and data-parallel ranks, skipped)."""
+        """batches: a data.loader.BatchesAhead. Returns (mean loss over the step's micro-batches and data-parallel ranks, skipped)."""
         self.inject[0] = inject_nonfinite
         skipped_before = self.skipped_steps()
         if self.grid.pp > 1:
@@ -81,8 +81,7 @@ class Run:
                 else:
                     loss = self.loss_fn(self.forward(inputs), targets)
                 self.engine.backward(loss)
-                if hasattr(batches, "prepare"):   # the next batch, built while the GPU runs the backward
-                    batches.prepare()
+                batches.prepare()   # the next batch, built while the GPU runs the backward
                 self.engine.step()
                 total += loss.detach().float()
             loss = total / self.engine.gradient_accumulation_steps()

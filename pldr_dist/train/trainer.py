@@ -98,7 +98,8 @@ class Trainer:
         self.gstats = GStats(self.job.module, self.job.mcfg.num_layers) if self.job.mcfg.learned_g else None
         self.step = 0
         self.tokens = 0
-        self.batches = None   # BatchesAhead over the train loader, from the start of run()
+        # lazy: the loader starts reading at the first batch, after resume() set its position
+        self.batches = BatchesAhead(self.job.train_loader)
         self.nonfinite_total = 0
         self.nonfinite_in_row = 0
         self.signals = SignalFlag()
@@ -114,7 +115,7 @@ class Trainer:
     # -- state -----------------------------------------------------------------------
     def extra_state(self) -> dict:
         return {"step": self.step, "tokens": self.tokens, "nonfinite_total": self.nonfinite_total,
-                "nonfinite_in_row": self.nonfinite_in_row, "loader": (self.batches or self.job.train_loader).state_dict()}
+                "nonfinite_in_row": self.nonfinite_in_row, "loader": self.batches.state_dict()}
 
     def save(self) -> None:
         self.ckpt.save(self.job.engine, self.step, self.extra_state(), self.cfg.to_dict(),
@@ -140,8 +141,6 @@ class Trainer:
         self.resume()
         self.log(f"training {cfg.model.preset} ({run.num_params:,} parameters) with {run.grid.describe().split(' (')[0]}, "
                  f"zero={cfg.parallel.zero_stage}, {run.precision}, {run.tokens_per_step:,} tokens/step")
-        self.batches = BatchesAhead(run.train_loader)
-        batches = self.batches
         loss = float("nan")
         last_saved = self.step if self.step else -1
         while self.step < cfg.train.steps:
@@ -153,7 +152,7 @@ class Trainer:
                 self.gstats.active = True
             inject = (self.step + 1) in cfg.train.inject_nonfinite_at
             self.profiler.before(self.step + 1)
-            loss, skipped = run.train_step(batches, inject)
+            loss, skipped = run.train_step(self.batches, inject)
             self.profiler.after(self.step + 1)
             if self.gstats is not None:
                 self.gstats.active = False
