@@ -29,13 +29,14 @@ SEQ = 1024
 PEAK, MATMUL_CEILING = 989e12, 798e12
 
 
-def build(name, identity_g, fast, batch, graphs=True, triton_glu=True):
+def build(name, identity_g, fast, batch, graphs=True, triton_glu=True, **fast_opts):
     torch.manual_seed(0)
     cfg = preset(name, mode="v510G", fixed_g="identity") if identity_g else preset(name)
     model = PLDRModel(cfg).cuda()
     for layer in model.layers:
         layer.attn.skip_identity_g = identity_g
-    loss_fn = optimize_for_training(model, cuda_graphs=graphs, triton_glu=triton_glu) if fast else lm_loss
+    loss_fn = (optimize_for_training(model, cuda_graphs=graphs, triton_glu=triton_glu, **fast_opts) if fast
+               else lm_loss)
     model.assume_unpadded = True
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     return cfg, model, loss_fn, opt
@@ -66,11 +67,12 @@ def time_steps(step, warmup=3, iters=10):
     return statistics.median(times), (max(times) - min(times)) / statistics.median(times)
 
 
-def bench(name, identity_g, fast, batch, log, graphs=True, triton_glu=True):
+def bench(name, identity_g, fast, batch, log, graphs=True, triton_glu=True, label=None, **fast_opts):
+    """One timed configuration; fast_opts go to optimize_for_training; label names the path."""
     torch._dynamo.reset()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    cfg, model, loss_fn, opt = build(name, identity_g, fast, batch, graphs, triton_glu)
+    cfg, model, loss_fn, opt = build(name, identity_g, fast, batch, graphs, triton_glu, **fast_opts)
     tokens = torch.randint(4, cfg.vocab_size, (batch, SEQ + 1), device="cuda")
     t0 = time.time()
     try:
@@ -80,7 +82,7 @@ def bench(name, identity_g, fast, batch, log, graphs=True, triton_glu=True):
         return None
     tok_s = batch * SEQ / sec
     flops = tok_s * flops_per_token(cfg, SEQ)
-    path = ("graph" if graphs else "fast") + ("" if triton_glu or identity_g else "-noglu") if fast else "eager"
+    path = label or (("graph" if graphs else "fast") + ("" if triton_glu or identity_g else "-noglu") if fast else "eager")
     row = dict(model=name, attn="G=I (SDPA)" if identity_g else "PLGA", path=path,
                batch=batch, tok_s=tok_s, tflops=flops / 1e12, mfu=flops / PEAK,
                of_matmul=flops / MATMUL_CEILING, mem=torch.cuda.max_memory_allocated() / 2**30,
@@ -119,10 +121,10 @@ def numerics_check(log):
     log(f"numerics fast vs eager (bf16): grad rel diff {dg:.2e}")
 
 
-def profile(name, batch, path, log, row_limit=30, identity_g=False):
+def profile(name, batch, path, log, row_limit=30, identity_g=False, **fast_opts):
     torch._dynamo.reset()
     torch.cuda.empty_cache()
-    cfg, model, loss_fn, opt = build(name, identity_g, True, batch)
+    cfg, model, loss_fn, opt = build(name, identity_g, True, batch, **fast_opts)
     tokens = torch.randint(4, cfg.vocab_size, (batch, SEQ + 1), device="cuda")
     step = make_step(model, loss_fn, opt, tokens)
     for _ in range(3):

@@ -5,7 +5,8 @@ import torch
 
 from pldr_dist.model import PLDRModel
 from pldr_dist.model.config import preset
-from pldr_dist.model.fast import FusedGLU, optimize_for_training
+from pldr_dist.model.fast import FusedGLU, PaddedSwiGLU, optimize_for_training
+from pldr_dist.model.layers import apply_rotary, rotary_cache
 from pldr_dist.model.model import lm_loss
 
 
@@ -25,6 +26,8 @@ def _check(compile_backend):
                                     backend=compile_backend or "inductor")
     assert fast.state_dict().keys() == eager.state_dict().keys()
     assert any(isinstance(m, FusedGLU) for m in fast.modules())
+    assert any(isinstance(m, PaddedSwiGLU) for m in fast.modules())   # d_ff = 170: padded to 192
+    assert all(layer.attn.rope_cache is not None for layer in fast.layers)
     tokens = torch.randint(4, cfg.vocab_size, (2, 33))  # packed: no pad tokens
     ref_loss, ref_grads = _loss_and_grads(eager, lm_loss, tokens)
     loss, grads = _loss_and_grads(fast, loss_fn, tokens)
@@ -39,3 +42,20 @@ def test_fused_glus_match_eager_loss_and_gradients():
 
 def test_compiled_layers_capture_without_graph_breaks_and_match_eager():
     _check("aot_eager")  # fullgraph=True: a graph break would raise
+
+
+def test_rotary_cache_gives_the_computed_rotation_bit_for_bit():
+    x = torch.randn(2, 3, 40, 16)
+    cache = rotary_cache(64, 16, 10000.0, "cpu")
+    for style in ("interleaved", "half"):
+        for offset in (0, 7, 24):   # 24 + 40 = 64: the cache's last row
+            ref = apply_rotary(x, offset, 10000.0, style)
+            assert torch.equal(apply_rotary(x, offset, 10000.0, style, cache), ref)
+            assert torch.equal(apply_rotary(x.bfloat16(), offset, 10000.0, style, cache),
+                               apply_rotary(x.bfloat16(), offset, 10000.0, style))
+    # the table is what gets used: a zeroed one zeroes the rotation
+    assert not apply_rotary(x, 0, 10000.0, "half", torch.zeros_like(cache)).any()
+    # past the cache's end, a tensor offset (the graph-captured decoder) or fp64: computed
+    assert torch.equal(apply_rotary(x, 30, 10000.0, "half", cache), apply_rotary(x, 30, 10000.0, "half"))
+    assert torch.equal(apply_rotary(x, torch.tensor(3), 10000.0, "half", cache), apply_rotary(x, 3, 10000.0, "half"))
+    assert torch.equal(apply_rotary(x.double(), 3, 10000.0, "half", cache), apply_rotary(x.double(), 3, 10000.0, "half"))

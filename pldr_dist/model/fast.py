@@ -10,8 +10,14 @@
   every layer, short compile times) with no graph breaks, so the metric learner, power
   law, rotary and norms become a few fused kernels, and attention on q~G_LM stays in the
   SDPA flash kernel;
-- the loss is compiled (without a CUDA graph), so the fp32 upcast and the log-softmax fuse
-  into the reduction;
+- the head and the loss run as one autograd step (`head_loss`: one pass over the logits
+  forward, one backward, the bias gradient inside the weight-gradient GEMM); the model then
+  returns its final hidden states (`return_hidden`) and the returned loss applies the head;
+- the rotary cos/sin table is computed once and loaded by the compiled layers (inductor
+  would otherwise recompute a pow, cos and sin per element of q and k);
+- the feed-forward hidden width (d_ff = 2389 and 5461 in the presets) is zero-padded to a
+  multiple of 64 inside each forward, so bf16 rows are 16-byte aligned for the GEMMs and the
+  compiled gating kernels; the padding adds exact zeros;
 - `assume_unpadded` skips the padding check (a host sync) for packed data without pads.
 """
 from __future__ import annotations
@@ -22,10 +28,13 @@ import torch
 import torch.nn.functional as F
 
 from . import glu_kernel
-from .layers import GLU
+from .layers import GLU, SwiGLU, rotary_cache
+from .head_loss import head_loss
 from .model import PLDRModel, lm_loss
+from .plga import PLGA
 
 ALIGN = 8  # bf16 elements in 16 bytes
+FFN_ALIGN = 64  # feed-forward hidden width padded to a multiple of this
 
 
 def bf16_compute(weight: torch.Tensor, x: torch.Tensor) -> bool:
@@ -60,6 +69,19 @@ class FusedGLU(GLU):
         return F.linear(F.silu(gate) * up, F.pad(self.u3.weight, (0, pad)), self.u3.bias)
 
 
+class PaddedSwiGLU(SwiGLU):
+    """SwiGLU with the hidden width zero-padded to a multiple of FFN_ALIGN for the products:
+    same parameters and result (padded units are silu(0) * 0 = 0 and meet zero columns of W3).
+    The padding copies the weights once per step (~6 M values), which the compiler fuses into
+    their bf16 cast; aligned [tokens, d_ff] activations are what the GEMMs and gating read."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pad = -self.w1.out_features % FFN_ALIGN
+        gate = F.linear(x, F.pad(self.w1.weight, (0, 0, 0, pad)), F.pad(self.w1.bias, (0, pad)))
+        up = F.linear(x, F.pad(self.w2.weight, (0, 0, 0, pad)), F.pad(self.w2.bias, (0, pad)))
+        return F.linear(F.silu(gate) * up, F.pad(self.w3.weight, (0, pad)), self.w3.bias)
+
+
 def fuse_metric_glus(model: PLDRModel, kernel: bool = True) -> int:
     """Switch every metric-learner GLU to the fused forward in place; returns how many.
     kernel=False keeps the Triton kernel off (the compiled PyTorch GLU; for comparisons)."""
@@ -74,7 +96,8 @@ def fuse_metric_glus(model: PLDRModel, kernel: bool = True) -> int:
 
 def optimize_for_training(model: PLDRModel, compile: bool = True, packed: bool = True,
                           cuda_graphs: bool = True, backend: str = "inductor",
-                          triton_glu: bool = True) -> Callable:
+                          triton_glu: bool = True, rope_cache: bool = True, pad_ffn: bool = True,
+                          fused_loss: bool = True) -> Callable:
     """Make `model` train fast in place and return the loss function to use with it.
 
     packed=True: the batches hold no pad tokens (packed pretraining data), so the padding
@@ -83,11 +106,23 @@ def optimize_for_training(model: PLDRModel, compile: bool = True, packed: bool =
     the CPU (call `torch.compiler.cudagraph_mark_step_begin()` before each step's forward).
     backend: torch.compile's backend ("aot_eager" in CPU tests). triton_glu: the metric
     learner's GLUs run as Triton kernels where they can (CUDA, bf16; see `glu_kernel`).
+    rope_cache, pad_ffn, fused_loss: the precomputed rotary table, the padded feed-forward
+    and the fused head + loss (on by default; off only to measure what each gives). With
+    fused_loss the model returns hidden states: use it only with the returned loss.
     """
     fuse_metric_glus(model, triton_glu)
+    device = next(model.parameters()).device
+    for module in model.modules():
+        if isinstance(module, SwiGLU) and pad_ffn and module.w1.out_features % FFN_ALIGN:
+            module.__class__ = PaddedSwiGLU
+        if isinstance(module, PLGA) and rope_cache:
+            cfg = module.cfg
+            module.rope_cache = rotary_cache(cfg.context_length, cfg.head_dim, cfg.rope_base, device)
     model.assume_unpadded = packed
+    model.return_hidden = fused_loss
+    loss = (lambda h, targets, pad_id=0: head_loss(h, model.head, targets, pad_id)) if fused_loss else lm_loss
     if not compile:
-        return lm_loss
+        return loss
     # One compiled graph per shape serves every layer; several models or batch sizes in one
     # process (benchmarks) need more cache entries than the default.
     dynamo = torch._dynamo.config
@@ -96,5 +131,7 @@ def optimize_for_training(model: PLDRModel, compile: bool = True, packed: bool =
     options = dict(fullgraph=True, dynamic=False, backend=backend)
     for layer in model.layers:
         layer.compile(**options, **({"mode": "reduce-overhead"} if cuda_graphs and backend == "inductor" else {}))
+    if fused_loss:
+        return loss
     # The loss is a few large kernels: no graph (replaying one would first copy the logits).
     return torch.compile(lm_loss, **options)

@@ -93,6 +93,9 @@ class PLDRModel(nn.Module):
         # True for training on packed sequences that hold no pad tokens: skips the padding
         # check (a host sync) so the step never waits on the GPU. Not saved; off by default.
         self.assume_unpadded = False
+        # True in the fast training path: forward returns the final hidden states and the
+        # loss applies the head (`head_loss`, one fused step). Not saved; off by default.
+        self.return_hidden = False
         self.reset_parameters()
 
     @torch.no_grad()
@@ -125,7 +128,8 @@ class PLDRModel(nn.Module):
 
     def forward(self, tokens: torch.Tensor, cache: Optional[InferenceCache] = None,
                 key_pad: Optional[torch.Tensor] = None, return_penalty: bool = False):
-        """tokens [B, S] -> logits [B, S, V] (and the DAG penalty when asked).
+        """tokens [B, S] -> logits [B, S, V] (and the DAG penalty when asked); the hidden
+        states [B, S, d] instead when `return_hidden` is set.
 
         Without a cache, padding is read from the tokens (pad id). With a cache, `tokens` are
         the new tokens only and `key_pad` their padding; positions continue from the cache.
@@ -148,7 +152,7 @@ class PLDRModel(nn.Module):
             h, p = layer(h, offset, bias, layer_cache, use_kv, use_g)
             if p is not None:
                 penalty = p if penalty is None else penalty + p
-        logits = self.head(h)
+        logits = h if self.return_hidden else self.head(h)
         if return_penalty:
             if penalty is not None:
                 penalty = penalty / len(self.layers)

@@ -105,6 +105,8 @@ class PLGA(nn.Module):
         # Set True only when G_fixed is known to be the identity (benchmarks' plain-SDPA
         # upper bound): the q@G product is then skipped. Never saved; off by default.
         self.skip_identity_g = False
+        # cos/sin table (`layers.rotary_cache`), set by the fast training path; not saved.
+        self.register_buffer("rope_cache", None, persistent=False)
 
     # -- deductive path ---------------------------------------------------------------
     def metric_output(self, q_rot: torch.Tensor) -> torch.Tensor:
@@ -162,8 +164,8 @@ class PLGA(nn.Module):
         q, k, v = self.wq(x), self.wk(x), self.wv(x)
         B, S = q.shape[:2]   # the projections' shape: under sequence parallelism x holds a slice of S
         q, k, v = (t.view(B, S, -1, dk).transpose(1, 2) for t in (q, k, v))
-        q = apply_rotary(q, offset, self.cfg.rope_base, self.cfg.rope_style)
-        k = apply_rotary(k, offset, self.cfg.rope_base, self.cfg.rope_style)
+        q = apply_rotary(q, offset, self.cfg.rope_base, self.cfg.rope_style, self.rope_cache)
+        k = apply_rotary(k, offset, self.cfg.rope_base, self.cfg.rope_style, self.rope_cache)
         return q, k, v
 
     def merge_heads(self, h: torch.Tensor) -> torch.Tensor:

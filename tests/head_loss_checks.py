@@ -1,0 +1,108 @@
+"""Checks of the fused head + loss (pldr_dist.model.head_loss) run in Triton's CPU interpreter.
+
+TRITON_INTERPRET must be set before Triton is imported, so test_head_loss.py runs each check
+in its own process: `python tests/head_loss_checks.py NAME`.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import sys
+
+assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from pldr_dist.model import PLDRModel, head_loss  # noqa: E402
+from pldr_dist.model.config import preset  # noqa: E402
+from pldr_dist.model.fast import optimize_for_training  # noqa: E402
+from pldr_dist.model.model import lm_loss  # noqa: E402
+
+PAD = 0
+
+
+def _case(vocab=300, d=24, seed=0):
+    torch.manual_seed(seed)
+    head = torch.nn.Linear(d, vocab)
+    h = torch.randn(2, 37, d) * 2
+    targets = torch.randint(1, vocab, (2, 37))
+    targets[0, :5] = PAD          # ignored positions
+    targets[1, -1] = vocab - 1    # the last column
+    return head, h, targets
+
+
+def _grads(fn, head, h, targets, factor=1.0):
+    head = copy.deepcopy(head)
+    x = h.clone().requires_grad_(True)
+    loss = fn(x, head, targets)
+    (loss * factor).backward()
+    return loss.detach(), [x.grad, head.weight.grad, head.bias.grad]
+
+
+def _plain(x, head, targets):
+    return lm_loss(F.linear(x, head.weight, head.bias), targets, PAD)
+
+
+def _fused(x, head, targets):
+    return head_loss.head_loss(x, head, targets, PAD)
+
+
+def _assert_match(vocab, block, factor=1.0):
+    head_loss.BLOCK_V = block
+    head, h, targets = _case(vocab)
+    ref_loss, ref = _grads(_plain, head, h, targets, factor)
+    loss, got = _grads(_fused, head, h, targets, factor)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+    for name, g, r in zip(("h", "weight", "bias"), got, ref):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7, msg=f"{name} gradient, V={vocab}, block={block}")
+
+
+def check_matches_plain_loss():
+    """Loss and gradients of h, W and b against cross-entropy on F.linear, pad targets ignored:
+    one masked block (V < BLOCK), several blocks with a tail, and an exact multiple."""
+    for vocab, block in ((300, 4096), (300, 128), (256, 64)):
+        _assert_match(vocab, block)
+
+
+def check_scales_with_incoming_gradient():
+    _assert_match(300, 128, factor=0.37)   # e.g. 1 / gradient-accumulation steps
+
+
+def check_second_backward_raises():
+    head, h, targets = _case()
+    x = h.clone().requires_grad_(True)
+    loss = _fused(x, head, targets)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()
+
+
+def check_fast_path_uses_it():
+    """optimize_for_training: the model returns hidden states, the returned loss applies the
+    head; loss and all gradients equal the eager model's lm_loss."""
+    torch.manual_seed(0)
+    cfg = preset("tiny")
+    eager = PLDRModel(cfg)
+    fast = copy.deepcopy(eager)
+    loss_fn = optimize_for_training(fast, compile=False)
+    tokens = torch.randint(4, cfg.vocab_size, (2, 33))
+    out = fast(tokens[:, :-1])
+    assert out.shape == (2, 32, cfg.d_model)       # hidden states, not logits
+    calls = []
+    real = head_loss._HeadLoss.apply
+    head_loss._HeadLoss.apply = lambda *a: calls.append(1) or real(*a)
+    loss = loss_fn(out, tokens[:, 1:])
+    assert calls, "the fused op did not run"
+    loss.backward()
+    ref = lm_loss(eager(tokens[:, :-1]), tokens[:, 1:])
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+    for (name, p), q in zip(fast.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+if __name__ == "__main__":
+    globals()["check_" + sys.argv[1]]()
+    print("ok")
