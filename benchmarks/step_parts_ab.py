@@ -19,8 +19,11 @@ import argparse
 import os
 
 import torch
+import torch.nn.functional as F
 
 from pldr_dist.model import glu_kernel
+from pldr_dist.model.head_loss import head_loss
+from pldr_dist.model.model import lm_loss
 
 import glu_kernel_bench  # noqa: E402  (benchmarks/ is on sys.path)
 import train_step  # noqa: E402
@@ -38,12 +41,40 @@ def run(name, batch, identity_g, off, log):
         glu_kernel.SIGMOID_TANH = True
 
 
+def head_loss_numerics(log, rows=8192, d=896, vocab=32000):
+    """The fused head + loss against the plain head and loss, both bf16 (autocast and bf16
+    weights), and fp64: relative errors of the loss and of the h, W and b gradients."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(d, vocab).cuda()
+    h = torch.randn(1, rows, d, device="cuda")
+    targets = torch.randint(1, vocab, (1, rows), device="cuda")
+    targets[0, :100] = 0   # pad positions, ignored
+
+    def grads(fn, dtype, autocast):
+        hd = torch.nn.Linear(d, vocab).cuda().to(dtype)
+        hd.load_state_dict(head.state_dict())
+        x = h.to(dtype).detach().requires_grad_(True)
+        with torch.autocast("cuda", torch.bfloat16, enabled=autocast):
+            loss = fn(x, hd, targets)
+        loss.backward()
+        return [loss.double(), x.grad.double(), hd.weight.grad.double(), hd.bias.grad.double()]
+    plain = lambda x, hd, t: lm_loss(F.linear(x, hd.weight, hd.bias), t)  # noqa: E731
+    fused = lambda x, hd, t: head_loss(x, hd, t)  # noqa: E731
+    ref = grads(plain, torch.float64, False)
+    for name, fn in (("plain", plain), ("fused", fused)):
+        for tag, dtype, autocast in (("bf16 autocast", torch.float32, True), ("bf16 weights", torch.bfloat16, False)):
+            errs = " ".join(f"{k}={((a - b).norm() / b.norm()).item():.2e}"
+                            for k, a, b in zip(("loss", "h", "W", "b"), grads(fn, dtype, autocast), ref))
+            log(f"head+loss {name} {tag} vs fp64: {errs}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     ap.add_argument("--models", default="pldr-110m:64", help="preset:micro-batch,...")
     ap.add_argument("--ablate", action="store_true", help="PLGA with each part off alone")
     ap.add_argument("--numerics", action="store_true")
+    ap.add_argument("--no-before", action="store_true", help="skip the runs with all four parts off")
     ap.add_argument("--profile", action="store_true", help="profile the first model, PLGA and G = I, all on")
     args = ap.parse_args()
     log = train_step.open_log(args.out, "step_parts_log.txt")
@@ -54,12 +85,15 @@ def main():
             log(f"GLU sigmoid {'tanh.approx' if tanh else 'exact (tl.sigmoid)'}:")
             glu_kernel_bench.numerics(4099, log)
         glu_kernel.SIGMOID_TANH = True
+        head_loss_numerics(log)
+        train_step.numerics_check(log, identity_g=True)
         train_step.numerics_check(log)
     rows = []
     models = [(m.split(":")[0], int(m.split(":")[1])) for m in args.models.split(",")]
     for name, batch in models:
-        rows += [run(name, batch, False, (), log), run(name, batch, True, (), log),
-                 run(name, batch, False, PARTS, log), run(name, batch, True, PARTS, log)]
+        rows += [run(name, batch, False, (), log), run(name, batch, True, (), log)]
+        if not args.no_before:
+            rows += [run(name, batch, False, PARTS, log), run(name, batch, True, PARTS, log)]
         if args.ablate:
             rows += [run(name, batch, False, (part,), log) for part in PARTS]
     if args.profile:

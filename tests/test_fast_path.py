@@ -46,8 +46,8 @@ def test_compiled_layers_capture_without_graph_breaks_and_match_eager():
 
 def test_rotary_cache_gives_the_computed_rotation_bit_for_bit():
     x = torch.randn(2, 3, 40, 16)
-    cache = rotary_cache(64, 16, 10000.0, "cpu")
     for style in ("interleaved", "half"):
+        cache = rotary_cache(64, 16, 10000.0, style, "cpu")
         for offset in (0, 7, 24):   # 24 + 40 = 64: the cache's last row
             ref = apply_rotary(x, offset, 10000.0, style)
             assert torch.equal(apply_rotary(x, offset, 10000.0, style, cache), ref)
@@ -59,3 +59,16 @@ def test_rotary_cache_gives_the_computed_rotation_bit_for_bit():
     assert torch.equal(apply_rotary(x, 30, 10000.0, "half", cache), apply_rotary(x, 30, 10000.0, "half"))
     assert torch.equal(apply_rotary(x, torch.tensor(3), 10000.0, "half", cache), apply_rotary(x, 3, 10000.0, "half"))
     assert torch.equal(apply_rotary(x.double(), 3, 10000.0, "half", cache), apply_rotary(x.double(), 3, 10000.0, "half"))
+
+
+def test_rotary_rotates_the_spec_pairs():
+    """x * C + swap(x) * S' is the pairwise rotation (x_a cos - x_b sin, x_b cos + x_a sin) with
+    pairs (2i, 2i+1) interleaved and (i, i + dk/2) half, bit for bit."""
+    x = torch.randn(2, 3, 40, 16, dtype=torch.float64)
+    pos = torch.arange(5, 45, dtype=torch.float64)[:, None]
+    theta = pos * 10000.0 ** (-torch.arange(0, 16, 2, dtype=torch.float64) / 16)
+    cos, sin = theta.cos(), theta.sin()
+    for style, (a, b) in (("interleaved", (x[..., 0::2], x[..., 1::2])), ("half", (x[..., :8], x[..., 8:]))):
+        ra, rb = a * cos - b * sin, b * cos + a * sin
+        want = torch.stack((ra, rb), -1).flatten(-2) if style == "interleaved" else torch.cat((ra, rb), -1)
+        assert torch.equal(apply_rotary(x, 5, 10000.0, style), want), style

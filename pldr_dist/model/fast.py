@@ -117,7 +117,7 @@ def optimize_for_training(model: PLDRModel, compile: bool = True, packed: bool =
             module.__class__ = PaddedSwiGLU
         if isinstance(module, PLGA) and rope_cache:
             cfg = module.cfg
-            module.rope_cache = rotary_cache(cfg.context_length, cfg.head_dim, cfg.rope_base, device)
+            module.rope_cache = rotary_cache(cfg.context_length, cfg.head_dim, cfg.rope_base, cfg.rope_style, device)
     model.assume_unpadded = packed
     model.return_hidden = fused_loss
     loss = (lambda h, targets, pad_id=0: head_loss(h, model.head, targets, pad_id)) if fused_loss else lm_loss

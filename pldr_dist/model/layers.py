@@ -20,15 +20,30 @@ def rotary_tables(positions: torch.Tensor, head_dim: int, base: float, dtype: to
     return angles.cos(), angles.sin()
 
 
-def rotary_cache(length: int, head_dim: int, base: float, device) -> torch.Tensor:
-    """fp32 [length, dk/2, 2]: cos and sin of positions 0..length-1, for `apply_rotary(cache=)`.
+def _full_width(cos: torch.Tensor, sin: torch.Tensor, style: str):
+    """[S, dk/2] cos/sin -> [S, dk] multipliers C, S' with rotate(x) = x * C + swap(x) * S'."""
+    if style == "interleaved":
+        return cos.repeat_interleave(2, dim=-1), torch.stack((-sin, sin), dim=-1).flatten(-2)
+    return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
+
+
+def _swap(x: torch.Tensor, style: str) -> torch.Tensor:
+    """The partner of each element: (x1, x0, x3, x2, ...) interleaved, (x_h, x_0) halves."""
+    if style == "interleaved":
+        return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return x.roll(x.shape[-1] // 2, dims=-1)
+
+
+def rotary_cache(length: int, head_dim: int, base: float, style: str, device) -> torch.Tensor:
+    """fp32 [length, dk, 2]: the multipliers C and S' of positions 0..length-1, for
+    `apply_rotary(cache=)`.
 
     Why: compiled, the table is otherwise recomputed inside the rotation kernels, a pow, cos
     and sin for every element of q and k (B*h times per position); that made rotary ~6% of a
     pldr-110m training step on the H100. Loaded from memory it is a few hundred KB in L2.
     """
     cos, sin = rotary_tables(torch.arange(length, device=device), head_dim, base, torch.float32)
-    return torch.stack((cos, sin), dim=-1)
+    return torch.stack(_full_width(cos, sin, style), dim=-1)
 
 
 def apply_rotary(x: torch.Tensor, offset, base: float, style: str,
@@ -38,25 +53,22 @@ def apply_rotary(x: torch.Tensor, offset, base: float, style: str,
     `offset` is an int, or a 0-d tensor on x's device (the graph-captured decoder keeps the
     position on the GPU). "interleaved" rotates pairs (2i, 2i+1) together (GPT-J / torchtune
     style, PLDR v51, the spec); "half" rotates (i, i + dk/2) together (GPT-NeoX style, the
-    authors' v52 models). `cache` (from `rotary_cache`) supplies the same cos/sin values for
-    an int offset inside it when the work dtype is fp32; otherwise they are computed here.
+    authors' v52 models). Written as x * C + swap(x) * S' (C = cos, S' = -sin / +sin per
+    element): one element-wise expression whose backward is one too, where slicing out the
+    pairs made the compiled backward scatter into zeros. `cache` (from `rotary_cache`, same
+    style) supplies C and S' for an int offset inside it when the work dtype is fp32;
+    otherwise they are computed here.
     """
     S, dk = x.shape[-2], x.shape[-1]
     work = torch.promote_types(x.dtype, torch.float32)
     if (cache is not None and isinstance(offset, int) and cache.dtype == work
             and offset + S <= cache.shape[0]):
-        cos, sin = cache[offset:offset + S].unbind(-1)
+        c, s = cache[offset:offset + S].unbind(-1)
     else:
         positions = torch.arange(S, device=x.device) + offset
-        cos, sin = rotary_tables(positions, dk, base, x.dtype)
-    xf = x.to(cos.dtype)
-    if style == "interleaved":
-        x1, x2 = xf[..., 0::2], xf[..., 1::2]
-        out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
-    else:
-        x1, x2 = xf[..., : dk // 2], xf[..., dk // 2:]
-        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    return out.to(x.dtype)
+        c, s = _full_width(*rotary_tables(positions, dk, base, x.dtype), style)
+    xf = x.to(c.dtype)
+    return (xf * c + _swap(xf, style) * s).to(x.dtype)
 
 
 class SwiGLU(nn.Module):
