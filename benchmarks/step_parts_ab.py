@@ -1,10 +1,11 @@
 """What each part of the fast path gives, in one process on one GPU (stand-alone step).
 
-The parts added together (each can be turned off in `optimize_for_training` or, for the
-GLU kernels' tanh sigmoid, with `glu_kernel.SIGMOID_TANH`):
+The parts added together (each can be turned off: `optimize_for_training`'s options, the
+benchmark's own loss for fused_loss, `glu_kernel.SIGMOID_TANH` for the tanh sigmoid):
 - rope_cache: the rotary cos/sin table loaded, not recomputed per element;
 - pad_ffn: the feed-forward hidden width zero-padded to a multiple of 64;
-- fused_loss: head + cross-entropy as one autograd step (`model/head_loss.py`);
+- fused_loss: head + cross-entropy as one autograd step, `model(x, targets=y)`
+  (`model/head_loss.py`; off: the compiled lm_loss on the logits);
 - tanh: the GLU kernels' sigmoid through tanh.approx.
 
 For each model: PLGA and G = I with everything on and with all four off (the previous fast

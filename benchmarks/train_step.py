@@ -29,24 +29,32 @@ SEQ = 1024
 PEAK, MATMUL_CEILING = 989e12, 798e12
 
 
-def build(name, identity_g, fast, batch, graphs=True, triton_glu=True, **fast_opts):
+def build(name, identity_g, fast, batch, graphs=True, triton_glu=True, fused_loss=True, **fast_opts):
+    """(cfg, model, loss_of(tokens), optimizer). The fast path's loss is model(x, targets=y)
+    (head and loss fused); fused_loss=False applies the compiled lm_loss to the logits instead
+    (the previous fast path, for comparison); eager: lm_loss on the logits."""
     torch.manual_seed(0)
     cfg = preset(name, mode="v510G", fixed_g="identity") if identity_g else preset(name)
     model = PLDRModel(cfg).cuda()
     for layer in model.layers:
         layer.attn.skip_identity_g = identity_g
-    loss_fn = (optimize_for_training(model, cuda_graphs=graphs, triton_glu=triton_glu, **fast_opts) if fast
-               else lm_loss)
+    if fast:
+        optimize_for_training(model, cuda_graphs=graphs, triton_glu=triton_glu, **fast_opts)
+    if fast and fused_loss:
+        loss_of = lambda t: model(t[:, :-1], targets=t[:, 1:])  # noqa: E731
+    else:
+        loss_fn = torch.compile(lm_loss, fullgraph=True, dynamic=False) if fast else lm_loss
+        loss_of = lambda t: loss_fn(model(t[:, :-1]), t[:, 1:])  # noqa: E731
     model.assume_unpadded = True
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    return cfg, model, loss_fn, opt
+    return cfg, model, loss_of, opt
 
 
-def make_step(model, loss_fn, opt, tokens):
+def make_step(model, loss_of, opt, tokens):
     def step():
         torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast("cuda", torch.bfloat16):
-            loss = loss_fn(model(tokens[:, :-1]), tokens[:, 1:])
+            loss = loss_of(tokens)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -72,11 +80,11 @@ def bench(name, identity_g, fast, batch, log, graphs=True, triton_glu=True, labe
     torch._dynamo.reset()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    cfg, model, loss_fn, opt = build(name, identity_g, fast, batch, graphs, triton_glu, **fast_opts)
+    cfg, model, loss_of, opt = build(name, identity_g, fast, batch, graphs, triton_glu, **fast_opts)
     tokens = torch.randint(4, cfg.vocab_size, (batch, SEQ + 1), device="cuda")
     t0 = time.time()
     try:
-        sec, spread = time_steps(make_step(model, loss_fn, opt, tokens))
+        sec, spread = time_steps(make_step(model, loss_of, opt, tokens))
     except Exception as e:  # out of memory, or a compile failure: report and go on
         log(f"{name} B={batch} identity_g={identity_g} fast={fast} graphs={graphs}: {type(e).__name__} {str(e)[:300]}")
         return None
@@ -100,13 +108,14 @@ def numerics_check(log, identity_g=False):
     cfg = preset("pldr-110m", mode="v510G", fixed_g="identity") if identity_g else preset("pldr-110m")
     eager = PLDRModel(cfg).cuda()
     fast = copy.deepcopy(eager)
-    loss_fn = optimize_for_training(fast)
+    optimize_for_training(fast)
     tokens = torch.randint(4, cfg.vocab_size, (4, SEQ + 1), device="cuda")
     ref64 = copy.deepcopy(eager).double()
     out = {}
-    for tag, model, fn in (("eager", eager, lm_loss), ("fast", fast, loss_fn), ("fp64", ref64, lm_loss)):
+    for tag, model in (("eager", eager), ("fast", fast), ("fp64", ref64)):
         with torch.autocast("cuda", torch.bfloat16, enabled=tag != "fp64"):
-            loss = fn(model(tokens[:, :-1]), tokens[:, 1:])
+            x, y = tokens[:, :-1], tokens[:, 1:]
+            loss = model(x, targets=y) if tag == "fast" else lm_loss(model(x), y)
         loss.backward()
         out[tag] = (loss.double(), torch.cat([p.grad.double().flatten() for p in model.parameters()]))
     power = torch.cat([torch.full((p.numel(),), ".power." in n, device="cuda")
@@ -125,9 +134,9 @@ def numerics_check(log, identity_g=False):
 def profile(name, batch, path, log, row_limit=30, identity_g=False, **fast_opts):
     torch._dynamo.reset()
     torch.cuda.empty_cache()
-    cfg, model, loss_fn, opt = build(name, identity_g, True, batch, **fast_opts)
+    cfg, model, loss_of, opt = build(name, identity_g, True, batch, **fast_opts)
     tokens = torch.randint(4, cfg.vocab_size, (batch, SEQ + 1), device="cuda")
-    step = make_step(model, loss_fn, opt, tokens)
+    step = make_step(model, loss_of, opt, tokens)
     for _ in range(3):
         step()
     torch.cuda.synchronize()

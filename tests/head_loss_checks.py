@@ -79,21 +79,19 @@ def check_second_backward_raises():
         loss.backward()
 
 
-def check_fast_path_uses_it():
-    """optimize_for_training: the model returns hidden states, the returned loss applies the
-    head; loss and all gradients equal the eager model's lm_loss."""
+def check_model_computes_its_loss_with_it():
+    """PLDRModel(tokens, targets=...) runs the fused op (as the fast path and the trainer call
+    it); loss and all gradients equal lm_loss on the eager model's logits."""
     torch.manual_seed(0)
     cfg = preset("tiny")
     eager = PLDRModel(cfg)
     fast = copy.deepcopy(eager)
-    loss_fn = optimize_for_training(fast, compile=False)
+    optimize_for_training(fast, compile=False)
     tokens = torch.randint(4, cfg.vocab_size, (2, 33))
-    out = fast(tokens[:, :-1])
-    assert out.shape == (2, 32, cfg.d_model)       # hidden states, not logits
     calls = []
     real = head_loss._HeadLoss.apply
     head_loss._HeadLoss.apply = lambda *a: calls.append(1) or real(*a)
-    loss = loss_fn(out, tokens[:, 1:])
+    loss = fast(tokens[:, :-1], targets=tokens[:, 1:])
     assert calls, "the fused op did not run"
     loss.backward()
     ref = lm_loss(eager(tokens[:, :-1]), tokens[:, 1:])

@@ -19,3 +19,36 @@ def test_compiled_trainer_follows_the_eager_losses(tmp_path):
     assert abs(compiled[1] - eager[1]) <= 1e-6 * eager[1]
     for step in (2, 3):
         assert abs(compiled[step] - eager[step]) <= 2e-4 * eager[step], (step, compiled[step], eager[step])
+
+
+def test_bf16_trainer_updates_every_parameter_on_the_first_step(tmp_path):
+    """DeepSpeed's bf16 optimizer clears the gradient buffers when the backward reaches the
+    engine's output; gradients that arrive before that are lost. The loss must therefore be
+    the model's own output (model(x, targets=y)): with the head applied after the engine
+    returned, the head never trained. After one compiled bf16 step every weight matrix and the
+    head's bias have moved (LayerNorm gains at 1.0 move by less than bf16's spacing there), and
+    most entries of the head's weight."""
+    import os
+
+    import torch
+
+    from pldr_dist.model import PLDRModel
+    from pldr_dist.train.config import load_config
+    from train_helpers import ROOT, command, final_weights
+
+    (tmp_path / "data").mkdir()
+    data = prepare_data(str(tmp_path / "data"))
+    run_dir = str(tmp_path / "run")
+    sets = ["train.steps=1", "train.precision=bf16", "train.compile=true"]
+    result = train(data, run_dir, nproc=1, sets=sets)
+    assert result.returncode == 0, result.stdout + result.stderr
+    overrides = [a for a in command(data, run_dir, 1, sets) if "=" in a and not a.startswith("--")]
+    cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), overrides)
+    torch.manual_seed(cfg.train.seed)
+    start = {k: v.bfloat16() for k, v in PLDRModel(cfg.model_config()).state_dict().items()}
+    after = final_weights(run_dir)
+    for name, value in start.items():
+        if value.dim() >= 2 or name == "head.bias":
+            assert not torch.equal(after[name].bfloat16(), value), f"{name} did not train"
+    moved = (after["head.weight"].bfloat16() != start["head.weight"]).float().mean().item()
+    assert moved > 0.9, f"only {moved:.0%} of head.weight moved"

@@ -10,9 +10,9 @@
   every layer, short compile times) with no graph breaks, so the metric learner, power
   law, rotary and norms become a few fused kernels, and attention on q~G_LM stays in the
   SDPA flash kernel;
-- the head and the loss run as one autograd step (`head_loss`: one pass over the logits
-  forward, one backward, the bias gradient inside the weight-gradient GEMM); the model then
-  returns its final hidden states (`return_hidden`) and the returned loss applies the head;
+- the loss: call the model with targets, `model(tokens, targets=...)`; the head and the
+  cross-entropy then run as one autograd step (`head_loss`: one pass over the logits
+  forward, one backward, the bias gradient inside the weight-gradient GEMM);
 - the rotary cos/sin table is computed once and loaded by the compiled layers (inductor
   would otherwise recompute a pow, cos and sin per element of q and k);
 - the feed-forward hidden width (d_ff = 2389 and 5461 in the presets) is zero-padded to a
@@ -22,15 +22,12 @@
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 
 from . import glu_kernel
 from .layers import GLU, SwiGLU, rotary_cache
-from .head_loss import head_loss
-from .model import PLDRModel, lm_loss
+from .model import PLDRModel
 from .plga import PLGA
 
 ALIGN = 8  # bf16 elements in 16 bytes
@@ -96,9 +93,8 @@ def fuse_metric_glus(model: PLDRModel, kernel: bool = True) -> int:
 
 def optimize_for_training(model: PLDRModel, compile: bool = True, packed: bool = True,
                           cuda_graphs: bool = True, backend: str = "inductor",
-                          triton_glu: bool = True, rope_cache: bool = True, pad_ffn: bool = True,
-                          fused_loss: bool = True) -> Callable:
-    """Make `model` train fast in place and return the loss function to use with it.
+                          triton_glu: bool = True, rope_cache: bool = True, pad_ffn: bool = True) -> None:
+    """Make `model` train fast in place; its loss is `model(tokens, targets=targets)`.
 
     packed=True: the batches hold no pad tokens (packed pretraining data), so the padding
     mask is never built. cuda_graphs=True replays each compiled layer as a CUDA graph: the
@@ -106,9 +102,8 @@ def optimize_for_training(model: PLDRModel, compile: bool = True, packed: bool =
     the CPU (call `torch.compiler.cudagraph_mark_step_begin()` before each step's forward).
     backend: torch.compile's backend ("aot_eager" in CPU tests). triton_glu: the metric
     learner's GLUs run as Triton kernels where they can (CUDA, bf16; see `glu_kernel`).
-    rope_cache, pad_ffn, fused_loss: the precomputed rotary table, the padded feed-forward
-    and the fused head + loss (on by default; off only to measure what each gives). With
-    fused_loss the model returns hidden states: use it only with the returned loss.
+    rope_cache, pad_ffn: the precomputed rotary table and the padded feed-forward (on by
+    default; off only to measure what each gives).
     """
     fuse_metric_glus(model, triton_glu)
     device = next(model.parameters()).device
@@ -119,10 +114,8 @@ def optimize_for_training(model: PLDRModel, compile: bool = True, packed: bool =
             cfg = module.cfg
             module.rope_cache = rotary_cache(cfg.context_length, cfg.head_dim, cfg.rope_base, cfg.rope_style, device)
     model.assume_unpadded = packed
-    model.return_hidden = fused_loss
-    loss = (lambda h, targets, pad_id=0: head_loss(h, model.head, targets, pad_id)) if fused_loss else lm_loss
     if not compile:
-        return loss
+        return
     # One compiled graph per shape serves every layer; several models or batch sizes in one
     # process (benchmarks) need more cache entries than the default.
     dynamo = torch._dynamo.config
@@ -131,7 +124,3 @@ def optimize_for_training(model: PLDRModel, compile: bool = True, packed: bool =
     options = dict(fullgraph=True, dynamic=False, backend=backend)
     for layer in model.layers:
         layer.compile(**options, **({"mode": "reduce-overhead"} if cuda_graphs and backend == "inductor" else {}))
-    if fused_loss:
-        return loss
-    # The loss is a few large kernels: no graph (replaying one would first copy the logits).
-    return torch.compile(lm_loss, **options)

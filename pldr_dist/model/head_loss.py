@@ -10,6 +10,11 @@ Here
   the logits in place (one read, one write), and gets the bias gradient from the weight
   gradient's GEMM by appending a column of ones to the hidden states (no pass of its own).
 
+`PLDRModel.forward(tokens, targets=...)` calls it, so the loss is the model's output: inside
+DeepSpeed's engine forward, whose backward hooks on the output must fire before any parameter
+gradient (applied outside, after the model returned hidden states, the head's gradients
+arrived before DeepSpeed's bf16 optimizer had begun its backward, and training went wrong).
+
 Numerics are those of `lm_loss(F.linear(h, W, b), targets)` in the compute dtype: the same
 GEMMs, the log-softmax in fp32, one rounding of the gradient to the compute dtype, the bias
 gradient summed in the GEMM's fp32 accumulator. The backward can run once per forward (the
@@ -23,8 +28,6 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from .model import lm_loss
 
 try:
     import triton
@@ -133,4 +136,5 @@ def head_loss(h: torch.Tensor, head: nn.Linear, targets: torch.Tensor, pad_id: i
     """lm_loss(head(h), targets, pad_id) for final hidden states h [B, S, d]."""
     if available(h):
         return _HeadLoss.apply(h, head.weight, head.bias, targets, pad_id)
+    from .model import lm_loss   # model imports this module
     return lm_loss(F.linear(h, head.weight, head.bias), targets, pad_id)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .config import PLDRConfig
+from .head_loss import head_loss
 from .layers import SwiGLU, apply_rotary
 from .plga import MASK_VALUE, PLGA, LayerCache
 
@@ -93,9 +94,6 @@ class PLDRModel(nn.Module):
         # True for training on packed sequences that hold no pad tokens: skips the padding
         # check (a host sync) so the step never waits on the GPU. Not saved; off by default.
         self.assume_unpadded = False
-        # True in the fast training path: forward returns the final hidden states and the
-        # loss applies the head (`head_loss`, one fused step). Not saved; off by default.
-        self.return_hidden = False
         self.reset_parameters()
 
     @torch.no_grad()
@@ -127,9 +125,11 @@ class PLDRModel(nn.Module):
             nn.init.zeros_(linear.bias)
 
     def forward(self, tokens: torch.Tensor, cache: Optional[InferenceCache] = None,
-                key_pad: Optional[torch.Tensor] = None, return_penalty: bool = False):
-        """tokens [B, S] -> logits [B, S, V] (and the DAG penalty when asked); the hidden
-        states [B, S, d] instead when `return_hidden` is set.
+                key_pad: Optional[torch.Tensor] = None, return_penalty: bool = False,
+                targets: Optional[torch.Tensor] = None):
+        """tokens [B, S] -> logits [B, S, V] (and the DAG penalty when asked); with targets
+        [B, S], the mean cross-entropy `lm_loss(logits, targets)` instead, computed with the
+        head as one step (`head_loss`: fused on the GPU, the logits never kept in fp32).
 
         Without a cache, padding is read from the tokens (pad id). With a cache, `tokens` are
         the new tokens only and `key_pad` their padding; positions continue from the cache.
@@ -152,7 +152,10 @@ class PLDRModel(nn.Module):
             h, p = layer(h, offset, bias, layer_cache, use_kv, use_g)
             if p is not None:
                 penalty = p if penalty is None else penalty + p
-        logits = h if self.return_hidden else self.head(h)
+        if targets is not None:
+            logits = head_loss(h, self.head, targets, self.cfg.pad_id)   # the loss, in fact
+        else:
+            logits = self.head(h)
         if return_penalty:
             if penalty is not None:
                 penalty = penalty / len(self.layers)

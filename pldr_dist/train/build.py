@@ -62,6 +62,26 @@ class Run:
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
+    def micro_batch_loss(self, inputs, targets, penalty: bool = True):
+        """One micro-batch's loss (PP = 1), plus the DAG penalty in mode v510_dag.
+
+        TP = 1: the model computes the loss itself (`model(tokens, targets=...)`, head and
+        cross-entropy fused), so the loss is the engine's output. DeepSpeed's bf16 optimizer
+        starts its backward from hooks on that output; a head applied after the engine returned
+        would send its gradients before them, and they were lost. TP > 1: the vocabulary-parallel
+        loss of the logits.
+        """
+        dag = penalty and self.mcfg.mode == "v510_dag"
+        if self.grid.tp == 1:
+            out = self.forward(inputs, targets=targets, return_penalty=dag)
+            loss, pen = out if dag else (out, None)
+            loss = loss * float("nan") if self.inject[0] else loss
+        else:
+            out = self.forward(inputs, return_penalty=dag)
+            logits, pen = out if dag else (out, None)
+            loss = self.loss_fn(logits, targets)
+        return loss + pen if pen is not None else loss
+
     # -- one optimizer step ------------------------------------------------------------
     def train_step(self, batches, inject_nonfinite: bool):
         """batches: a data.loader.BatchesAhead. Returns (mean loss over the step's micro-batches and data-parallel ranks, skipped)."""
@@ -74,12 +94,7 @@ class Run:
             total = 0.0
             for _ in range(self.engine.gradient_accumulation_steps()):
                 batch = next(batches)
-                inputs, targets = _to_device(batch, self.engine.device)
-                if self.mcfg.mode == "v510_dag":
-                    logits, penalty = self.forward(inputs, return_penalty=True)
-                    loss = self.loss_fn(logits, targets) + (penalty if penalty is not None else 0.0)
-                else:
-                    loss = self.loss_fn(self.forward(inputs), targets)
+                loss = self.micro_batch_loss(*_to_device(batch, self.engine.device))
                 self.engine.backward(loss)
                 batches.prepare()   # the next batch, built while the GPU runs the backward
                 self.engine.step()
@@ -103,8 +118,7 @@ class Run:
             return sum(losses) / len(losses)
         self.engine.eval()
         for _ in range(num_batches):
-            inputs, targets = _to_device(next(loader), self.engine.device)
-            losses.append(self.loss_fn(self.forward(inputs), targets).float())
+            losses.append(self.micro_batch_loss(*_to_device(next(loader), self.engine.device), penalty=False).float())
         self.engine.train()
         loss = torch.stack(losses).mean()
         dist.all_reduce(loss, group=self.grid.dp_group)
@@ -147,11 +161,10 @@ def build_run(cfg: RunConfig) -> Run:
     if torch.cuda.is_available():
         model = model.cuda()
     inject = [False]       # set by Run.train_step for the testing aid train.inject_nonfinite_at
-    dense_lm_loss = lm_loss    # rebound below to the compiled loss with train.compile (loss_fn reads it late)
 
-    def loss_fn(logits, targets):
+    def loss_fn(logits, targets):   # pipelines (their last stage) and TP > 1; see Run.micro_batch_loss
         loss = (vocab_parallel_lm_loss(logits, targets, grid.tp_group, mcfg.pad_id) if p.tp > 1
-                else dense_lm_loss(logits, targets, mcfg.pad_id))
+                else lm_loss(logits, targets, mcfg.pad_id))
         return loss * float("nan") if inject[0] else loss
 
     def dense_loss(outputs, targets):
@@ -180,9 +193,7 @@ def build_run(cfg: RunConfig) -> Run:
         # contiguous_grads' buffer: autograd then adds the graphs' gradient outputs into it
         # instead of keeping them as .grad, memory the next replay overwrites.
         cuda_graphs = torch.cuda.is_available() and hasattr(engine.optimizer, "contiguous_grads")
-        # the loss compiled too: the fp32 upcast and log-softmax over the vocabulary fuse
-        dense_lm_loss = optimize_for_training(model, compile=True, packed=True, cuda_graphs=cuda_graphs,
-                                              triton_glu=t.triton_glu)
+        optimize_for_training(model, compile=True, packed=True, cuda_graphs=cuda_graphs, triton_glu=t.triton_glu)
 
     manifest = load_manifest(cfg.data.shards)
     fingerprint = _tokenizer_fingerprint(cfg)
