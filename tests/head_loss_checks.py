@@ -70,6 +70,13 @@ def check_scales_with_incoming_gradient():
     _assert_match(300, 128, factor=0.37)   # e.g. 1 / gradient-accumulation steps
 
 
+def check_out_of_vocabulary_target_makes_the_loss_nan():
+    head, h, targets = _case(vocab=300)
+    assert torch.isfinite(_fused(h, head, targets))
+    targets[1, 3] = 300
+    assert torch.isnan(_fused(h, head, targets))
+
+
 def check_second_backward_raises():
     head, h, targets = _case()
     x = h.clone().requires_grad_(True)

@@ -17,7 +17,9 @@ arrived before DeepSpeed's bf16 optimizer had begun its backward, and training w
 
 Numerics are those of `lm_loss(F.linear(h, W, b), targets)` in the compute dtype: the same
 GEMMs, the log-softmax in fp32, one rounding of the gradient to the compute dtype, the bias
-gradient summed in the GEMM's fp32 accumulator. The backward can run once per forward (the
+gradient summed in the GEMM's fp32 accumulator. Targets equal to pad_id are ignored; one
+outside the vocabulary makes the loss NaN (the trainer's non-finite guard then stops the run)
+instead of stopping the GPU as F.cross_entropy would. The backward can run once per forward (the
 logits are overwritten); a second one raises. Without Triton on the device (CPU without the
 interpreter) the plain path runs.
 """
@@ -66,7 +68,9 @@ if triton is not None:
         valid = (t != PAD) & (t >= 0) & (t < V)
         x_t = tl.load(base + t, mask=valid, other=0.0).to(tl.float32)
         tl.store(lse_ptr + row, lse)
-        tl.store(loss_ptr + row, tl.where(valid, lse - x_t, 0.0))
+        # a pad target adds 0; one outside the vocabulary makes the loss NaN (F.cross_entropy
+        # would stop with an error; here that would cost a host sync), so it cannot pass unseen
+        tl.store(loss_ptr + row, tl.where(valid, lse - x_t, tl.where(t == PAD, 0.0, float("nan"))))
 
     @triton.jit
     def _row_grad(logits_ptr, targets_ptr, lse_ptr, scale_ptr, stride, PAD, V: tl.constexpr, BLOCK: tl.constexpr):
