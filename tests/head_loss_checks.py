@@ -70,11 +70,12 @@ def check_scales_with_incoming_gradient():
     _assert_match(300, 128, factor=0.37)   # e.g. 1 / gradient-accumulation steps
 
 
-def check_out_of_vocabulary_target_makes_the_loss_nan():
+def check_out_of_vocabulary_target_makes_loss_and_gradients_nan():
     head, h, targets = _case(vocab=300)
     assert torch.isfinite(_fused(h, head, targets))
     targets[1, 3] = 300
-    assert torch.isnan(_fused(h, head, targets))
+    loss, grads = _grads(_fused, head, h, targets)
+    assert torch.isnan(loss) and all(torch.isnan(g).any() for g in grads)
 
 
 def check_second_backward_raises():

@@ -17,10 +17,10 @@ arrived before DeepSpeed's bf16 optimizer had begun its backward, and training w
 
 Numerics are those of `lm_loss(F.linear(h, W, b), targets)` in the compute dtype: the same
 GEMMs, the log-softmax in fp32, one rounding of the gradient to the compute dtype, the bias
-gradient summed in the GEMM's fp32 accumulator. Targets equal to pad_id are ignored; one
-outside the vocabulary makes the loss NaN (the trainer's non-finite guard then stops the run)
-instead of stopping the GPU as F.cross_entropy would. The backward can run once per forward (the
-logits are overwritten); a second one raises. Without Triton on the device (CPU without the
+gradient summed in the GEMM's fp32 accumulator. Targets equal to pad_id are ignored. One
+outside the vocabulary makes the loss and the gradients NaN (the trainer then skips the step
+and stops after `train.max_nonfinite_in_row`), where F.cross_entropy would stop the GPU. The
+backward can run once per forward (the logits are overwritten); a second one raises. Without Triton on the device (CPU without the
 interpreter) the plain path runs.
 """
 from __future__ import annotations
@@ -81,7 +81,7 @@ if triton is not None:
         t = tl.load(targets_ptr + row)
         lse = tl.load(lse_ptr + row)
         valid = (t != PAD) & (t >= 0) & (t < V)
-        scale = tl.where(valid, tl.load(scale_ptr), 0.0)
+        scale = tl.where(valid, tl.load(scale_ptr), tl.where(t == PAD, 0.0, float("nan")))   # as the loss
         for start in range(0, V, BLOCK):
             mask = start + cols < V
             x = tl.load(base + start + cols, mask=mask, other=0.0).to(tl.float32)
