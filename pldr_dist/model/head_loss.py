@@ -20,8 +20,8 @@ GEMMs, the log-softmax in fp32, one rounding of the gradient to the compute dtyp
 gradient summed in the GEMM's fp32 accumulator. Targets equal to pad_id are ignored. One
 outside the vocabulary makes the loss and the gradients NaN (the trainer then skips the step
 and stops after `train.max_nonfinite_in_row`), where F.cross_entropy would stop the GPU. The
-backward can run once per forward (the logits are overwritten); a second one raises. Without Triton on the device (CPU without the
-interpreter) the plain path runs.
+backward can run once per forward (the logits are overwritten); a second one raises. Without
+Triton on the device (CPU without the interpreter) the plain path runs.
 """
 from __future__ import annotations
 

@@ -152,15 +152,12 @@ class PLDRModel(nn.Module):
             h, p = layer(h, offset, bias, layer_cache, use_kv, use_g)
             if p is not None:
                 penalty = p if penalty is None else penalty + p
-        if targets is not None:
-            logits = head_loss(h, self.head, targets, self.cfg.pad_id)   # the loss, in fact
-        else:
-            logits = self.head(h)
+        out = self.head(h) if targets is None else head_loss(h, self.head, targets, self.cfg.pad_id)
         if return_penalty:
             if penalty is not None:
                 penalty = penalty / len(self.layers)
-            return logits, penalty
-        return logits
+            return out, penalty
+        return out
 
     @torch.no_grad()
     def deductive_outputs(self, tokens: torch.Tensor) -> list:
