@@ -105,7 +105,7 @@ def main():
                                row_limit=50, identity_g=identity_g)
     log("\nmodel      batch  attention    path                 tok/s    MFU    mem GiB  PLGA/G=I (same path)")
     for r in filter(None, rows):
-        ref = [s for s in filter(None, rows) if s["model"] == r["model"] and s["attn"] != "PLGA"
+        ref = [s for s in filter(None, rows) if s["model"] == r["model"] and s["batch"] == r["batch"] and s["attn"] != "PLGA"
                and s["path"] == (r["path"] if r["path"] in ("all-on", "before") else "all-on")]
         ratio = f"{r['tok_s'] / ref[0]['tok_s']:.3f}" if r["attn"] == "PLGA" and ref else ""
         log(f"{r['model']:<10} {r['batch']:>5}  {r['attn']:<12} {r['path']:<18} {r['tok_s']:>8.0f}  "
