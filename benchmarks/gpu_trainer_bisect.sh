@@ -9,11 +9,9 @@ set -uo pipefail
 OUT=${1:-/tmp/out}
 mkdir -p $OUT
 source benchmarks/gpu_trainer_lib.sh
-SITE=${PYTHONPATH#$PWD:}
 W=/tmp/tbisect && rm -rf $W && mkdir -p $W
 make_shards $W
 for v in "$@"; do
-  ln -sfn $PWD/data benchmarks/_v/$v/data
-  (cd benchmarks/_v/$v && PYTHONPATH=$PWD:$SITE STEPS=12 train $W $v pldr-110m 64)
+  STEPS=12 train_copy benchmarks/_v/$v $W $v pldr-110m 64
   grep -E "^step" $W/$v.log | awk '{print $2, $4}' | paste -sd' '
 done

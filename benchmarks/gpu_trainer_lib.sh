@@ -3,8 +3,13 @@
 #   train DIR NAME CONFIG MB [ARGS]  pldr-train, compiled, ${STEPS:-30} steps, micro-batch MB, on
 #                                    DIR/shards; run in DIR/NAME, log copied to $OUT/NAME.log;
 #                                    later ARGS (--set k=v) override the defaults
+#   train_copy COPY DIR NAME CONFIG MB [ARGS]
+#                                    train, run from a copy of the package in COPY (e.g.
+#                                    benchmarks/_prev): python -m puts the working directory
+#                                    first on sys.path, so the copy must be the working directory
 #   summary DIR NAME...              median tokens/s, TFLOP/s, MFU, step time of steps 8-20, peak
 #                                    memory and last loss of each run (metrics.jsonl)
+SITE=${PYTHONPATH:-}   # the carried wheels (/tmp/site), for train_copy
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 
 make_shards() {
@@ -23,6 +28,12 @@ train() {
   echo "$name: exit $rc"; grep -E "Error|error" $dir/$name.log | grep -v Warning | tail -3
   cp $dir/$name.log $OUT/$name.log
   return $rc
+}
+
+train_copy() {
+  local copy=$1; shift
+  ln -sfn $PWD/data $copy/data
+  (cd $copy && PYTHONPATH=$PWD:$SITE train "$@")
 }
 
 summary() {

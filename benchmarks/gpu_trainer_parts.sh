@@ -10,17 +10,12 @@ set -uo pipefail
 OUT=${1:-/tmp/out}
 mkdir -p $OUT
 source benchmarks/gpu_trainer_lib.sh
-SITE=${PYTHONPATH#$PWD:}
-ln -sfn $PWD/data benchmarks/_prev/data
-prev() {   # run from the old copy: python -m puts the working directory first on sys.path
-  (cd benchmarks/_prev && PYTHONPATH=$PWD:$SITE train "$@")
-}
 W=/tmp/tparts && rm -rf $W && mkdir -p $W
 make_shards $W
 STEPS=25 train $W new_110m_mb64 pldr-110m 64
-STEPS=25 prev $W prev_110m_mb64 pldr-110m 64
+STEPS=25 train_copy benchmarks/_prev $W prev_110m_mb64 pldr-110m 64
 STEPS=22 train $W new_1b_mb16 pldr-1b 16
-STEPS=22 prev $W prev_1b_mb16 pldr-1b 16
+STEPS=22 train_copy benchmarks/_prev $W prev_1b_mb16 pldr-1b 16
 summary $W new_110m_mb64 prev_110m_mb64 new_1b_mb16 prev_1b_mb16 | tee $OUT/trainer_parts.txt
 # where the new trainer leaves the GPU idle: steps 10-12 profiled (as gpu_trainer_gaps.sh)
 STEPS=14 train $W gaps pldr-110m 64 --set 'log.profile_steps=[10,12]'

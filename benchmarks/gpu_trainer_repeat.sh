@@ -6,12 +6,10 @@ set -uo pipefail
 OUT=${1:-/tmp/out}
 mkdir -p $OUT
 source benchmarks/gpu_trainer_lib.sh
-SITE=${PYTHONPATH#$PWD:}
-ln -sfn $PWD/data benchmarks/_prev/data
 W=/tmp/trepeat && rm -rf $W && mkdir -p $W
 make_shards $W
 STEPS=25 train $W new_a pldr-110m 64
-(cd benchmarks/_prev && PYTHONPATH=$PWD:$SITE STEPS=25 train $W prev_a pldr-110m 64)
+STEPS=25 train_copy benchmarks/_prev $W prev_a pldr-110m 64
 STEPS=25 train $W new_b pldr-110m 64
 summary $W new_a prev_a new_b | tee $OUT/trainer_repeat.txt
 for n in new_a prev_a new_b; do echo "$n: $(grep -E '^step' $W/$n.log | awk '{print $4}' | paste -sd' ')"; done | tee -a $OUT/trainer_repeat.txt

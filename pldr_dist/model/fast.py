@@ -26,20 +26,13 @@ import torch
 import torch.nn.functional as F
 
 from . import glu_kernel
+from .head_loss import compute_dtype
 from .layers import GLU, SwiGLU, rotary_cache
 from .model import PLDRModel
 from .plga import PLGA
 
 ALIGN = 8  # bf16 elements in 16 bytes
 FFN_ALIGN = 64  # feed-forward hidden width padded to a multiple of this
-
-
-def bf16_compute(weight: torch.Tensor, x: torch.Tensor) -> bool:
-    """Whether x @ weight runs in bf16 here: under bf16 autocast, or with bf16 weights."""
-    device = x.device.type
-    if torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device) == torch.bfloat16
-    return weight.dtype == torch.bfloat16
 
 
 class FusedGLU(GLU):
@@ -49,7 +42,7 @@ class FusedGLU(GLU):
     use_kernel = True
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
-        if self.use_kernel and glu_kernel.available(y) and bf16_compute(self.u1.weight, y):
+        if self.use_kernel and glu_kernel.available(y) and compute_dtype(self.u1.weight) == torch.bfloat16:
             # The kernel rounds its input to bf16 anyway; casting here (fused by the compiler
             # into whatever made y, e.g. the unit's fp32 LayerNorm) halves what the three
             # kernels read and what autograd saves. The input's gradient is then bf16, as

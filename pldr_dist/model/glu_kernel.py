@@ -45,7 +45,8 @@ _INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def available(x: torch.Tensor) -> bool:
-    """Whether the kernels can run on x: CUDA with Triton, or Triton's CPU interpreter."""
+    """Whether Triton kernels can run on x: CUDA with Triton, or Triton's CPU interpreter
+    (also used by `head_loss`)."""
     if triton is None:
         return False
     return x.is_cuda or (x.device.type == "cpu" and _INTERP)

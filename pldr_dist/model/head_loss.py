@@ -25,26 +25,16 @@ Triton on the device (CPU without the interpreter) the plain path runs.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:
-    import triton
+from .glu_kernel import available, triton
+
+if triton is not None:
     import triton.language as tl
-except ImportError:
-    triton = None
 
 BLOCK_V = 4096   # vocabulary entries per step of a row's loop
-_INTERP = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def available(x: torch.Tensor) -> bool:
-    if triton is None:
-        return False
-    return x.is_cuda or (x.device.type == "cpu" and _INTERP)
 
 
 if triton is not None:
@@ -89,8 +79,8 @@ if triton is not None:
             tl.store(base + start + cols, g.to(logits_ptr.dtype.element_ty), mask=mask)
 
 
-def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
-    """bf16/fp16 under autocast (what autocast's linear would use), else the weights' dtype."""
+def compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype x @ weight runs in: autocast's (bf16/fp16) where it is on, else the weights'."""
     device = weight.device.type
     if torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
@@ -100,7 +90,7 @@ def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
 class _HeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, targets, pad_id):
-        dtype = _compute_dtype(weight)
+        dtype = compute_dtype(weight)
         with torch.autocast(h.device.type, enabled=False):
             x = h.reshape(-1, h.shape[-1]).to(dtype)
             w = weight.to(dtype)
