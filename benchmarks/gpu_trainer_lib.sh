@@ -7,8 +7,9 @@
 #                                    train, run from a copy of the package in COPY (e.g.
 #                                    benchmarks/_prev): python -m puts the working directory
 #                                    first on sys.path, so the copy must be the working directory
-#   summary DIR NAME...              median tokens/s, TFLOP/s, MFU, step time of steps 8-20, peak
-#                                    memory and last loss of each run (metrics.jsonl)
+#   summary DIR NAME...              median tokens/s, TFLOP/s, MFU, step time of the logged steps
+#                                    ${FROM:-8}-${TO:-20}, peak memory and last loss of each run
+#                                    (metrics.jsonl)
 SITE=${PYTHONPATH:-}   # the carried wheels (/tmp/site), for train_copy
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 
@@ -37,16 +38,17 @@ train_copy() {
 }
 
 summary() {
-  python - "$@" <<'PY'
+  FROM=${FROM:-8} TO=${TO:-20} python - "$@" <<'PY'
 import json, os, statistics, sys
 import torch
 W, names = sys.argv[1], sys.argv[2:]
+lo, hi = int(os.environ["FROM"]), int(os.environ["TO"])
 device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-print(f"# {device}: pldr-train, median of steps 8-20")
+print(f"# {device}: pldr-train, median of logged steps {lo}-{hi}")
 for name in names:
     path = f"{W}/{name}/metrics.jsonl"
     rows = [json.loads(l) for l in open(path)] if os.path.isfile(path) else []
-    steady = [r for r in rows if "tokens_per_s" in r and 8 <= r["step"] <= 20]
+    steady = [r for r in rows if "tokens_per_s" in r and lo <= r["step"] <= hi]
     if not steady:
         print(f"{name:<24} failed or too short"); continue
     med = lambda k: statistics.median(r[k] for r in steady)

@@ -81,6 +81,19 @@ def test_truncated_checkpoint_is_detected_and_previous_one_used(data, reference,
     assert losses(run_dir) == {s: ref[s] for s in range(21, 25)}
 
 
+def test_sparse_logging_reads_the_losses_of_a_run_that_logs_every_step(data, reference, tmp_path):
+    """The step's loss stays on the device until a log line reads it (no host sync per step):
+    the losses logged every 8 steps are exactly those of the run that logs every step."""
+    run_dir = str(tmp_path / "sparse")
+    result = train(data, run_dir, sets=STEPS + ["log.every=8"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    logged = {r["step"]: r["loss"] for r in rows if "loss" in r}
+    ref = losses(reference["dp2"])
+    assert logged == {s: ref[s] for s in (8, 16, 24)}
+    assert all(r["tokens_per_s"] * r["step_time_s"] == pytest.approx(r["tokens"] / r["step"]) for r in rows if "loss" in r)
+
+
 def test_nonfinite_loss_is_skipped_and_a_persistent_one_stops_the_run(data, tmp_path):
     once = str(tmp_path / "once")
     result = train(data, once, sets=["train.steps=5", "train.inject_nonfinite_at=[3]"])

@@ -41,9 +41,10 @@ class ClippedAdamW(torch.optim.AdamW):
     @torch.no_grad()
     def step(self, closure=None):
         grads = self._grads()
+        # Computed on the device and read once, after the all-reduce: one host sync per step.
         bad = torch.zeros(1, device=get_accelerator().current_device_name())
-        if grads:
-            bad[0] = float(not all(bool(torch.isfinite(g).all()) for g in grads))
+        for g in grads:
+            bad = torch.maximum(bad, (~torch.isfinite(g).all()).float().to(bad.device))
         if dist.is_initialized():
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if bad.item() > 0:

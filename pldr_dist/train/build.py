@@ -84,12 +84,13 @@ class Run:
 
     # -- one optimizer step ------------------------------------------------------------
     def train_step(self, batches, inject_nonfinite: bool):
-        """batches: a data.loader.BatchesAhead. Returns (mean loss over the step's micro-batches and data-parallel ranks, skipped)."""
+        """batches: a data.loader.BatchesAhead. Returns (mean loss over the step's micro-batches
+        and data-parallel ranks, skipped). The loss stays a 0-dim device tensor: reading it
+        waits for the GPU to finish the step, so the trainer reads it only when it logs."""
         self.inject[0] = inject_nonfinite
         skipped_before = self.skipped_steps()
         if self.grid.pp > 1:
-            loss = self.engine.train_batch(data_iter=_pipe_batches(batches))
-            loss = float(loss)
+            loss = self.engine.train_batch(data_iter=_pipe_batches(batches)).detach().float()
         else:
             total = 0.0
             for _ in range(self.engine.gradient_accumulation_steps()):
@@ -101,7 +102,7 @@ class Run:
                 total += loss.detach().float()
             loss = total / self.engine.gradient_accumulation_steps()
             dist.all_reduce(loss, group=self.grid.dp_group)
-            loss = float(loss) / self.grid.dp
+            loss = loss / self.grid.dp
         return loss, self.skipped_steps() > skipped_before
 
     def skipped_steps(self) -> int:

@@ -35,10 +35,15 @@ class StopTraining(Exception):
 
 class SignalFlag:
     """SIGTERM/SIGUSR1 (SLURM's warning before preemption or the time limit) set a flag that
-    every rank agrees on at the end of the step, so all ranks checkpoint together."""
+    every rank agrees on at the end of the step, so all ranks checkpoint together.
+
+    The ranks agree over a CPU (gloo) group: an NCCL all-reduce of a GPU flag, read back with
+    .item(), made the host wait for the whole step's GPU work every step and left the GPU idle
+    while the next step was launched (~1 ms a step on the H100, results/trainer_parts/)."""
 
     def __init__(self):
         self.raised = 0
+        self.group = dist.new_group(backend="gloo")   # every rank, in the same order
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handler)
 
@@ -46,9 +51,8 @@ class SignalFlag:
         self.raised = signum
 
     def agreed(self) -> bool:
-        device = "cuda" if torch.cuda.is_available() else "cpu"     # NCCL reduces device tensors only
-        flag = torch.tensor([1.0 if self.raised else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        flag = torch.tensor([1.0 if self.raised else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         return bool(flag.item())
 
 
@@ -141,8 +145,12 @@ class Trainer:
         self.resume()
         self.log(f"training {cfg.model.preset} ({run.num_params:,} parameters) with {run.grid.describe().split(' (')[0]}, "
                  f"zero={cfg.parallel.zero_stage}, {run.precision}, {run.tokens_per_step:,} tokens/step")
-        loss = float("nan")
+        loss = torch.tensor(float("nan"))   # a device tensor: read (a host sync) only when logged
         last_saved = self.step if self.step else -1
+        # Throughput is measured over the steps since the last log line: between log lines the
+        # host may run up to a step ahead of the GPU, and reading the loss when logging waits
+        # for the GPU, so each interval's wall time is the GPU's (as Megatron's interval timer).
+        interval_start, interval_steps = time.time(), 0
         while self.step < cfg.train.steps:
             t0 = time.time()
             lr = lr_at(self.step, cfg.optim.lr, cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio)
@@ -158,6 +166,7 @@ class Trainer:
                 self.gstats.active = False
             self.step += 1
             self.tokens += run.tokens_per_step
+            interval_steps += 1
             dt = time.time() - t0
             if skipped:
                 self.nonfinite_total += 1
@@ -175,8 +184,11 @@ class Trainer:
             if want_g:
                 values.update(self.gstats.collect())
             if self.step % cfg.log.every == 0 or self.step == cfg.train.steps or values:
-                values.update(self.step_metrics(loss, lr, dt))
-                console = (f"step {self.step}/{cfg.train.steps} loss {loss:.4f} lr {lr:.2e} "
+                loss_value = float(loss)   # waits for this step's GPU work
+                now = time.time()
+                values.update(self.step_metrics(loss_value, lr, (now - interval_start) / interval_steps))
+                interval_start, interval_steps = now, 0
+                console = (f"step {self.step}/{cfg.train.steps} loss {loss_value:.4f} lr {lr:.2e} "
                            f"{values['tokens_per_s']:,.0f} tok/s {values['tflops_per_device']:.2f} TFLOP/s/dev"
                            + (f" MFU {100 * values['mfu']:.1f}%" if self.peak_flops else "")
                            + f" mem {values['memory_mib']:.0f} MiB ETA {self.metrics.eta(self.step, dt)}")
@@ -194,12 +206,14 @@ class Trainer:
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                 self.save()
                 last_saved = self.step
+            if last_saved == self.step or (cfg.eval.every and self.step % cfg.eval.every == 0):
+                interval_start, interval_steps = time.time(), 0   # not training time
         if cfg.eval.every and self.step % cfg.eval.every:
             self.validate()
         if last_saved != self.step:
             self.save()
         self.metrics.close()
-        self.log(f"done: {self.step} steps, {self.tokens:,} tokens, last loss {loss:.6f}")
+        self.log(f"done: {self.step} steps, {self.tokens:,} tokens, last loss {float(loss):.6f}")
 
     def fault_injection(self) -> None:
         """Testing aid: PLDR_FAULT=kill:K makes every rank SIGKILL itself after step K (a crash);
