@@ -101,8 +101,9 @@ class Run:
                 self.engine.step()
                 total += loss.detach().float()
             loss = total / self.engine.gradient_accumulation_steps()
-            dist.all_reduce(loss, group=self.grid.dp_group)
-            loss = loss / self.grid.dp
+            if self.grid.dp > 1:
+                dist.all_reduce(loss, group=self.grid.dp_group)
+                loss = loss / self.grid.dp
         return loss, self.skipped_steps() > skipped_before
 
     def skipped_steps(self) -> int:
