@@ -33,6 +33,20 @@ def main():
     print(f"GPU span {span / 1e3:.1f} ms, busy {busy / 1e3:.1f} ms ({100 * busy / span:.1f}%), "
           f"idle {(span - busy) / 1e3:.1f} ms in {len(gaps)} gaps "
           f"({sum(g for g, _, _ in gaps if g > 100) / 1e3:.1f} ms in gaps over 100 us)")
+    # GPU idle time by the trainer's host phase it fell in (`pldr:*` ranges of build.Run.train_step
+    # and the trainer loop); the rest is the loop's own bookkeeping between the ranges.
+    phases = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in host if e["name"].startswith("pldr:"))
+    by_phase = Counter()
+    for _, a, b in gaps:
+        covered = 0.0
+        for lo, hi, name in phases:
+            overlap = min(b, hi) - max(a, lo)
+            if overlap > 0:
+                by_phase[name] += overlap
+                covered += overlap
+        by_phase["(between the ranges)"] += (b - a) - covered
+    if phases:
+        print("GPU idle by host phase: " + "; ".join(f"{n} {t / 1e3:.2f} ms" for n, t in by_phase.most_common()))
     for length, a, b in sorted(gaps, reverse=True)[:args.top]:
         during = Counter()
         for e in host:   # host ops overlapping the gap, by the time they overlap it

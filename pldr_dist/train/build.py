@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 from ..model import PLDRModel, count_parameters, lm_loss
 from .config import ConfigError, RunConfig
@@ -94,11 +95,16 @@ class Run:
         else:
             total = 0.0
             for _ in range(self.engine.gradient_accumulation_steps()):
-                batch = next(batches)
-                loss = self.micro_batch_loss(*_to_device(batch, self.engine.device))
-                self.engine.backward(loss)
-                batches.prepare()   # the next batch, built while the GPU runs the backward
-                self.engine.step()
+                # Named ranges in profiles (log.profile_steps) show which host phase the GPU waits on.
+                with record_function("pldr:forward"):
+                    batch = next(batches)
+                    loss = self.micro_batch_loss(*_to_device(batch, self.engine.device))
+                with record_function("pldr:backward"):
+                    self.engine.backward(loss)
+                with record_function("pldr:prepare_batch"):
+                    batches.prepare()   # the next batch, built while the GPU runs the backward
+                with record_function("pldr:optimizer_step"):
+                    self.engine.step()
                 total += loss.detach().float()
             loss = total / self.engine.gradient_accumulation_steps()
             if self.grid.dp > 1:

@@ -16,6 +16,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 from ..data.loader import BatchesAhead
 from ..model.flops import flops_per_token
@@ -198,7 +199,9 @@ class Trainer:
             if cfg.eval.every and self.step % cfg.eval.every == 0:
                 self.validate()
             self.fault_injection()
-            if self.signals.agreed():
+            with record_function("pldr:agree_signals"):
+                stop = self.signals.agreed()
+            if stop:
                 self.save()
                 raise StopTraining(f"received signal {self.signals.raised or 'on another rank'}: checkpointed at "
                                    f"step {self.step}, exiting with {PREEMPTED_EXIT_CODE} for requeue",
