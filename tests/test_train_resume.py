@@ -112,13 +112,15 @@ def test_nonfinite_loss_is_skipped_and_a_persistent_one_stops_the_run(data, tmp_
     assert all(torch.equal(at2[k], at4[k]) for k in at2)
 
 
-def test_bf16_nonfinite_steps_are_skipped_by_our_check_alone(data, tmp_path):
-    """bf16 runs turn off DeepSpeed's per-tensor overflow check (engine.make_ds_config): the
-    optimizer's one check of the flat partition must still skip the step on every rank, leaving
-    the bf16 weights and the fp32 master partitions bit-identical."""
+@pytest.mark.parametrize("zero", [1, 2])
+def test_bf16_nonfinite_steps_are_skipped_on_every_rank(data, tmp_path, zero):
+    """bf16 runs turn off DeepSpeed's per-tensor overflow check (engine.make_ds_config). ZeRO-1
+    runs BF16_Optimizer, whose global-norm check alone must skip the step (ours is off there, to
+    save a host sync); ZeRO-2 relies on the optimizer's one check of the flat partition. Either
+    way every rank skips, leaving the bf16 weights and the fp32 master partitions bit-identical."""
     run_dir = str(tmp_path / "bf16")
     result = train(data, run_dir, sets=["train.steps=4", "checkpoint.every=2", "train.precision=bf16",
-                                        "train.inject_nonfinite_at=[3,4]"])
+                                        f"parallel.zero_stage={zero}", "train.inject_nonfinite_at=[3,4]"])
     assert result.returncode == 0, result.stdout + result.stderr
     assert "step 4: non-finite loss or gradient, update skipped (2 in a row, 2 in total)" in result.stdout
     ckpt = os.path.join(run_dir, "checkpoints")

@@ -11,6 +11,7 @@ import json
 
 import deepspeed
 from deepspeed.pipe import PipelineModule
+from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 from torch import nn
 
 from .contiguous_grads import use_contiguous_grads
@@ -58,9 +59,10 @@ def make_ds_config(*, micro_batch_size: int, grad_accum_steps: int, dp: int, pp:
         "gradient_clipping": float(clip_norm),
         "zero_allow_untested_optimizer": True,  # our torch AdamW subclass (optim.py)
         "zero_optimization": {"stage": zero_stage},
-        # DeepSpeed's own bf16 overflow check runs amax/amin over every gradient tensor each
-        # step (hundreds of small kernels and host work); ClippedAdamW already checks the flat
-        # partition once and skips non-finite steps on every rank, as it does in fp32.
+        # DeepSpeed's ZeRO-2/3 bf16 overflow check runs amax/amin over every gradient tensor each
+        # step (hundreds of small kernels and host work); ClippedAdamW checks the flat partition
+        # once and skips non-finite steps on every rank, as it does in fp32. (bf16 ZeRO-1 runs
+        # BF16_Optimizer, which checks the global norm instead; see optim.py.)
         "bf16": {"enabled": precision == "bf16", "check_grad_overflow": False},
         "fp16": {"enabled": False},
         "steps_per_print": 10**9,  # the training loop logs; DeepSpeed stays quiet
@@ -116,4 +118,6 @@ def initialize(model_or_pipe: nn.Module, grid, ds_config: dict, optimizer):
     engine, _, _, _ = deepspeed.initialize(model=model_or_pipe, optimizer=optimizer, config=ds_config,
                                            mpu=None if is_pipe else grid)
     use_contiguous_grads(engine.optimizer)
+    if isinstance(engine.optimizer, BF16_Optimizer):
+        engine.optimizer.optimizer.check_finite = False   # it checks the global norm itself (optim.py)
     return engine

@@ -9,9 +9,11 @@ rank holds:
 - clipping by value (the reference's `clip_grad_value_(1.0)`) is element-wise, so it commutes
   with partitioning and gives the same update as on the full gradient;
 - a non-finite gradient on any rank skips the update on every rank (one all-reduce over the
-  whole world), so replicas and shards never diverge; `skipped_steps` counts them. (ZeRO 1-3
-  already skip such steps before calling step(), counted in `engine.skipped_steps`; this
-  covers ZeRO-0 and the pipeline engine without ZeRO.)
+  whole world), so replicas and shards never diverge; `skipped_steps` counts them. Under
+  DeepSpeed's BF16_Optimizer (bf16 with ZeRO-1) the check is off (`check_finite`, set by
+  engine.initialize): that optimizer already returns before calling step() when the global
+  gradient norm is not finite, the same on every rank, counted in `engine.skipped_steps`; a
+  second check would only add a host sync per step.
 Global-norm clipping is DeepSpeed's `gradient_clipping` (engine.make_ds_config), applied
 before step() is called.
 """
@@ -34,6 +36,7 @@ class ClippedAdamW(torch.optim.AdamW):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused or None)
         self.clip_value = clip_value
         self.skipped_steps = 0
+        self.check_finite = True
 
     def _grads(self):
         return [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
@@ -41,19 +44,23 @@ class ClippedAdamW(torch.optim.AdamW):
     @torch.no_grad()
     def step(self, closure=None):
         grads = self._grads()
-        # Computed on the device and read once, after the all-reduce: one host sync per step.
-        bad = torch.zeros(1, device=get_accelerator().current_device_name())
-        for g in grads:
-            bad = torch.maximum(bad, (~torch.isfinite(g).all()).float().to(bad.device))
-        if dist.is_initialized():
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if bad.item() > 0:
+        if self.check_finite and self._any_nonfinite(grads):
             self.skipped_steps += 1
             return None
         if self.clip_value > 0:
             for g in grads:
                 g.clamp_(-self.clip_value, self.clip_value)
         return super().step(closure)
+
+    @staticmethod
+    def _any_nonfinite(grads) -> bool:
+        """Over every rank; computed on the device and read once, after the all-reduce."""
+        bad = torch.zeros(1, device=get_accelerator().current_device_name())
+        for g in grads:
+            bad = torch.maximum(bad, (~torch.isfinite(g).all()).float().to(bad.device))
+        if dist.is_initialized():
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return bad.item() > 0
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, clip_value: float = 0.0, eps: float = EPS) -> ClippedAdamW:
