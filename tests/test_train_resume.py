@@ -91,7 +91,6 @@ def test_sparse_logging_reads_the_losses_of_a_run_that_logs_every_step(data, ref
     logged = {r["step"]: r["loss"] for r in rows if "loss" in r}
     ref = losses(reference["dp2"])
     assert logged == {s: ref[s] for s in (8, 16, 24)}
-    assert all(r["tokens_per_s"] * r["step_time_s"] == pytest.approx(r["tokens"] / r["step"]) for r in rows if "loss" in r)
 
 
 def test_nonfinite_loss_is_skipped_and_a_persistent_one_stops_the_run(data, tmp_path):
