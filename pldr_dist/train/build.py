@@ -175,9 +175,6 @@ def build_run(cfg: RunConfig) -> Run:
                 else lm_loss(logits, targets, mcfg.pad_id))
         return loss * float("nan") if inject[0] else loss
 
-    def dense_loss(outputs, targets):
-        return loss_fn(outputs, targets)
-
     if p.pp > 1:
         module = build_pipeline_module(model, grid, loss_fn, p.partition_method, p.activation_checkpoint_interval)
     else:
@@ -213,7 +210,7 @@ def build_run(cfg: RunConfig) -> Run:
     return Run(grid=grid, mcfg=mcfg, module=engine.module, engine=engine, optimizer=optimizer,
                train_loader=train_loader, valid_loader=valid_loader, seq_len=manifest.seq_len,
                tokens_per_step=t.micro_batch_size * t.grad_accum_steps * grid.dp * manifest.seq_len,
-               precision=precision, num_params=num_params, loss_fn=dense_loss, inject=inject, cuda_graphs=cuda_graphs)
+               precision=precision, num_params=num_params, loss_fn=loss_fn, inject=inject, cuda_graphs=cuda_graphs)
 
 
 def _tokenizer_fingerprint(cfg: RunConfig):

@@ -196,7 +196,8 @@ class Trainer:
                 self.metrics.write(self.step, values, console)
             else:
                 self.metrics.eta(self.step, dt)
-            if cfg.eval.every and self.step % cfg.eval.every == 0:
+            evaluated = bool(cfg.eval.every) and self.step % cfg.eval.every == 0
+            if evaluated:
                 self.validate()
             self.fault_injection()
             with record_function("pldr:agree_signals"):
@@ -209,7 +210,7 @@ class Trainer:
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                 self.save()
                 last_saved = self.step
-            if last_saved == self.step or (cfg.eval.every and self.step % cfg.eval.every == 0):
+            if evaluated or last_saved == self.step:
                 interval_start, interval_steps = time.time(), 0   # not training time
         if cfg.eval.every and self.step % cfg.eval.every:
             self.validate()
