@@ -1,5 +1,6 @@
 # Shared by the device scripts that run pldr-train; `source` it from bash after setting OUT.
-#   make_shards DIR                  the bundled corpus as tokenised shards (S = 1023) in DIR/shards
+#   make_shards DIR [S]              the bundled corpus as tokenised shards (S = 1023, the paper's,
+#                                    unless given) in DIR/shards
 #   train DIR NAME CONFIG MB [ARGS]  pldr-train, compiled, ${STEPS:-30} steps, micro-batch MB, on
 #                                    DIR/shards; run in DIR/NAME, log copied to $OUT/NAME.log;
 #                                    later ARGS (--set k=v) override the defaults
@@ -15,7 +16,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 NCCL_NVLS_E
 
 make_shards() {
   python -m pldr_dist.data.shard_writer data/tinyshakespeare.txt \
-    --tokenizer data/reference/refinedweb-tokenizer-pldrllm-paper.model --out "$1/shards" --seq-len 1023 \
+    --tokenizer data/reference/refinedweb-tokenizer-pldrllm-paper.model --out "$1/shards" --seq-len ${2:-1023} \
     --samples-per-shard 32 2>&1 | tail -1
 }
 

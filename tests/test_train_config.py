@@ -1,4 +1,5 @@
 """Bad run configs: each gets its own clear one-line ConfigError before any process starts."""
+import json
 import os
 
 import pytest
@@ -57,6 +58,28 @@ def test_bad_config_gets_its_own_clear_error(tmp_path, base, name, mutate, messa
     assert message in text
     assert "\n" not in text
     assert path in text or text.startswith("--set")
+
+
+def test_sequence_parallel_needs_a_sequence_the_tp_ranks_split_evenly(tmp_path, base):
+    """The paper's S = 1023 cannot be split over 2 ranks: refused before any process starts
+    (found on 2 GPUs, where the uneven split failed inside the collectives)."""
+    from pldr_dist.train.build import check_data
+    manifest = {"format": "pldr-token-shards/1", "seq_len": 63, "sample_len": 64, "dtype": "uint16",
+                "tokenizer": {"fingerprint": "0" * 64, "vocab_size": 512, "pad_id": 0, "eos_id": 3},
+                "splits": {"train": [], "valid": []}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))   # the file base's data.shards names
+    base["parallel"] = {"tp": 2, "sequence_parallel": True}
+    path = write(tmp_path, base)
+    with pytest.raises(ConfigError) as err:
+        check_data(load_config(path))
+    assert "seq_len=63 (re-shard with a --seq-len divisible by 2, e.g. 64, or turn sequence_parallel off)" in str(err.value)
+    assert path in str(err.value) and "\n" not in str(err.value)
+    base["parallel"] = {"tp": 2, "sequence_parallel": False}
+    check_data(load_config(write(tmp_path, base)))   # without SP the same shards are fine
+    manifest["seq_len"], manifest["sample_len"] = 64, 65
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    base["parallel"] = {"tp": 2, "sequence_parallel": True}
+    check_data(load_config(write(tmp_path, base)))
 
 
 def test_layout_must_fit_the_world_size(tmp_path, base):

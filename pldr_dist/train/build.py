@@ -21,6 +21,14 @@ def check_data(cfg: RunConfig) -> None:
     if manifest.seq_len > mcfg.context_length:
         raise ConfigError(f"{cfg.source}: shards in {cfg.data.shards} have seq_len={manifest.seq_len} but "
                           f"model.context_length={mcfg.context_length} (raise context_length or re-shard)")
+    tp = cfg.parallel.tp
+    if cfg.parallel.sequence_parallel and manifest.seq_len % tp:
+        # The sequence is split evenly over the TP ranks between layers (as in Megatron); an
+        # uneven split fails inside the collectives (gloo aborts, NCCL may hang).
+        raise ConfigError(f"{cfg.source}: parallel.sequence_parallel splits the sequence over parallel.tp={tp} ranks, "
+                          f"but the shards in {cfg.data.shards} have seq_len={manifest.seq_len} (re-shard with a "
+                          f"--seq-len divisible by {tp}, e.g. {manifest.seq_len + (-manifest.seq_len % tp)}, or turn "
+                          f"sequence_parallel off)")
     vocab = manifest.data["tokenizer"]["vocab_size"]
     if vocab > mcfg.vocab_size:
         raise ConfigError(f"{cfg.source}: the shards' tokenizer has {vocab} pieces but "

@@ -79,6 +79,7 @@ class EvalSection:
 @dataclass
 class CheckpointSection:
     every: int = 0            # steps between checkpoints (0 = only at the end)
+    at_end: bool = True       # false: none when the run ends (benchmarks, throwaway runs)
     keep: int = 3
     tokenizer: str = ""       # copied into each checkpoint when set
 

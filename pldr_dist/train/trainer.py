@@ -214,7 +214,7 @@ class Trainer:
                 interval_start, interval_steps = time.time(), 0   # not training time
         if cfg.eval.every and self.step % cfg.eval.every:
             self.validate()
-        if last_saved != self.step:
+        if last_saved != self.step and cfg.checkpoint.at_end:
             self.save()
         self.metrics.close()
         self.log(f"done: {self.step} steps, {self.tokens:,} tokens, last loss {float(loss):.6f}")
