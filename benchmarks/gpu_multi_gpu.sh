@@ -22,8 +22,8 @@ W=/tmp/multi_$PART && rm -rf $W && mkdir -p $W
 TOKENIZER=data/reference/refinedweb-tokenizer-pldrllm-paper.model
 make_shards $W 1024   # S = 1024: sequence parallelism splits it evenly over 2 ranks (1023 is refused)
 case $PART in
-  110m) CONFIG=pldr-110m STEPS=${STEPS:-200} WARMUP=20 MB=16 ACCUM=2 EAGER_MB=16 EAGER_ACCUM=2 LIMIT=240 ;;
-  1b)   CONFIG=pldr-1b STEPS=${STEPS:-60} WARMUP=10 MB=16 ACCUM=2 EAGER_MB=8 EAGER_ACCUM=4 LIMIT=200 ;;
+  110m) CONFIG=pldr-110m STEPS=${STEPS:-150} WARMUP=${WARMUP:-30} MB=16 ACCUM=2 EAGER_MB=16 EAGER_ACCUM=2 LIMIT=170 ;;
+  1b)   CONFIG=pldr-1b STEPS=${STEPS:-60} WARMUP=${WARMUP:-10} MB=16 ACCUM=2 EAGER_MB=8 EAGER_ACCUM=4 LIMIT=200 ;;
   *) echo "usage: $0 110m|1b OUT STEP..."; exit 2 ;;
 esac
 COMPILE=true EXTRA=()
@@ -40,7 +40,7 @@ PORT=29400
 layout() {
   local name=$1 how=$2 mb=$3 accum=$4 compile=$5; shift 5
   local args=(--config configs/$CONFIG.yaml --set run_dir=$W/$name --set data.shards=$W/shards/manifest.json
-    --set train.steps=$STEPS --set log.every=1 --set eval.every=0 --set optim.warmup_steps=$WARMUP
+    --set train.steps=$STEPS --set log.every=1 --set eval.every=0 --set optim.warmup_steps=$WARMUP --set optim.lr=${LR:-3e-4}
     --set data.num_workers=2 --set train.micro_batch_size=$mb --set train.grad_accum_steps=$accum
     --set train.compile=$compile --set checkpoint.tokenizer=$TOKENIZER --set checkpoint.at_end=false
     "${EXTRA[@]}" "$@")
@@ -114,6 +114,8 @@ for step in ${@:3}; do
     roundtrip) roundtrip ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
+  # after each step, so that a call cut off at its time limit still returns what ran
+  (cd $W && tar -czf $OUT/logs_$PART.tar.gz *.log */metrics.jsonl gen_*.txt prompts.txt tp/profile.txt 2>/dev/null)
 done
 
 RUNS=$(cd $W && ls */metrics.jsonl 2>/dev/null | cut -d/ -f1 | tr '\n' ' ')
@@ -125,5 +127,4 @@ else   # the TP run is profiled at steps 30-31: those stay out of its medians
   FROM=10 TO=29 summary $W $RUNS | tee $OUT/summary_$PART.txt
   FROM=32 TO=$STEPS summary $W $RUNS | tee -a $OUT/summary_$PART.txt
 fi
-(cd $W && tar -czf $OUT/logs_$PART.tar.gz *.log */metrics.jsonl gen_*.txt prompts.txt tp/profile.txt 2>/dev/null)
 nvidia-smi topo -m > $OUT/topo.txt 2>&1 || true
