@@ -95,6 +95,33 @@ def test_tp2_fp32_and_fixed_g_mode_match_single_process():
         assert_matches(ref, got, 1e-10)
 
 
+def nccl_path_tp_worker(rank, world, tp, sp, dtype, steps, overrides):
+    """tp_worker through the mappings' NCCL branch, over gloo: reduce_scatter_tensor emulated as
+    NCCL runs it, writing the output's memory in order whatever its strides. Found on 2 H100s:
+    an output buffer made by empty_like of a transposed view was dense but not contiguous, so
+    NCCL's write landed scrambled and TP + sequence parallelism trained to a wrong loss."""
+    import types
+    import torch.distributed as dist
+    from pldr_dist.parallel import mappings
+
+    def reduce_scatter_tensor(out, inp, group=None):
+        full = inp.contiguous().clone()
+        dist.all_reduce(full, group=group)
+        mine = full.chunk(dist.get_world_size(group))[dist.get_rank(group)]
+        torch.as_strided(out, (out.numel(),), (1,)).copy_(mine.reshape(-1))
+
+    nccl = {name: getattr(dist, name) for name in dir(dist) if not name.startswith("__")}
+    nccl.update(get_backend=lambda group=None: "nccl", reduce_scatter_tensor=reduce_scatter_tensor)
+    mappings.dist = types.SimpleNamespace(**nccl)
+    return tp_worker(rank, world, tp, sp, dtype, steps, overrides)
+
+
+def test_tp2_sequence_parallel_through_the_nccl_branch_matches_single_process():
+    ref = reference(torch.float64, 2)
+    for got in run_distributed(nccl_path_tp_worker, 2, 2, True, torch.float64, 2, {}):
+        assert_matches(ref, got, 1e-10)
+
+
 def generate_worker(rank, world, tp):
     from pldr_dist.infer import SamplingConfig, generate
     from pldr_dist.parallel.grid import ProcessGrid

@@ -33,8 +33,9 @@ def _size(group) -> int:
 
 def _all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     _count("all_gather", x, _size(group))
+    x = x.contiguous()   # collectives write buffers in memory order: give them contiguous ones
     parts = [torch.empty_like(x) for _ in range(_size(group))]
-    dist.all_gather(parts, x.contiguous(), group=group)
+    dist.all_gather(parts, x, group=group)
     return torch.cat(parts, dim=dim)
 
 
@@ -46,8 +47,11 @@ def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     if dim == SEQ_DIM or dist.get_backend(group) != "nccl":
         _count("reduce_scatter", x)
     if dist.get_backend(group) == "nccl" and dim == 0:
-        out = torch.empty_like(x.chunk(_size(group), dim=0)[0])
-        dist.reduce_scatter_tensor(out, x.contiguous(), group=group)
+        # A contiguous output: NCCL writes it in memory order. (empty_like of a chunk of a
+        # transposed view is dense but permuted, and the result came back scrambled.)
+        x = x.contiguous()
+        out = x.new_empty((x.shape[0] // _size(group), *x.shape[1:]))
+        dist.reduce_scatter_tensor(out, x, group=group)
         return out
     if dist.get_backend(group) == "nccl":
         return _reduce_scatter(x.movedim(dim, 0), 0, group).movedim(0, dim).contiguous()
