@@ -44,16 +44,23 @@ class ColumnParallelLinear(nn.Module):
     """Y = X A^T + b with A split by output rows: each rank computes its slice of the outputs."""
 
     def __init__(self, full: nn.Linear, group, rank: int, size: int, gather_output: bool = False,
-                 sequence_parallel: bool = False, shared_entry: SharedRegionEntry | None = None):
+                 sequence_parallel: bool = False, shared_entry: SharedRegionEntry | None = None,
+                 pad_to: int = 0):
         super().__init__()
         self.group, self.gather_output, self.sequence_parallel = group, gather_output, sequence_parallel
         self.shared_entry = shared_entry or SharedRegionEntry()
         self.weight = shard_parameter(full.weight, 0, rank, size)
         self.bias = shard_parameter(full.bias, 0, rank, size) if full.bias is not None else None
+        self.pad_to = pad_to
 
     def forward(self, x):
         x = self.shared_entry(x, self.group, self.sequence_parallel)
-        y = F.linear(x, self.weight, self.bias)
+        weight, bias = self.weight, self.bias
+        pad = -weight.shape[0] % self.pad_to if self.pad_to else 0
+        if pad:   # zero output columns, so the output rows are aligned (see parallelize)
+            weight = F.pad(weight, (0, 0, 0, pad))
+            bias = F.pad(bias, (0, pad)) if bias is not None else None
+        y = F.linear(x, weight, bias)
         return gather_last_dim(y, self.group) if self.gather_output else y
 
 
@@ -61,14 +68,20 @@ class RowParallelLinear(nn.Module):
     """Y = X A^T + b with A split by input columns: partial sums reduced over the group; the bias
     (replicated) is added once after the reduction."""
 
-    def __init__(self, full: nn.Linear, group, rank: int, size: int, sequence_parallel: bool = False):
+    def __init__(self, full: nn.Linear, group, rank: int, size: int, sequence_parallel: bool = False,
+                 pad_to: int = 0):
         super().__init__()
         self.group, self.sequence_parallel = group, sequence_parallel
         self.weight = shard_parameter(full.weight, 1, rank, size)
         self.bias = nn.Parameter(full.bias.detach().clone()) if full.bias is not None else None
+        self.pad_to = pad_to
 
     def forward(self, x):
-        y = F.linear(x, self.weight)
+        weight = self.weight
+        pad = -weight.shape[1] % self.pad_to if self.pad_to else 0
+        if pad:   # zero input columns, meeting the padded columns of a ColumnParallelLinear's output
+            weight = F.pad(weight, (0, pad))
+        y = F.linear(x, weight)
         if self.sequence_parallel:
             y = reduce_scatter_seq(y, self.group)
             bias = allreduce_grads(self.group, [self.bias])[0] if self.bias is not None else None

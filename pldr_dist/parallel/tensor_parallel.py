@@ -38,6 +38,14 @@ _RULES = [  # (suffix pattern, split dim)
 ]
 
 
+# The FFN's hidden shards are computed zero-padded to a multiple of this width. d_ff is odd in the
+# presets (2389, 5461), so its shards are too (pldr-1b at TP=2: 2731 and 2730): their bf16 rows
+# are not 16-byte aligned and cuBLAS falls back to slow kernels for all nine FFN products (48% of
+# a TP=2 step's GPU time on an H100, docs/multi_gpu.md). Padded units are silu(0) * 0 = 0 and meet
+# zero columns of w3, so the result is the same; the parameters keep their shapes.
+FFN_SHARD_ALIGN = 64
+
+
 def tp_partition_dim(name: str):
     """The dimension along which the tensor `name` is split over TP ranks, or None if replicated."""
     for pattern, dim in _RULES:
@@ -67,9 +75,11 @@ def parallelize(model: PLDRModel, grid, sequence_parallel: bool = False) -> PLDR
         else:
             attn.G_fixed = torch.tensor_split(attn.G_fixed, t, dim=-3)[r].clone()
         ffn_input = SharedRegionEntry()
-        layer.ffn.w1 = ColumnParallelLinear(layer.ffn.w1, g, r, t, sequence_parallel=sp, shared_entry=ffn_input)
-        layer.ffn.w2 = ColumnParallelLinear(layer.ffn.w2, g, r, t, sequence_parallel=sp, shared_entry=ffn_input)
-        layer.ffn.w3 = RowParallelLinear(layer.ffn.w3, g, r, t, sequence_parallel=sp)
+        layer.ffn.w1 = ColumnParallelLinear(layer.ffn.w1, g, r, t, sequence_parallel=sp, shared_entry=ffn_input,
+                                            pad_to=FFN_SHARD_ALIGN)
+        layer.ffn.w2 = ColumnParallelLinear(layer.ffn.w2, g, r, t, sequence_parallel=sp, shared_entry=ffn_input,
+                                            pad_to=FFN_SHARD_ALIGN)
+        layer.ffn.w3 = RowParallelLinear(layer.ffn.w3, g, r, t, sequence_parallel=sp, pad_to=FFN_SHARD_ALIGN)
         if sp:
             share_gradients(layer.norm1, g)
             share_gradients(layer.norm2, g)
