@@ -1,6 +1,8 @@
 """train.compile=true through the real entry point: fused metric-learner GLUs, compiled layers
 and compiled loss inside the DeepSpeed engine train the same model as the eager trainer
 (CPU, fp32, inductor)."""
+import pytest
+
 from train_helpers import losses, prepare_data, train
 
 
@@ -19,6 +21,26 @@ def test_compiled_trainer_follows_the_eager_losses(tmp_path):
     assert abs(compiled[1] - eager[1]) <= 1e-6 * eager[1]
     for step in (2, 3):
         assert abs(compiled[step] - eager[step]) <= 2e-4 * eager[step], (step, compiled[step], eager[step])
+
+
+@pytest.mark.parametrize("layout", ["parallel.tp=2", "parallel.pp=2"])
+def test_fast_path_under_tensor_and_pipeline_parallelism_follows_the_eager_losses(tmp_path, layout):
+    """TP and PP layers are not compiled, but train.compile=true still gives them the fast
+    path's modules (fused GLUs, rotary table; the Triton kernels on CUDA): same losses."""
+    (tmp_path / "data").mkdir()
+    data = prepare_data(str(tmp_path / "data"))
+    runs = {}
+    for name, sets in (("eager", []), ("fast", ["train.compile=true"])):
+        result = train(data, str(tmp_path / name), nproc=2, sets=["train.steps=3", layout] + sets)
+        assert result.returncode == 0, result.stdout + result.stderr
+        runs[name] = losses(str(tmp_path / name))
+        expect = "fast path: 8 metric-learner GLUs fused, layers not compiled (tp/pp > 1)" if name == "fast" else "eager"
+        assert expect in result.stdout, result.stdout
+    eager, fast = runs["eager"], runs["fast"]
+    assert sorted(fast) == [1, 2, 3]
+    assert abs(fast[1] - eager[1]) <= 1e-6 * eager[1]
+    for step in (2, 3):
+        assert abs(fast[step] - eager[step]) <= 2e-4 * eager[step], (step, fast[step], eager[step])
 
 
 def test_bf16_trainer_updates_every_parameter_on_the_first_step(tmp_path):

@@ -42,7 +42,6 @@ BAD = [
     ("missing shards", lambda c: c["data"].update(shards="/nonexistent/manifest.json"), "does not exist (run pldr-make-shards first)"),
     ("missing ds config", lambda c: c.update(deepspeed_config="/nope.json"), "deepspeed_config='/nope.json' not found"),
     ("bad betas", lambda c: c.update(optim={"betas": [0.9, 1.5]}), "optim.betas=[0.9, 1.5] must be two numbers in [0, 1)"),
-    ("compile with tp", lambda c: c.update(parallel={"tp": 2}, train={**c["train"], "compile": True}), "train.compile=true supports parallel.tp=1 and parallel.pp=1 only"),
     ("bad profile steps", lambda c: c.update(log={"profile_steps": [5, 2]}), "log.profile_steps=[5, 2] must be [first, last]"),
     ("bad corrupt policy", lambda c: c["data"].update(on_corrupt="ignore"), "data.on_corrupt='ignore' must be error or skip"),
 ]

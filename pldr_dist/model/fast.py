@@ -86,8 +86,9 @@ def fuse_metric_glus(model: PLDRModel, kernel: bool = True) -> int:
 
 def optimize_for_training(model: PLDRModel, compile: bool = True, packed: bool = True,
                           cuda_graphs: bool = True, backend: str = "inductor",
-                          triton_glu: bool = True, rope_cache: bool = True, pad_ffn: bool = True) -> None:
-    """Make `model` train fast in place; its loss is `model(tokens, targets=targets)`.
+                          triton_glu: bool = True, rope_cache: bool = True, pad_ffn: bool = True) -> int:
+    """Make `model` train fast in place; its loss is `model(tokens, targets=targets)`. Returns
+    the number of metric-learner GLUs switched to the fused forward.
 
     packed=True: the batches hold no pad tokens (packed pretraining data), so the padding
     mask is never built. cuda_graphs=True replays each compiled layer as a CUDA graph: the
@@ -98,17 +99,19 @@ def optimize_for_training(model: PLDRModel, compile: bool = True, packed: bool =
     rope_cache, pad_ffn: the precomputed rotary table and the padded feed-forward (on by
     default; off only to measure what each gives).
     """
-    fuse_metric_glus(model, triton_glu)
+    fused = fuse_metric_glus(model, triton_glu)
     device = next(model.parameters()).device
     for module in model.modules():
-        if isinstance(module, SwiGLU) and pad_ffn and module.w1.out_features % FFN_ALIGN:
+        # (under TP the FFN's parallel layers pad their own shards: parallel/tensor_parallel.py)
+        if isinstance(module, SwiGLU) and pad_ffn and isinstance(module.w1, torch.nn.Linear) \
+                and module.w1.out_features % FFN_ALIGN:
             module.__class__ = PaddedSwiGLU
         if isinstance(module, PLGA) and rope_cache:
             cfg = module.cfg
             module.rope_cache = rotary_cache(cfg.context_length, cfg.head_dim, cfg.rope_base, cfg.rope_style, device)
     model.assume_unpadded = packed
     if not compile:
-        return
+        return fused
     # One compiled graph per shape serves every layer; several models or batch sizes in one
     # process (benchmarks) need more cache entries than the default.
     dynamo = torch._dynamo.config
@@ -117,3 +120,4 @@ def optimize_for_training(model: PLDRModel, compile: bool = True, packed: bool =
     options = dict(fullgraph=True, dynamic=False, backend=backend)
     for layer in model.layers:
         layer.compile(**options, **({"mode": "reduce-overhead"} if cuda_graphs and backend == "inductor" else {}))
+    return fused

@@ -57,6 +57,7 @@ class Run:
     loss_fn: Callable
     inject: list
     cuda_graphs: bool = False    # compiled layers replay CUDA graphs: mark each forward as a new step
+    fast_path: str = ""          # what train.compile did, for the start-up log line
 
     def forward(self, inputs, **kwargs):
         if self.cuda_graphs:
@@ -202,11 +203,19 @@ def build_run(cfg: RunConfig) -> Run:
     cuda_graphs = False
     if t.compile:   # same maths, fewer kernels (model/fast.py); packed shards hold no padding
         from ..model.fast import optimize_for_training
+        # torch.compile where tp = pp = 1. Tensor- and pipeline-parallel layers are not compiled
+        # (their collectives sit inside the layers); they still get the fast path's kernels: the
+        # Triton GLUs, which replace most of the eager metric learner's many small launches.
+        whole = p.tp == 1 and p.pp == 1
         # CUDA graphs replay each layer's kernels without the host. Only where gradients land in
         # contiguous_grads' buffer: autograd then adds the graphs' gradient outputs into it
         # instead of keeping them as .grad, memory the next replay overwrites.
-        cuda_graphs = torch.cuda.is_available() and hasattr(engine.optimizer, "contiguous_grads")
-        optimize_for_training(model, compile=True, packed=True, cuda_graphs=cuda_graphs, triton_glu=t.triton_glu)
+        cuda_graphs = whole and torch.cuda.is_available() and hasattr(engine.optimizer, "contiguous_grads")
+        fused = optimize_for_training(model, compile=whole, packed=True, cuda_graphs=cuda_graphs, triton_glu=t.triton_glu)
+        fast_path = (f"fast path: {fused} metric-learner GLUs fused, layers "
+                     + (f"compiled{' with CUDA graphs' if cuda_graphs else ''}" if whole else "not compiled (tp/pp > 1)"))
+    else:
+        fast_path = "eager (train.compile=false)"
 
     manifest = load_manifest(cfg.data.shards)
     fingerprint = _tokenizer_fingerprint(cfg)
@@ -218,7 +227,8 @@ def build_run(cfg: RunConfig) -> Run:
     return Run(grid=grid, mcfg=mcfg, module=engine.module, engine=engine, optimizer=optimizer,
                train_loader=train_loader, valid_loader=valid_loader, seq_len=manifest.seq_len,
                tokens_per_step=t.micro_batch_size * t.grad_accum_steps * grid.dp * manifest.seq_len,
-               precision=precision, num_params=num_params, loss_fn=loss_fn, inject=inject, cuda_graphs=cuda_graphs)
+               precision=precision, num_params=num_params, loss_fn=loss_fn, inject=inject, cuda_graphs=cuda_graphs,
+               fast_path=fast_path)
 
 
 def _tokenizer_fingerprint(cfg: RunConfig):

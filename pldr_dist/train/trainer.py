@@ -145,7 +145,7 @@ class Trainer:
         cfg, run = self.cfg, self.job
         self.resume()
         self.log(f"training {cfg.model.preset} ({run.num_params:,} parameters) with {run.grid.describe().split(' (')[0]}, "
-                 f"zero={cfg.parallel.zero_stage}, {run.precision}, {run.tokens_per_step:,} tokens/step")
+                 f"zero={cfg.parallel.zero_stage}, {run.precision}, {run.tokens_per_step:,} tokens/step; {run.fast_path}")
         loss = torch.tensor(float("nan"))   # a device tensor: read (a host sync) only when logged
         last_saved = self.step if self.step else -1
         # Throughput is measured over the steps since the last log line: between log lines the
