@@ -8,10 +8,11 @@
 #   dp_z1         DP=2 ZeRO-1, compiled (torchrun)         dp_z2  DP=2 ZeRO-2, compiled (deepspeed)
 #   dp_z3         DP=2 ZeRO-3, eager (torchrun)            tp     TP=2, eager (torchrun)
 #   tp_sp         TP=2 + sequence parallel (deepspeed)     pp     PP=2, 1F1B (torchrun)
+#   tp_fast, tp_sp_fast, pp_fast: the same with train.compile=true (Triton GLUs, not compiled)
 # 110m: also a TP=2 checkpoint consolidated to fp32 and decoded greedily on the GPU and the CPU
 # (plain KV+G caches and the G-cache artifact): the tokens must be the same.
 #   bash benchmarks/gpu_multi_gpu.sh 110m|1b $OUT STEP...   STEP: refs dp_z1 dp_z2 dp_z3 tp tp_sp pp
-#   roundtrip (in that order; split over calls on one warm machine to keep each call short)
+#   tp_fast tp_sp_fast pp_fast roundtrip (in that order; split over calls on one warm machine to keep each call short)
 #   CPU dry run (tiny model, gloo): DRY=1 DS_ACCELERATOR=cpu bash ... 110m /tmp/out refs tp roundtrip
 set -uo pipefail
 PART=$1 OUT=${2:-/tmp/out}
@@ -111,6 +112,11 @@ for step in ${@:3}; do
       else layout tp torchrun $EAGER_MB $EAGER_ACCUM false --set parallel.tp=2 --set "log.profile_steps=[30,31]"; fi ;;
     tp_sp) layout tp_sp deepspeed $EAGER_MB $EAGER_ACCUM false --set parallel.tp=2 --set parallel.sequence_parallel=true ;;
     pp)    layout pp torchrun $EAGER_MB $EAGER_ACCUM false --set parallel.pp=2 ;;
+    # TP / PP with train.compile=true: the fast path's kernels (Triton GLUs; TP: padded FFN shards),
+    # layers not compiled
+    tp_fast)    layout tp_fast torchrun $MB $ACCUM $COMPILE --set parallel.tp=2 ;;
+    tp_sp_fast) layout tp_sp_fast deepspeed $MB $ACCUM $COMPILE --set parallel.tp=2 --set parallel.sequence_parallel=true ;;
+    pp_fast)    layout pp_fast torchrun $((MB / 2)) $((ACCUM * 2)) $COMPILE --set parallel.pp=2 ;;
     roundtrip) roundtrip ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac

@@ -24,6 +24,9 @@ LAYOUTS = {  # name: (label, reference, launcher)
     "tp": ("TP=2, eager", "single_eager", "torchrun"),
     "tp_sp": ("TP=2 + SP, eager", "single_eager", "deepspeed"),
     "pp": ("PP=2 (1F1B, 2 micro-batches), eager", "single_eager", "torchrun"),
+    "tp_fast": ("TP=2, fast-path kernels", "single", "torchrun"),
+    "tp_sp_fast": ("TP=2 + SP, fast-path kernels", "single", "deepspeed"),
+    "pp_fast": ("PP=2 (4 micro-batches), fast-path kernels", "single", "torchrun"),
 }
 
 
