@@ -82,6 +82,19 @@ def test_tp_logits_loss_gradients_and_adamw_steps_match_single_process(tp, sp):
         assert_matches(ref, got, 1e-10)
 
 
+def padded_ffn_tp_worker(rank, world, *args):
+    """tp_worker with the FFN shards zero-padded as on CUDA (tiny's d_ff = 170: shards of 85 -> 128)."""
+    from pldr_dist.parallel import layers
+    layers.PAD_ON_CPU = True
+    return tp_worker(rank, world, *args)
+
+
+def test_tp2_with_the_ffn_shards_padded_as_on_cuda_matches_single_process():
+    ref = reference(torch.float64, 3)
+    for got in run_distributed(padded_ffn_tp_worker, 2, 2, False, torch.float64, 3, {}):
+        assert_matches(ref, got, 1e-10)
+
+
 def test_tp2_fp32_and_fixed_g_mode_match_single_process():
     # fp32: logits and loss to 1e-5. Gradients of the metric learner are ill-conditioned in fp32
     # (A0 sums q q^T over all positions before a LayerNorm), so summing them over heads in a

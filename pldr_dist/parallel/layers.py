@@ -15,6 +15,18 @@ from .mappings import (allreduce_grads, copy_to_tp, gather_last_dim, gather_seq,
                        reduce_scatter_seq)
 
 
+# FFN shards are padded on CUDA only: there it aligns bf16 rows for cuBLAS's fast kernels
+# (tensor_parallel.FFN_SHARD_ALIGN); on the CPU it buys nothing and would change fp32 rounding
+# against the TP = 1 model. Tests set this to run the padded path on the CPU.
+PAD_ON_CPU = False
+
+
+def _pad_width(width: int, pad_to: int, weight: torch.Tensor) -> int:
+    if not pad_to or not (weight.is_cuda or PAD_ON_CPU):
+        return 0
+    return -width % pad_to
+
+
 def shard_parameter(full: torch.Tensor, dim: int, rank: int, size: int) -> nn.Parameter:
     """This rank's contiguous block along `dim` (torch.tensor_split: sizes may differ by one, which
     the FFN needs: the paper's d_ff = 2389 is prime)."""
@@ -56,7 +68,7 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x):
         x = self.shared_entry(x, self.group, self.sequence_parallel)
         weight, bias = self.weight, self.bias
-        pad = -weight.shape[0] % self.pad_to if self.pad_to else 0
+        pad = _pad_width(weight.shape[0], self.pad_to, weight)
         if pad:   # zero output columns, so the output rows are aligned (see parallelize)
             weight = F.pad(weight, (0, 0, 0, pad))
             bias = F.pad(bias, (0, pad)) if bias is not None else None
@@ -78,7 +90,7 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x):
         weight = self.weight
-        pad = -weight.shape[1] % self.pad_to if self.pad_to else 0
+        pad = _pad_width(weight.shape[1], self.pad_to, weight)
         if pad:   # zero input columns, meeting the padded columns of a ColumnParallelLinear's output
             weight = F.pad(weight, (0, pad))
         y = F.linear(x, weight)

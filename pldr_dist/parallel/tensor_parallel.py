@@ -38,7 +38,7 @@ _RULES = [  # (suffix pattern, split dim)
 ]
 
 
-# The FFN's hidden shards are computed zero-padded to a multiple of this width. d_ff is odd in the
+# On CUDA the FFN's hidden shards are computed zero-padded to a multiple of this width. d_ff is odd in the
 # presets (2389, 5461), so its shards are too (pldr-1b at TP=2: 2731 and 2730): their bf16 rows
 # are not 16-byte aligned and cuBLAS falls back to slow kernels for all nine FFN products (48% of
 # a TP=2 step's GPU time on an H100, docs/multi_gpu.md). Padded units are silu(0) * 0 = 0 and meet
