@@ -8,6 +8,9 @@
 #                                    train, run from a copy of the package in COPY (e.g.
 #                                    benchmarks/_prev): python -m puts the working directory
 #                                    first on sys.path, so the copy must be the working directory
+#   ab_runs DIR CONFIG MB [ARGS]     new_a, prev_a, new_b, prev_b: this package and benchmarks/_prev,
+#                                    alternating, ${STEPS:-30} steps each (timings drift with time)
+#   losses DIR NAME...               each run's logged losses on one line
 #   summary DIR NAME...              median tokens/s, TFLOP/s, MFU, step time of the logged steps
 #                                    ${FROM:-8}-${TO:-20}, peak memory and last loss of each run
 #                                    (metrics.jsonl)
@@ -36,6 +39,19 @@ train_copy() {
   local copy=$1; shift
   ln -sfn $PWD/data $copy/data
   (cd $copy && PYTHONPATH=$PWD:$SITE train "$@")
+}
+
+ab_runs() {
+  local dir=$1 config=$2 mb=$3; shift 3
+  train $dir new_a $config $mb "$@"
+  train_copy benchmarks/_prev $dir prev_a $config $mb "$@"
+  train $dir new_b $config $mb "$@"
+  train_copy benchmarks/_prev $dir prev_b $config $mb "$@"
+}
+
+losses() {
+  local dir=$1; shift
+  for n in "$@"; do echo "$n: $(grep -E '^step' $dir/$n.log | awk '{print $4}' | paste -sd' ')"; done
 }
 
 summary() {

@@ -11,11 +11,8 @@ source benchmarks/gpu_trainer_lib.sh
 W=/tmp/onesync && rm -rf $W && mkdir -p $W
 make_shards $W
 L="--set log.every=5"
-STEPS=40 train $W new_a pldr-110m 64 $L
-STEPS=40 train_copy benchmarks/_prev $W prev_a pldr-110m 64 $L
-STEPS=40 train $W new_b pldr-110m 64 $L
-STEPS=40 train_copy benchmarks/_prev $W prev_b pldr-110m 64 $L
+STEPS=40 ab_runs $W pldr-110m 64 $L
 FROM=10 TO=40 summary $W new_a prev_a new_b prev_b | tee $OUT/trainer_onesync.txt
-for n in new_a prev_a new_b prev_b; do echo "$n: $(grep -E '^step' $W/$n.log | awk '{print $4}' | paste -sd' ')"; done | tee -a $OUT/trainer_onesync.txt
+losses $W new_a prev_a new_b prev_b | tee -a $OUT/trainer_onesync.txt
 STEPS=14 train $W phases pldr-110m 64 $L --set 'log.profile_steps=[10,12]'
 python benchmarks/trainer_gaps.py $W/phases/profile_trace.json --top 8 | tee $OUT/trainer_phases_onesync.txt

@@ -12,4 +12,4 @@ STEPS=25 train $W new_a pldr-110m 64
 STEPS=25 train_copy benchmarks/_prev $W prev_a pldr-110m 64
 STEPS=25 train $W new_b pldr-110m 64
 summary $W new_a prev_a new_b | tee $OUT/trainer_repeat.txt
-for n in new_a prev_a new_b; do echo "$n: $(grep -E '^step' $W/$n.log | awk '{print $4}' | paste -sd' ')"; done | tee -a $OUT/trainer_repeat.txt
+losses $W new_a prev_a new_b | tee -a $OUT/trainer_repeat.txt

@@ -11,13 +11,10 @@ source benchmarks/gpu_trainer_lib.sh
 W=/tmp/tsync && rm -rf $W && mkdir -p $W
 make_shards $W
 L="--set log.every=5"
-STEPS=40 train $W new_a pldr-110m 64 $L
-STEPS=40 train_copy benchmarks/_prev $W prev_a pldr-110m 64 $L
-STEPS=40 train $W new_b pldr-110m 64 $L
-STEPS=40 train_copy benchmarks/_prev $W prev_b pldr-110m 64 $L
+STEPS=40 ab_runs $W pldr-110m 64 $L
 FROM=10 TO=40 summary $W new_a prev_a new_b prev_b | tee $OUT/trainer_syncs.txt
 STEPS=14 train $W gaps pldr-110m 64 $L --set 'log.profile_steps=[10,12]'
 python benchmarks/trainer_gaps.py $W/gaps/profile_trace.json --top 15 | tee $OUT/trainer_gaps.txt
 STEPS=40 train $W new_mb128 pldr-110m 128 $L
 FROM=10 TO=40 summary $W new_mb128 | tee -a $OUT/trainer_syncs.txt
-for n in new_a prev_a new_b prev_b new_mb128; do echo "$n: $(grep -E '^step' $W/$n.log | awk '{print $4}' | paste -sd' ')"; done | tee -a $OUT/trainer_syncs.txt
+losses $W new_a prev_a new_b prev_b new_mb128 | tee -a $OUT/trainer_syncs.txt
