@@ -39,19 +39,22 @@ def load(folder: str) -> dict:
     return runs
 
 
-def steady(rows: list, first: int, skip=(30, 31)) -> list:
-    return [r for r in rows if r["step"] >= first and r["step"] not in skip]
+PROFILED = {"1b": (30, 31)}   # steps gpu_multi_gpu.sh profiles (the 1b TP run): not steady
 
 
-def table(preset: str, runs: dict, first: int) -> list[str]:
-    med = {n: statistics.median(r["tokens_per_s"] for r in steady(rows, first)) for n, rows in runs.items()}
+def steady(rows: list, first: int, sub: str) -> list:
+    return [r for r in rows if r["step"] >= first and r["step"] not in PROFILED.get(sub, ())]
+
+
+def table(preset: str, runs: dict, first: int, sub: str) -> list[str]:
+    med = {n: statistics.median(r["tokens_per_s"] for r in steady(rows, first, sub)) for n, rows in runs.items()}
     out = [f"### {preset}", "",
            "| layout | launcher | tokens/s | MFU | step (ms) | peak memory / GPU (GiB) | vs its 1-GPU reference | last loss (step) | loss - 1 GPU's: mean abs, last 20 steps | max abs (at step) |",
            "|---|---|---|---|---|---|---|---|---|---|"]
     base = {r["step"]: r["loss"] for r in runs["single"]}
     for name, rows in runs.items():
         label, ref, launcher = LAYOUTS[name]
-        s = steady(rows, first)
+        s = steady(rows, first, sub)
         mfu = statistics.median(r["mfu"] for r in s)
         step_ms = 1000 * statistics.median(r["step_time_s"] for r in s)
         mem = max(r["memory_mib"] for r in rows) / 1024
@@ -81,7 +84,7 @@ def main() -> None:
         runs = load(os.path.join(folder, sub))
         if "single" in runs:
             data[sub] = runs
-            lines += table(title, runs, first) + [""]
+            lines += table(title, runs, first, sub) + [""]
     with open(os.path.join(folder, "multi_gpu_table.md"), "w") as f:
         f.write("\n".join(lines))
     print("\n".join(lines))
@@ -117,7 +120,7 @@ def main() -> None:
         first = 20 if sub == "110m" else 10
         for name, rows in runs.items():
             names.append(f"{sub} {LAYOUTS[name][0]}")
-            values.append(statistics.median(r["tokens_per_s"] for r in steady(rows, first)) / 1e3)
+            values.append(statistics.median(r["tokens_per_s"] for r in steady(rows, first, sub)) / 1e3)
             colors.append("tab:blue" if sub == "110m" else "tab:orange")
     ax.barh(range(len(names)), values, color=colors)
     ax.set_yticks(range(len(names)), names, fontsize=7)
