@@ -29,15 +29,16 @@ SEQ = 1024
 PEAK, MATMUL_CEILING = 989e12, 798e12
 
 
-def build(name, identity_g, fast, batch, graphs=True, triton_glu=True, fused_loss=True, **fast_opts):
+def build(name, identity_g, fast, batch, graphs=True, triton_glu=True, fused_loss=True, keep_qg=False, **fast_opts):
     """(cfg, model, loss_of(tokens), optimizer). The fast path's loss is model(x, targets=y)
     (head and loss fused); fused_loss=False applies the compiled lm_loss to the logits instead
-    (the previous fast path, for comparison); eager: lm_loss on the logits."""
+    (the previous fast path, for comparison); eager: lm_loss on the logits. keep_qg: the G = I
+    model still multiplies q by I (gap_ladder.py: what the q@G product costs)."""
     torch.manual_seed(0)
     cfg = preset(name, mode="v510G", fixed_g="identity") if identity_g else preset(name)
     model = PLDRModel(cfg).cuda()
     for layer in model.layers:
-        layer.attn.skip_identity_g = identity_g
+        layer.attn.skip_identity_g = identity_g and not keep_qg
     if fast:
         optimize_for_training(model, cuda_graphs=graphs, triton_glu=triton_glu, **fast_opts)
     if fast and fused_loss:
@@ -75,12 +76,12 @@ def time_steps(step, warmup=3, iters=10):
     return statistics.median(times), (max(times) - min(times)) / statistics.median(times)
 
 
-def bench(name, identity_g, fast, batch, log, graphs=True, triton_glu=True, label=None, **fast_opts):
+def bench(name, identity_g, fast, batch, log, graphs=True, triton_glu=True, label=None, keep_qg=False, **fast_opts):
     """One timed configuration; fast_opts go to optimize_for_training; label names the path."""
     torch._dynamo.reset()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    cfg, model, loss_of, opt = build(name, identity_g, fast, batch, graphs, triton_glu, **fast_opts)
+    cfg, model, loss_of, opt = build(name, identity_g, fast, batch, graphs, triton_glu, keep_qg=keep_qg, **fast_opts)
     tokens = torch.randint(4, cfg.vocab_size, (batch, SEQ + 1), device="cuda")
     t0 = time.time()
     try:
