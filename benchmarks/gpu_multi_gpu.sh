@@ -7,11 +7,12 @@
 #   single_eager  one GPU, eager: the reference for the layouts that cannot compile (TP, PP, ZeRO-3)
 #   dp_z1         DP=2 ZeRO-1, compiled (torchrun)         dp_z2  DP=2 ZeRO-2, compiled (deepspeed)
 #   dp_z3         DP=2 ZeRO-3, eager (torchrun)            tp     TP=2, eager (torchrun)
+#   dp_z2_profile DP=2 ZeRO-2, compiled, profiled at steps 20-21   dp_z2_eager  DP=2 ZeRO-2, eager
 #   tp_sp         TP=2 + sequence parallel (deepspeed)     pp     PP=2, 1F1B (torchrun)
 #   tp_fast, tp_sp_fast, pp_fast: the same with train.compile=true (Triton GLUs, not compiled)
 # 110m: also a TP=2 checkpoint consolidated to fp32 and decoded greedily on the GPU and the CPU
 # (plain KV+G caches and the G-cache artifact): the tokens must be the same.
-#   bash benchmarks/gpu_multi_gpu.sh 110m|1b $OUT STEP...   STEP: refs dp_z1 dp_z2 dp_z3 tp tp_sp pp
+#   bash benchmarks/gpu_multi_gpu.sh 110m|1b $OUT STEP...   STEP: refs dp_z1 dp_z2 dp_z3 dp_z2_profile dp_z2_eager tp tp_sp pp
 #   tp_fast tp_sp_fast pp_fast roundtrip (in that order; split over calls on one warm machine to keep each call short)
 #   CPU dry run (tiny model, gloo): DRY=1 DS_ACCELERATOR=cpu bash ... 110m /tmp/out refs tp roundtrip
 set -uo pipefail
@@ -107,6 +108,9 @@ for step in ${@:3}; do
     dp_z1) layout dp_z1 torchrun $MB 1 $COMPILE --set parallel.zero_stage=1 ;;
     dp_z2) layout dp_z2 deepspeed $MB 1 $COMPILE --set parallel.zero_stage=2 ;;
     dp_z3) layout dp_z3 torchrun $EAGER_MB $((EAGER_ACCUM / 2)) false --set parallel.zero_stage=3 ;;
+    # why ZeRO-2 is slow: the compiled run profiled at steps 20-21 (rank 0), and an eager run
+    dp_z2_profile) layout dp_z2_profile deepspeed $MB 1 $COMPILE --set parallel.zero_stage=2 --set "log.profile_steps=[20,21]" ;;
+    dp_z2_eager)   layout dp_z2_eager deepspeed $EAGER_MB $((EAGER_ACCUM / 2)) false --set parallel.zero_stage=2 ;;
     tp)    # 110m: keeps its checkpoint for the round trip; 1b: a profile of steps 30-31 (rank 0)
       if [ $PART = 110m ]; then layout tp torchrun $EAGER_MB $EAGER_ACCUM false --set parallel.tp=2 --set checkpoint.at_end=true
       else layout tp torchrun $EAGER_MB $EAGER_ACCUM false --set parallel.tp=2 --set "log.profile_steps=[30,31]"; fi ;;
@@ -121,7 +125,7 @@ for step in ${@:3}; do
     *) echo "unknown step $step"; exit 2 ;;
   esac
   # after each step, so that a call cut off at its time limit still returns what ran
-  (cd $W && tar -czf $OUT/logs_$PART.tar.gz *.log */metrics.jsonl gen_*.txt prompts.txt tp/profile.txt 2>/dev/null)
+  (cd $W && tar -czf $OUT/logs_$PART.tar.gz *.log */metrics.jsonl gen_*.txt prompts.txt */profile.txt 2>/dev/null)
 done
 
 RUNS=$(cd $W && ls */metrics.jsonl 2>/dev/null | cut -d/ -f1 | tr '\n' ' ')
