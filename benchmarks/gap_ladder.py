@@ -91,15 +91,16 @@ def report(rows, log):
         if "PLGA" not in mine or "G = I" not in mine:
             continue
         base, top = mine["G = I"]["step_ms"], mine["PLGA"]["step_ms"]
+        rungs = {v[0] for v in LADDER}
         prev = None
         for label, *_ in LADDER + PROBES:
             r = mine.get(label)
             if r is None:
                 continue
             share = ""
-            if prev is not None and label in dict((v[0], 0) for v in LADDER):
-                share = f"{(prev - r['step_ms']) / (top - base):6.1%} (the rung above minus this)"
-            if label in dict((v[0], 0) for v in LADDER):
+            if label in rungs:
+                if prev is not None:
+                    share = f"{(prev - r['step_ms']) / (top - base):6.1%} (the rung above minus this)"
                 prev = r["step_ms"]
             log(f"{name:<10} {batch:>5}  {label:<22} {r['tok_s']:>8.0f}  {r['step_ms']:>7.1f}  "
                 f"{r['mfu']:.1%}  {base / r['step_ms']:.3f}   {share}")
