@@ -17,14 +17,16 @@ import torch.nn.functional as F  # noqa: E402
 from pldr_dist.model import PLDRModel, glu_kernel  # noqa: E402
 from pldr_dist.model.config import preset  # noqa: E402
 from pldr_dist.model.fast import optimize_for_training  # noqa: E402
-from pldr_dist.model.layers import GLU  # noqa: E402
+from torch import nn  # noqa: E402
 from pldr_dist.model.model import lm_loss  # noqa: E402
 
 NAMES = ("x", "w1", "b1", "w2", "b2", "w3", "b3")
 
 
-def _params(glu):
-    return [glu.u1.weight, glu.u1.bias, glu.u2.weight, glu.u2.bias, glu.u3.weight, glu.u3.bias]
+def glu_params(dk, a, dtype=torch.float32):
+    """(U1, c1, U2, c2, U3, c3) of one GLU dk -> a -> dk, PyTorch's default Linear init."""
+    linears = (nn.Linear(dk, a), nn.Linear(dk, a), nn.Linear(a, dk))
+    return [p.detach().to(dtype).requires_grad_(True) for m in linears for p in (m.weight, m.bias)]
 
 
 def _rel(a, ref):
@@ -37,13 +39,13 @@ def op_matches_fp64():
     block), hidden width 170 (a masked tail chunk)."""
     torch.manual_seed(0)
     for wdtype, xdtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)):
-        glu = GLU(64, 170).to(wdtype)
+        params = glu_params(64, 170, wdtype)
         x = torch.randn(200, 64).to(xdtype).requires_grad_(True)
         dy = torch.randn(200, 64).bfloat16()
-        ref = [t.detach().bfloat16().double().requires_grad_(True) for t in [x, *_params(glu)]]
+        ref = [t.detach().bfloat16().double().requires_grad_(True) for t in [x, *params]]
         xr, w1, b1, w2, b2, w3, b3 = ref
         F.linear(F.silu(F.linear(xr, w1, b1)) * F.linear(xr, w2, b2), w3, b3).backward(dy.double())
-        y = glu_kernel.glu(x, *_params(glu))
+        y = glu_kernel.glu(x, *params)
         y.backward(dy)
         with torch.no_grad():
             yref = F.linear(F.silu(F.linear(xr, w1, b1)) * F.linear(xr, w2, b2), w3, b3)
@@ -51,7 +53,7 @@ def op_matches_fp64():
         # bf16 rounding (truncating, in the interpreter) gives ~1e-2; a wrong index or
         # derivative gives O(1).
         assert _rel(y, yref) < 3e-2, _rel(y, yref)
-        for name, t, r in zip(NAMES, [x, *_params(glu)], ref):
+        for name, t, r in zip(NAMES, [x, *params], ref):
             assert t.grad.dtype == t.dtype and t.grad.shape == t.shape, name
             err = _rel(t.grad, r.grad)
             assert err < 3e-2, f"{name} ({wdtype}): relative error {err:.3g}"
@@ -61,9 +63,9 @@ def op_matches_fp64():
 def opcheck():
     """The ops' fake (meta) kernels match the real outputs, as torch.compile relies on."""
     torch.manual_seed(0)
-    glu = GLU(64, 40)
+    params = glu_params(64, 40)
     x = torch.randn(50, 64)
-    ws = [p.detach() for p in _params(glu)]
+    ws = [p.detach() for p in params]
     torch.library.opcheck(glu_kernel.glu, (x.requires_grad_(True), *[w.requires_grad_(True) for w in ws]),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     torch.library.opcheck(glu_kernel.glu_backward, (torch.randn(50, 64).bfloat16(), x.detach(), *ws[:5]),
@@ -112,9 +114,9 @@ def fast_path_uses_kernel():
 
 
 def rejects_bad_head_dim():
-    glu = GLU(24, 40)
+    params = glu_params(24, 40)
     try:
-        glu_kernel.glu(torch.randn(8, 24), *_params(glu))
+        glu_kernel.glu(torch.randn(8, 24), *params)
     except ValueError as e:
         assert "power-of-two head_dim" in str(e), e
         print("bad head_dim refused")

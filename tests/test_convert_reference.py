@@ -13,7 +13,7 @@ def test_reference_file_and_dcp_folder_round_trip_exactly(tmp_path):
     state = to_reference_state_dict(model)
     assert "decoder.dec_layers.1.mha1.plgatt_layer.pwlst" in state
     assert "decoder.dec_layers.0.mha1.reslayerAs.1.denseAs.0.gluw3.weight" in state
-    assert "final_layer.bias" in state and len(state) == len(model.state_dict())
+    assert "final_layer.bias" in state and len(state) == len(model.interchange_state_dict())
 
     save_reference_checkpoint(model, tmp_path / "ref.pt")
     from_file = load_reference_checkpoint(tmp_path / "ref.pt", cfg)

@@ -5,7 +5,7 @@ import torch
 
 from pldr_dist.model import PLDRModel
 from pldr_dist.model.config import preset
-from pldr_dist.model.fast import FusedGLU, PaddedSwiGLU, optimize_for_training
+from pldr_dist.model.fast import FusedMetricLearner, PaddedSwiGLU, optimize_for_training
 from pldr_dist.model.layers import apply_rotary, rotary_cache
 from pldr_dist.model.model import lm_loss
 
@@ -26,7 +26,7 @@ def _check(compile_backend):
     fast = copy.deepcopy(eager)
     optimize_for_training(fast, compile=compile_backend is not None, backend=compile_backend or "inductor")
     assert fast.state_dict().keys() == eager.state_dict().keys()
-    assert any(isinstance(m, FusedGLU) for m in fast.modules())
+    assert any(isinstance(m, FusedMetricLearner) for m in fast.modules())
     assert any(isinstance(m, PaddedSwiGLU) for m in fast.modules())   # d_ff = 170: padded to 192
     assert all(layer.attn.rope_cache is not None for layer in fast.layers)
     tokens = torch.randint(4, cfg.vocab_size, (2, 33))  # packed: no pad tokens

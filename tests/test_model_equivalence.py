@@ -59,7 +59,7 @@ def reference_g(sd, p, q_rot, cfg):
 
 
 def reference_logits(model, tokens, learned_g):
-    cfg, sd = model.cfg, model.state_dict()
+    cfg, sd = model.cfg, model.interchange_state_dict()
     B, S = tokens.shape
     h, dk = cfg.num_heads, cfg.head_dim
     x = sd["embed.tokens.weight"][tokens] * math.sqrt(cfg.d_model)

@@ -1,6 +1,11 @@
 """pldr-reshard: a TP=2 x PP=2 run continued as TP=1 x DP=2 and back, on the real entry point."""
+import dataclasses
+import glob
 import json
 import os
+import re
+import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -9,7 +14,11 @@ from safetensors.torch import load_file
 from pldr_dist.convert.consolidate import gather_weights
 from pldr_dist.convert.consolidated import CheckpointError
 from pldr_dist.convert.reshard import main as reshard_main
-from pldr_dist.convert.reshard import reshard
+from pldr_dist.convert.names import to_authors
+from pldr_dist.convert.reshard import read_run_config, reshard
+from pldr_dist.model import PLDRModel
+from pldr_dist.model.interchange import to_interchange
+from pldr_dist.train.checkpoint import CheckpointManager
 from train_helpers import losses, prepare_data, train, train_with_fault
 
 # 8 sequences per step in both layouts: 4 x 2 pipeline micro-batches, or 4 on each of 2 DP ranks
@@ -46,8 +55,12 @@ def test_tp2_pp2_to_tp1_dp2_and_back_continues_with_the_losses_of_the_unchanged_
     reshard(str(source), str(tmp_path / "dp"), log=lambda *_: None)
     portable = load_file(str(tmp_path / "dp" / "checkpoints" / "step_00000003" / "portable.safetensors"))
     run_config = json.loads((source / "run_config.json").read_text())
-    for name, tensor in gather_weights(str(source.parent), source.name, run_config).items():
+    weights = gather_weights(str(source.parent), source.name, run_config)
+    for name, tensor in to_interchange(weights).items():
         assert torch.equal(portable[f"param.{name}"], tensor), name       # the training weights, bit for bit
+    for key in portable:                                # the file keeps the per-GLU (authors') names
+        to_authors(key.split(".", 1)[1])
+    check_per_glu_checkpoint(source, tmp_path, portable)
     assert all(portable[f"exp_avg_sq.{n}"].min() >= 0 for n in (k[len("param."):] for k in portable if k.startswith("param.")))
 
     # TP=1 x DP=2 from step 3, preempted after step 6
@@ -104,3 +117,54 @@ def test_bf16_zero1_checkpoint_reshards_and_continues(tmp_path):
         for step in got:
             tolerance = 1e-6 if name == "dp" else 2e-2
             assert abs(got[step] - ref[step]) <= tolerance * ref[step], (name, step, got[step], ref[step])
+
+
+def as_per_glu_checkpoint(tag_dir):
+    """Rewrite a checkpoint (DP = 1) as pldr_dist wrote it before the metric learner was stacked:
+    per-GLU names in the module files and optimizer slice mappings (each stacked tensor's slice
+    cut into its GLUs' consecutive pieces), no parameter-layout key in the rank files."""
+    _, cfg = read_run_config(str(tag_dir))
+    R, n, a, dk = cfg.num_residual_units, cfg.glus_per_unit, cfg.a_dff, cfg.head_dim
+    piece = {"u1_weight": a * dk, "u2_weight": a * dk, "u3_weight": dk * a, "u1_bias": a, "u2_bias": a, "u3_bias": dk}
+    for path in glob.glob(str(tag_dir / "*optim_states.pt")):
+        state = torch.load(path, weights_only=False)
+        osd = state["optimizer_state_dict"]
+        for g, mapping in enumerate(osd["param_slice_mappings"]):
+            old = {}
+            for name, address in mapping.items():
+                m = re.match(r"(.*metric\.)(u[123]|norm)_(weight|bias)$", name)
+                if m is None:
+                    old[name] = address
+                    continue
+                pre, role, part = m.groups()
+                keys = ([f"{pre}units.{r}.norm.{part}" for r in range(R)] if role == "norm" else
+                        [f"{pre}units.{r}.glus.{j}.{role}.{part}" for r in range(R) for j in range(n)])
+                size = dk if role == "norm" else piece[f"{role}_{part}"]
+                assert address.numel == size * len(keys), "a DP = 1 checkpoint holds whole tensors"
+                for i, key in enumerate(keys):
+                    old[key] = dataclasses.replace(address, start=address.start + i * size, numel=size)
+            osd["param_slice_mappings"][g] = old
+        torch.save(state, path)
+    for path in glob.glob(str(tag_dir / "layer_*-model_states.pt")):
+        torch.save(to_interchange(torch.load(path, weights_only=False)), path)
+    for path in glob.glob(str(tag_dir / "rank_*.pt")):
+        extra = torch.load(path, weights_only=False)
+        del extra["parameters"]
+        torch.save(extra, path)
+
+
+def check_per_glu_checkpoint(source, tmp_path, portable):
+    """A checkpoint written before the stacking: the trainer refuses it in one line that names
+    the conversion; pldr-reshard converts it into the same portable file as today's checkpoint."""
+    old = tmp_path / "old" / "checkpoints" / source.name
+    shutil.copytree(source, old)
+    as_per_glu_checkpoint(old)
+    _, cfg = read_run_config(str(old))
+    manager = CheckpointManager(str(tmp_path / "old"), keep=1, rank=0, world_size=4)
+    with pytest.raises(CheckpointError, match=r"before the metric learner's weights were stacked; convert it once "
+                                              r"with `pldr-reshard .*step_00000003 NEW_RUN_DIR`"):
+        manager.load(SimpleNamespace(module=PLDRModel(cfg)), source.name)
+    reshard(str(old), str(tmp_path / "from_old"), log=lambda *_: None)
+    converted = load_file(str(tmp_path / "from_old" / "checkpoints" / source.name / "portable.safetensors"))
+    assert converted.keys() == portable.keys()
+    assert all(torch.equal(converted[k], portable[k]) for k in portable)

@@ -21,6 +21,7 @@ import sys
 import torch
 
 from ..model import PLDRModel
+from ..model.interchange import from_interchange
 from ..parallel.tensor_parallel import tp_partition_dim
 from .consolidated import CheckpointError, save_consolidated
 
@@ -114,6 +115,7 @@ def consolidate(path: str, out: str, dtype: str = "fp32", log=print) -> str:
     tag_dir = os.path.join(ckpt_dir, tag)
     run, cfg = read_run_config(tag_dir)
     weights = {k: v.float() if v.is_floating_point() else v for k, v in gather_weights(ckpt_dir, tag, run).items()}
+    weights = from_interchange(weights)     # a checkpoint written before the stacking has per-GLU names
     with torch.device("meta"):
         expected = PLDRModel(cfg).state_dict()
     missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))

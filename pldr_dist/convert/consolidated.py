@@ -22,6 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..model.interchange import to_interchange
 from ..model import PLDRConfig, PLDRModel
 
 WEIGHTS, CONFIG, METADATA, TOKENIZER = "model.safetensors", "config.json", "metadata.json", "tokenizer.model"
@@ -53,9 +54,9 @@ def write_folder_atomically(folder, fill) -> Path:
 
 
 def model_tensors(model: PLDRModel, dtype: torch.dtype = torch.float32) -> dict:
-    """state_dict as contiguous CPU tensors (floating tensors cast to dtype)."""
+    """The interchange state dict as contiguous CPU tensors (floating tensors cast to dtype)."""
     out = {}
-    for name, t in model.state_dict().items():
+    for name, t in model.interchange_state_dict().items():
         t = t.detach().cpu()
         if t.is_floating_point():
             t = t.to(dtype)
@@ -110,8 +111,8 @@ def load_config(folder) -> PLDRConfig:
 
 def check_tensors_match(model: PLDRModel, tensors: dict, weights_path, config_path) -> None:
     """Names and shapes in the file must be exactly the model's, or say which differ."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in tensors.items()}
+    expected = {k: tuple(v.shape) for k, v in model.interchange_state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in to_interchange(tensors).items()}
     missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
     wrong = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
     if missing or extra or wrong:

@@ -72,7 +72,7 @@ def hf_config(cfg: PLDRConfig, dtype: str = "fp32") -> dict:
 def hf_tensors(model: PLDRModel, dtype: str = "fp32") -> dict:
     cfg, cast = model.cfg, DTYPES[dtype]
     out = {}
-    for name, t in model.state_dict().items():
+    for name, t in model.interchange_state_dict().items():
         if name.endswith("attn.G_fixed"):
             continue
         out[to_authors(name)] = t.detach().cpu().to(cast).contiguous()

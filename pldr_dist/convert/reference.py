@@ -25,7 +25,7 @@ def to_reference_state_dict(model: PLDRModel) -> dict:
     if not model.cfg.learned_g:
         raise CheckpointError("the reference's v510 model has a learned G; a v510G model has no metric "
                               "learner to export (export the v510 model, or use pldr-export-gcache for its G)")
-    return {to_authors(k): v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    return {to_authors(k): v.detach().cpu().clone() for k, v in model.interchange_state_dict().items()}
 
 
 def save_reference_checkpoint(model: PLDRModel, path) -> Path:

@@ -41,6 +41,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..model import PLDRModel
+from ..model.interchange import from_interchange, to_interchange
 from ..parallel.tensor_parallel import tp_partition_dim
 from .consolidate import _load, _merge_tp, gather_weights, read_run_config, resolve_tag
 from .consolidated import CheckpointError
@@ -119,13 +120,16 @@ def read_training_state(ckpt_dir: str, tag: str, log=lambda *_: None) -> dict:
                               f"needs 0..{tp * pp - 1} (the checkpoint is incomplete)")
     # (stage, tp rank) -> flat tensors; merge the TP slices of each stage, then the stages
     with torch.device("meta"):
-        shapes = {n: tuple(t.shape) for n, t in PLDRModel(cfg).state_dict().items()}
+        model_state = PLDRModel(cfg).state_dict()
+    shapes = {n: tuple(t.shape) for n, t in model_state.items()}
+    # the per-GLU names of a checkpoint written before the metric learner was stacked
+    shapes_any = {**{n: tuple(t.shape) for n, t in to_interchange(model_state).items()}, **shapes}
     weights, moments, steps = {}, {k: {} for k in MOMENTS}, set()
     for stage in range(pp):
         log(f"reading pipeline stage {stage + 1}/{pp}: {tp} TP rank(s) x {len(per_mp[0])} DP optimizer file(s)")
         parts = [_read_partitions(per_mp[stage * tp + r], pp, cfg.num_layers) for r in range(tp)]
         steps.update(p[2] for p in parts)
-        local_shapes = [{n: _local_shape(shapes[n], n, r, tp) for n in parts[r][0]} for r in range(tp)]
+        local_shapes = [{n: _local_shape(shapes_any[n], n, r, tp) for n in parts[r][0]} for r in range(tp)]
         weights.update(_merge_tp([{n: t.view(local_shapes[r][n]) for n, t in parts[r][0].items()}
                                   for r in range(tp)]))
         for k in MOMENTS:
@@ -133,6 +137,9 @@ def read_training_state(ckpt_dir: str, tag: str, log=lambda *_: None) -> dict:
                                          for r in range(tp)]))
     if len(steps) != 1:
         raise CheckpointError(f"{tag_dir}: optimizer step counts differ across model-parallel ranks {sorted(steps)}")
+    # a checkpoint written before the metric learner was stacked holds per-GLU names
+    weights = from_interchange(weights)
+    moments = {k: from_interchange(m) for k, m in moments.items()}
     params = {n for n in shapes if not n.endswith("G_fixed")}
     if set(weights) != params:
         raise CheckpointError(f"{tag_dir}: optimizer files hold {len(weights)} parameters, the model has {len(params)} "
@@ -168,9 +175,10 @@ def write_portable(state: dict, run_dir: str, tokenizer: str | None = None) -> s
     os.makedirs(ckpt_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{tag_for(step)}.tmp-", dir=ckpt_dir)
     try:
-        tensors = {f"param.{n}": t.float().contiguous() for n, t in state["weights"].items()}
+        # files keep the per-GLU names (model/interchange.py)
+        tensors = {f"param.{n}": t.float().contiguous() for n, t in to_interchange(state["weights"]).items()}
         for k in MOMENTS:
-            tensors.update({f"{k}.{n}": t.float().contiguous() for n, t in state["moments"][k].items()})
+            tensors.update({f"{k}.{n}": t.float().contiguous() for n, t in to_interchange(state["moments"][k]).items()})
         tensors.update({f"buffer.{n}": t.contiguous() for n, t in state["buffers"].items()})
         save_file(tensors, os.path.join(tmp, PORTABLE_WEIGHTS), metadata={"format": FORMAT})
         meta = {"format": FORMAT, "optimizer_step": state["optimizer_step"], **state["extra"],

@@ -38,12 +38,12 @@ class GCacheArtifact:
 
 
 def model_fingerprint(model: PLDRModel) -> str:
-    """sha256 over the config and every tensor (name, shape, fp32 bytes), in name order.
+    """sha256 over the config and every tensor (file name, shape, fp32 bytes), in name order.
 
     Hashing fp32 values makes an fp32 and an fp64 copy of the same checkpoint agree.
     """
     h = hashlib.sha256(json.dumps(model.cfg.to_dict(), sort_keys=True).encode())
-    for name, t in sorted(model.state_dict().items()):
+    for name, t in sorted(model.interchange_state_dict().items()):
         h.update(f"{name}:{list(t.shape)}".encode())
         h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()

@@ -5,7 +5,7 @@
   hidden state stays on the chip, the backward recomputes it); elsewhere U1 and U2 run as
   one matrix product, with the hidden width (a_dff = 170 in the presets) zero-padded to a
   multiple of 8 so bf16 rows stay 16-byte aligned; the padding adds exact zeros. The
-  parameters keep their names (`u1`, `u2`, `u3`).
+  parameters keep their names.
 - each decoder layer is compiled on its own (regional compilation: one graph reused by
   every layer, short compile times) with no graph breaks, so the metric learner, power
   law, rotary and norms become a few fused kernels, and attention on q~G_LM stays in the
@@ -27,36 +27,34 @@ import torch.nn.functional as F
 
 from . import glu_kernel
 from .head_loss import compute_dtype
-from .layers import GLU, SwiGLU, rotary_cache
+from .layers import SwiGLU, rotary_cache
 from .model import PLDRModel
-from .plga import PLGA
+from .plga import PLGA, MetricLearner
 
 ALIGN = 8  # bf16 elements in 16 bytes
 FFN_ALIGN = 64  # feed-forward hidden width padded to a multiple of this
 
 
-class FusedGLU(GLU):
-    """GLU as one Triton kernel (bf16 on CUDA, `glu_kernel`), else with U1 and U2 as one
-    padded product; same parameters, same result."""
+class FusedMetricLearner(MetricLearner):
+    """The metric learner with each GLU as one Triton kernel (bf16 on CUDA, `glu_kernel`),
+    else with U1 and U2 as one padded product; same parameters, same result."""
 
     use_kernel = True
 
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
-        if self.use_kernel and glu_kernel.available(y) and compute_dtype(self.u1.weight) == torch.bfloat16:
+    def glu(self, y: torch.Tensor, r: int, j: int) -> torch.Tensor:
+        w1, b1, w2, b2, w3, b3 = self.glu_weights(r, j)
+        if self.use_kernel and glu_kernel.available(y) and compute_dtype(w1) == torch.bfloat16:
             # The kernel rounds its input to bf16 anyway; casting here (fused by the compiler
             # into whatever made y, e.g. the unit's fp32 LayerNorm) halves what the three
             # kernels read and what autograd saves. The input's gradient is then bf16, as
             # autocast's own linear layers give.
             rows = y.reshape(-1, y.shape[-1]).to(torch.bfloat16)
-            out = glu_kernel.glu(rows, self.u1.weight, self.u1.bias,
-                                 self.u2.weight, self.u2.bias, self.u3.weight, self.u3.bias)
-            return out.view(y.shape)
-        width = self.u1.out_features
-        pad = -width % ALIGN
-        w12 = torch.cat((F.pad(self.u1.weight, (0, 0, 0, pad)), F.pad(self.u2.weight, (0, 0, 0, pad))))
-        b12 = torch.cat((F.pad(self.u1.bias, (0, pad)), F.pad(self.u2.bias, (0, pad))))
+            return glu_kernel.glu(rows, w1, b1, w2, b2, w3, b3).view(y.shape)
+        pad = -w1.shape[0] % ALIGN
+        w12 = torch.cat((F.pad(w1, (0, 0, 0, pad)), F.pad(w2, (0, 0, 0, pad))))
+        b12 = torch.cat((F.pad(b1, (0, pad)), F.pad(b2, (0, pad))))
         gate, up = F.linear(y, w12, b12).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, F.pad(self.u3.weight, (0, pad)), self.u3.bias)
+        return F.linear(F.silu(gate) * up, F.pad(w3, (0, pad)), b3)
 
 
 class PaddedSwiGLU(SwiGLU):
@@ -73,14 +71,15 @@ class PaddedSwiGLU(SwiGLU):
 
 
 def fuse_metric_glus(model: PLDRModel, kernel: bool = True) -> int:
-    """Switch every metric-learner GLU to the fused forward in place; returns how many.
+    """Switch every metric learner to the fused GLUs in place; returns how many GLUs.
     kernel=False keeps the Triton kernel off (the compiled PyTorch GLU; for comparisons)."""
     count = 0
     for module in model.modules():
-        if isinstance(module, GLU):
-            module.__class__ = FusedGLU
+        if isinstance(module, MetricLearner):
+            module.__class__ = FusedMetricLearner
             module.use_kernel = kernel
-            count += 1
+            R, n = module.shape
+            count += R * n
     return count
 
 

@@ -84,17 +84,10 @@ class SwiGLU(nn.Module):
         return self.w3(F.silu(self.w1(x)) * self.w2(x))
 
 
-class GLU(nn.Module):
+def glu(y: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+        w3: torch.Tensor, b3: torch.Tensor) -> torch.Tensor:
     """One metric-learner GLU, U3(silu(U1 y + c1) * (U2 y + c2)) + c3, applied to matrix rows."""
-
-    def __init__(self, dk: int, a_dff: int):
-        super().__init__()
-        self.u1 = nn.Linear(dk, a_dff)
-        self.u2 = nn.Linear(dk, a_dff)
-        self.u3 = nn.Linear(a_dff, dk)
-
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
-        return self.u3(F.silu(self.u1(y)) * self.u2(y))
+    return F.linear(F.silu(F.linear(y, w1, b1)) * F.linear(y, w2, b2), w3, b3)
 
 
 def iswiglu(y: torch.Tensor) -> torch.Tensor:

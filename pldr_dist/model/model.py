@@ -14,8 +14,9 @@ from torch import nn
 
 from .config import PLDRConfig
 from .head_loss import head_loss
+from .interchange import to_interchange
 from .layers import SwiGLU, apply_rotary
-from .plga import MASK_VALUE, PLGA, LayerCache
+from .plga import MASK_VALUE, PLGA, LayerCache, MetricLearner
 
 
 class Embedding(nn.Module):
@@ -102,6 +103,8 @@ class PLDRModel(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 module.reset_parameters()  # PyTorch default; kept for Wv unless fixed_wv_init
+            if isinstance(module, MetricLearner):
+                module.reset_default()
             if isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
@@ -113,7 +116,7 @@ class PLDRModel(nn.Module):
             if self.cfg.fixed_wv_init:
                 xavier.append(attn.wv)
             if self.cfg.learned_g:
-                xavier += [m for m in attn.metric.modules() if isinstance(m, nn.Linear)]
+                xavier.append(attn.metric)     # its GLUs, in their order (as the reference's modules)
                 for name in ("W", "P", "alpha"):
                     nn.init.xavier_normal_(getattr(attn.power, name))
                 nn.init.zeros_(attn.power.b)
@@ -121,8 +124,16 @@ class PLDRModel(nn.Module):
             elif self.cfg.fixed_g == "random":
                 nn.init.xavier_normal_(attn.G_fixed)
         for linear in xavier:
+            if isinstance(linear, MetricLearner):
+                linear.reset_xavier()
+                continue
             nn.init.xavier_uniform_(linear.weight)
             nn.init.zeros_(linear.bias)
+
+    def interchange_state_dict(self) -> dict:
+        """state_dict() under the names and shapes every file format uses (one tensor per
+        metric-learner GLU: `interchange.py`); `load_state_dict` accepts it as it is."""
+        return to_interchange(self.state_dict())
 
     def forward(self, tokens: torch.Tensor, cache: Optional[InferenceCache] = None,
                 key_pad: Optional[torch.Tensor] = None, return_penalty: bool = False,

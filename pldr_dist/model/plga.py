@@ -17,39 +17,93 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import PLDRConfig
-from .layers import GLU, apply_rotary, iswiglu
+from .interchange import GLU_ROLES, from_interchange, has_per_glu_names
+from .layers import apply_rotary, glu, iswiglu
 
 MASK_VALUE = -1e9  # the reference adds -1e9 (not -inf) at masked positions
 
 
-class ResidualUnit(nn.Module):
-    """A <- LayerNorm_dk(GLU_n(...GLU_1(A)...) + A)."""
-
-    def __init__(self, cfg: PLDRConfig):
-        super().__init__()
-        self.glus = nn.ModuleList(GLU(cfg.head_dim, cfg.a_dff) for _ in range(cfg.glus_per_unit))
-        self.norm = nn.LayerNorm(cfg.head_dim, eps=cfg.ln_eps)
-
-    def forward(self, a: torch.Tensor) -> torch.Tensor:
-        y = a
-        for glu in self.glus:
-            y = glu(y)
-        return self.norm(y + a)
-
-
 class MetricLearner(nn.Module):
-    """A = residual units applied to LayerNorm_dk(A0); weights shared by every head."""
+    """A = R residual units applied to LayerNorm_dk(A0), each A <- LayerNorm_dk(GLU_n(...GLU_1(A)...) + A);
+    weights shared by every head.
+
+    The units' weights are stored stacked, one tensor per role for the whole learner
+    (u1_weight [R, n, a, dk], u1_bias [R, n, a], ..., norm_weight [R, dk]): a few large
+    parameters instead of 6*R*n + 2*R small ones, which is what DeepSpeed's per-parameter work
+    and a fused kernel want. Files keep one tensor per GLU (`interchange.py`); loading accepts
+    either naming.
+    """
 
     def __init__(self, cfg: PLDRConfig):
         super().__init__()
-        self.in_norm = nn.LayerNorm(cfg.head_dim, eps=cfg.ln_eps)
-        self.units = nn.ModuleList(ResidualUnit(cfg) for _ in range(cfg.num_residual_units))
+        R, n, a, dk = cfg.num_residual_units, cfg.glus_per_unit, cfg.a_dff, cfg.head_dim
+        self.eps = cfg.ln_eps
+        self.in_norm = nn.LayerNorm(dk, eps=cfg.ln_eps)
+        for role, (out_f, in_f) in (("u1", (a, dk)), ("u2", (a, dk)), ("u3", (dk, a))):
+            self.register_parameter(f"{role}_weight", nn.Parameter(torch.empty(R, n, out_f, in_f)))
+            self.register_parameter(f"{role}_bias", nn.Parameter(torch.empty(R, n, out_f)))
+        self.norm_weight = nn.Parameter(torch.ones(R, dk))
+        self.norm_bias = nn.Parameter(torch.zeros(R, dk))
+        self.reset_default()   # as the per-GLU nn.Linear constructors did (the same RNG draws)
+        self._register_load_state_dict_pre_hook(_stack_per_glu_names)
+
+    @property
+    def shape(self) -> tuple:
+        """(R, n): residual units, GLUs per unit."""
+        return tuple(self.u1_weight.shape[:2])
+
+    def glu_weights(self, r: int, j: int) -> tuple:
+        """(U1, c1, U2, c2, U3, c3) of GLU j of unit r (views of the stacked tensors)."""
+        return tuple(getattr(self, f"{role}_{p}")[r, j] for role in ("u1", "u2", "u3") for p in ("weight", "bias"))
+
+    def glu(self, y: torch.Tensor, r: int, j: int) -> torch.Tensor:
+        return glu(y, *self.glu_weights(r, j))
 
     def forward(self, a0: torch.Tensor) -> torch.Tensor:
         a = self.in_norm(a0)
-        for unit in self.units:
-            a = unit(a)
+        R, n = self.shape
+        for r in range(R):
+            y = a
+            for j in range(n):
+                y = self.glu(y, r, j)
+            a = F.layer_norm(y + a, a.shape[-1:], self.norm_weight[r], self.norm_bias[r], self.eps)
         return a
+
+    @torch.no_grad()
+    def reset_default(self) -> None:
+        """PyTorch's nn.Linear default init, GLU by GLU in the per-GLU module order the model
+        had: the global RNG is consumed exactly as before the stacking (so a seed gives the
+        same model), although `reset_xavier` overwrites the values."""
+        R, n = self.shape
+        for r in range(R):
+            for j in range(n):
+                for role in GLU_ROLES:
+                    w, b = getattr(self, f"{role}_weight")[r, j], getattr(self, f"{role}_bias")[r, j]
+                    nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+                    bound = 1 / math.sqrt(w.shape[1])
+                    nn.init.uniform_(b, -bound, bound)
+        nn.init.ones_(self.norm_weight)
+        nn.init.zeros_(self.norm_bias)
+
+    @torch.no_grad()
+    def reset_xavier(self) -> None:
+        """The reference's weights_init on every GLU linear (xavier_uniform weight, zero bias)."""
+        R, n = self.shape
+        for r in range(R):
+            for j in range(n):
+                for role in GLU_ROLES:
+                    nn.init.xavier_uniform_(getattr(self, f"{role}_weight")[r, j])
+                    nn.init.zeros_(getattr(self, f"{role}_bias")[r, j])
+
+
+def _stack_per_glu_names(state_dict, prefix, *args) -> None:
+    """load_state_dict pre-hook: a state dict with the per-GLU file names loads as well."""
+    mine = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
+    if not has_per_glu_names(mine):
+        return
+    for k in mine:
+        del state_dict[k]
+    state_dict.update(from_interchange(mine))
 
 
 class PowerLaw(nn.Module):

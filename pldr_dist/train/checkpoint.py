@@ -25,10 +25,22 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..convert.consolidated import CheckpointError
+
 from ..data.manifest import sha256_file
 
 MARKER = "COMPLETE.json"
 PREFIX = "step_"
+
+
+# The model's parameter tensors as DeepSpeed's files hold them; "stacked-metric": one tensor per
+# role for each layer's metric learner (model/interchange.py). Older checkpoints lack the key.
+PARAMETER_LAYOUT = "stacked-metric/1"
+
+
+def _has_metric_learner(module) -> bool:
+    from ..model.plga import MetricLearner
+    return any(isinstance(m, MetricLearner) for m in module.modules())
 
 
 def tag_for(step: int) -> str:
@@ -112,7 +124,8 @@ class CheckpointManager:
                 shutil.rmtree(tag_dir)
         dist.barrier()
         engine.save_checkpoint(self.dir, tag=tag, save_latest=False)
-        torch.save({**extra, "rng": rng_state()}, os.path.join(tag_dir, f"rank_{self.rank:05d}.pt"))
+        torch.save({**extra, "rng": rng_state(), "parameters": PARAMETER_LAYOUT},
+                   os.path.join(tag_dir, f"rank_{self.rank:05d}.pt"))
         if self.rank == 0:
             atomic_write(os.path.join(tag_dir, "run_config.json"), json.dumps(run_config, indent=2))
             if tokenizer:
@@ -162,9 +175,14 @@ class CheckpointManager:
             raise RuntimeError(f"{path} is missing: checkpoint {tag} was written by a different number of "
                                f"processes; convert it with `pldr-reshard {os.path.join(self.dir, tag)} NEW_RUN_DIR` "
                                f"or launch the same layout")
+        extra = torch.load(path, weights_only=False)
+        if extra.pop("parameters", None) != PARAMETER_LAYOUT and _has_metric_learner(engine.module):
+            # its optimizer partitions hold ~690 per-GLU tensors in an order this model no longer has
+            raise CheckpointError(f"{os.path.join(self.dir, tag)} was written before the metric learner's weights were "
+                                  f"stacked; convert it once with `pldr-reshard {os.path.join(self.dir, tag)} "
+                                  f"NEW_RUN_DIR` and resume from NEW_RUN_DIR (same weights, moments and data position)")
         load_path, _ = engine.load_checkpoint(self.dir, tag=tag)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {os.path.join(self.dir, tag)}")
-        extra = torch.load(path, weights_only=False)
         set_rng_state(extra.pop("rng"))
         return extra

@@ -17,6 +17,7 @@ from deepspeed.pipe import PipelineModule
 from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 from safetensors.torch import load_file
 
+from ..model.interchange import from_interchange
 from ..parallel.pipeline import model_parameter_name
 from ..parallel.tensor_parallel import shard_full_state_dict
 
@@ -31,11 +32,20 @@ def _local_names(module) -> tuple[dict, dict]:
     return params, buffers
 
 
+def _model_names(tensors: dict) -> dict:
+    """`kind.name` file entries (per-GLU names) -> the same under the model's stacked names."""
+    by_kind = {}
+    for key, t in tensors.items():
+        kind, name = key.split(".", 1)
+        by_kind.setdefault(kind, {})[name] = t
+    return {f"{kind}.{n}": t for kind, part in by_kind.items() for n, t in from_interchange(part).items()}
+
+
 def load_portable(engine, grid, tag_dir: str) -> dict:
     """Load weights and optimizer state into `engine` (any layout); returns the run's extra state."""
     with open(os.path.join(tag_dir, "portable.json")) as f:
         meta = json.load(f)
-    tensors = load_file(os.path.join(tag_dir, "portable.safetensors"))
+    tensors = _model_names(load_file(os.path.join(tag_dir, "portable.safetensors")))
     params, buffers = _local_names(engine.module)
     tp_rank, tp = (grid.tp_rank, grid.tp) if grid is not None else (0, 1)
 
