@@ -38,6 +38,7 @@ setup(
             "pldr-eval=pldr_dist.eval.cli:main",
             "pldr-consolidate=pldr_dist.convert.consolidate:main",
             "pldr-reshard=pldr_dist.convert.reshard:main",
+            "pldr-bench=pldr_dist.bench.cli:main",
         ],
     },
 )

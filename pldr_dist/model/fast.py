@@ -117,6 +117,7 @@ def optimize_for_training(model: PLDRModel, compile: bool = True, packed: bool =
     dynamo.cache_size_limit = max(dynamo.cache_size_limit, 64)
     dynamo.accumulated_cache_size_limit = max(dynamo.accumulated_cache_size_limit, 512)
     options = dict(fullgraph=True, dynamic=False, backend=backend)
+    mode = {"mode": "reduce-overhead"} if cuda_graphs and backend == "inductor" else {}
     for layer in model.layers:
-        layer.compile(**options, **({"mode": "reduce-overhead"} if cuda_graphs and backend == "inductor" else {}))
+        layer.compile(**options, **mode)
     return fused

@@ -38,6 +38,7 @@ class MetricLearner(nn.Module):
         super().__init__()
         R, n, a, dk = cfg.num_residual_units, cfg.glus_per_unit, cfg.a_dff, cfg.head_dim
         self.eps = cfg.ln_eps
+        self._shape = (R, n)
         self.in_norm = nn.LayerNorm(dk, eps=cfg.ln_eps)
         for role, (out_f, in_f) in (("u1", (a, dk)), ("u2", (a, dk)), ("u3", (dk, a))):
             self.register_parameter(f"{role}_weight", nn.Parameter(torch.empty(R, n, out_f, in_f)))
@@ -49,8 +50,8 @@ class MetricLearner(nn.Module):
 
     @property
     def shape(self) -> tuple:
-        """(R, n): residual units, GLUs per unit."""
-        return tuple(self.u1_weight.shape[:2])
+        """(R, n): residual units, GLUs per unit (kept apart from the weights: ZeRO-3 empties them)."""
+        return self._shape
 
     def glu_weights(self, r: int, j: int) -> tuple:
         """(U1, c1, U2, c2, U3, c3) of GLU j of unit r (views of the stacked tensors)."""

@@ -203,17 +203,22 @@ def build_run(cfg: RunConfig) -> Run:
     cuda_graphs = False
     if t.compile:   # same maths, fewer kernels (model/fast.py); packed shards hold no padding
         from ..model.fast import optimize_for_training
-        # torch.compile where tp = pp = 1. Tensor- and pipeline-parallel layers are not compiled
-        # (their collectives sit inside the layers); they still get the fast path's kernels: the
-        # Triton GLUs, which replace most of the eager metric learner's many small launches.
-        whole = p.tp == 1 and p.pp == 1
-        # CUDA graphs replay each layer's kernels without the host. Only where gradients land in
-        # contiguous_grads' buffer: autograd then adds the graphs' gradient outputs into it
-        # instead of keeping them as .grad, memory the next replay overwrites.
-        cuda_graphs = whole and torch.cuda.is_available() and hasattr(engine.optimizer, "contiguous_grads")
+        # torch.compile where tp = pp = 1 and ZeRO < 3. Tensor- and pipeline-parallel layers are
+        # not compiled (their collectives sit inside the layers), nor ZeRO-3's (its hooks gather
+        # parameters inside the layer; compiled with the layer as a ZeRO-3 leaf module it ran
+        # 0.83x of ZeRO-1 on one H200 but trained wrongly: docs/multi_gpu.md). They still get
+        # the fast path's kernels: the Triton GLUs replace most of the eager metric learner's
+        # many small launches.
+        whole = p.tp == 1 and p.pp == 1 and p.zero_stage < 3
+        # CUDA graphs replay each layer's kernels without the host. Only where no .grad keeps the
+        # graphs' gradient outputs, memory the next replay overwrites: ZeRO-1's gradients land in
+        # contiguous_grads' buffer (autograd adds into it), and ZeRO-2's hooks copy each gradient
+        # into DeepSpeed's bucket during the backward and point .grad there.
+        cuda_graphs = whole and torch.cuda.is_available() and (hasattr(engine.optimizer, "contiguous_grads")
+                                                               or p.zero_stage == 2)
         fused = optimize_for_training(model, compile=whole, packed=True, cuda_graphs=cuda_graphs, triton_glu=t.triton_glu)
         fast_path = (f"fast path: {fused} metric-learner GLUs fused, layers "
-                     + (f"compiled{' with CUDA graphs' if cuda_graphs else ''}" if whole else "not compiled (tp/pp > 1)"))
+                     + (f"compiled{' with CUDA graphs' if cuda_graphs else ''}" if whole else "not compiled (tp/pp > 1 or ZeRO-3)"))
     else:
         fast_path = "eager (train.compile=false)"
 

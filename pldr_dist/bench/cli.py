@@ -1,0 +1,29 @@
+"""`pldr-bench SUITE [options]`: see pldr_dist/bench/__init__.py for the suites."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import trainer
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="pldr-bench", description="pldr_dist benchmarks, one suite per question")
+    sub = p.add_subparsers(dest="suite", required=True)
+    trainer.add_parser(sub)
+    a = p.parse_args(argv)
+    try:
+        results = a.func(a)
+    except (ValueError, FileNotFoundError, subprocess_error()) as e:
+        print(f"pldr-bench: error: {e}", file=sys.stderr)
+        return 2
+    return 0 if all(r.exit_code == 0 for r in results) else 1
+
+
+def subprocess_error():
+    import subprocess
+    return subprocess.CalledProcessError
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""The `trainer` suite: `pldr-train` itself, variant against variant, in one process tree.
+
+Why: a layout or ZeRO stage pays only if the whole job's tokens/s says so. Each variant is a
+list of `--set` overrides of one run config; all run on the same shards (the bundled corpus,
+tokenised with the paper's tokenizer), with the same steps and micro-batch, one after the other
+(timings from different machine starts differ by ~2%). With `--baseline DIR` every variant
+also runs from an older copy of the package (`git archive <commit> pldr_dist configs | tar -x
+-C DIR`), alternating with this one, so before and after come from the same machine.
+
+Reported per run: the median tokens/s, MFU, step time of the logged steps in the window,
+peak memory, the last loss, and tokens/s relative to the first variant of the same package.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import asdict, dataclass, field
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CORPUS = os.path.join(ROOT, "data", "tinyshakespeare.txt")
+TOKENIZER = os.path.join(ROOT, "data", "reference", "refinedweb-tokenizer-pldrllm-paper.model")
+
+
+@dataclass
+class Result:
+    variant: str
+    package: str                      # "this" or the baseline folder's name
+    exit_code: int
+    tokens_per_s: float = 0.0
+    mfu: float = 0.0
+    step_ms: float = 0.0
+    memory_mib: float = 0.0
+    last_loss: float = float("nan")
+    losses: list = field(default_factory=list)
+    fast_path: str = ""
+    relative: float = 0.0
+
+
+def parse_variant(text: str) -> tuple[str, list]:
+    """'z2:parallel.zero_stage=2 log.profile_steps=[20,21]' -> ('z2', [...]); 'name:' has no overrides."""
+    name, _, sets = text.partition(":")
+    if not name:
+        raise ValueError(f"variant {text!r}: give NAME:key=value[ key=value...]")
+    return name, sets.split()
+
+
+def prepare_shards(work: str, seq_len: int, smoke: bool, log) -> tuple[str, str]:
+    """(manifest, tokenizer): the bundled corpus as token shards, made once per work folder."""
+    if smoke:       # a tiny tokenizer trained on a slice of the corpus: seconds on a CPU
+        from ..data.prepare import prepare_corpus
+        text = os.path.join(work, "corpus.txt")
+        if not os.path.isfile(text):
+            with open(CORPUS) as f, open(text, "w") as out:
+                out.write(f.read()[:200_000])
+        p = prepare_corpus(text, work, vocab_size=512, seq_len=seq_len, samples_per_shard=256, log=lambda *_: None)
+        return p.manifest, p.tokenizer
+    manifest = os.path.join(work, "shards", "manifest.json")
+    if not os.path.isfile(manifest):
+        log(f"tokenising {CORPUS} into {work}/shards (seq_len {seq_len})")
+        subprocess.run([sys.executable, "-m", "pldr_dist.data.shard_writer", CORPUS, "--tokenizer", TOKENIZER,
+                        "--out", os.path.join(work, "shards"), "--seq-len", str(seq_len), "--samples-per-shard", "32"],
+                       check=True, capture_output=True, text=True)
+    return manifest, TOKENIZER
+
+
+def run_variant(a, name: str, sets: list, package: str, manifest: str, tokenizer: str, log) -> Result:
+    label = "this" if package == ROOT else os.path.basename(os.path.normpath(package))
+    run_dir = os.path.join(a.work, f"{name}__{label}")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    overrides = [f"run_dir={run_dir}", f"data.shards={manifest}", f"checkpoint.tokenizer={tokenizer}",
+                 f"train.steps={a.steps}", f"train.micro_batch_size={a.micro_batch}", "log.every=1",
+                 "eval.every=0", "checkpoint.every=0", "optim.warmup_steps=5", f"data.num_workers={a.workers}",
+                 f"train.compile={'false' if a.smoke else 'true'}", *a.set, *sets]
+    if a.smoke:
+        overrides.append(f"model.overrides.context_length={a.seq_len}")
+    launcher = [sys.executable, "-m", "pldr_dist.train"] if a.nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={a.nproc}", "-m", "pldr_dist.train"]
+    cmd = launcher + ["--config", os.path.join(package, "configs", f"{a.config}.yaml")]
+    for item in overrides:
+        cmd += ["--set", item]
+    env = {**os.environ, "PYTHONPATH": package + os.pathsep + os.environ.get("PYTHONPATH", ""), "PYTHONUNBUFFERED": "1"}
+    log(f"[{name} / {label}] {' '.join(sets) or '(defaults)'}")
+    t0 = time.time()
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "stdout.log"), "w") as out:
+        code = subprocess.run(cmd, cwd=package, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
+    result = Result(name, label, code)
+    rows = []
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    if os.path.isfile(metrics):
+        rows = [json.loads(line) for line in open(metrics)]
+    steady = [r for r in rows if "tokens_per_s" in r and a.window[0] <= r["step"] <= a.window[1]]
+    if steady:
+        med = lambda k: statistics.median(r.get(k, 0.0) or 0.0 for r in steady)  # noqa: E731
+        result.tokens_per_s, result.mfu, result.step_ms = med("tokens_per_s"), med("mfu"), 1000 * med("step_time_s")
+        result.memory_mib = max(r.get("memory_mib", 0) for r in steady)
+    losses = [r["loss"] for r in rows if "loss" in r]
+    result.losses, result.last_loss = losses, losses[-1] if losses else float("nan")
+    log_text = open(os.path.join(run_dir, "stdout.log")).read()
+    result.fast_path = next((line.split("; ", 1)[-1] for line in log_text.splitlines() if line.startswith("training ")), "")
+    log(f"  exit {code} in {time.time() - t0:.0f} s: {result.tokens_per_s:,.0f} tokens/s, {result.fast_path}")
+    if code != 0:
+        log("  " + "\n  ".join(log_text.splitlines()[-5:]))
+    return result
+
+
+def table(results: list, device: str, a) -> str:
+    lines = [f"# {device}: pldr-train {a.config}, micro-batch {a.micro_batch}, {a.nproc} process(es), "
+             f"median of steps {a.window[0]}-{a.window[1]}",
+             f"{'variant':<14} {'package':<10} {'tokens/s':>10} {'vs first':>8} {'MFU':>6} {'step ms':>8} "
+             f"{'mem MiB':>8} {'last loss':>9}  fast path"]
+    for r in results:
+        mfu = f"{100 * r.mfu:5.1f}%" if r.mfu else "    -"
+        lines.append(f"{r.variant:<14} {r.package:<10} {r.tokens_per_s:>10,.0f} {r.relative:>8.3f} {mfu:>6} "
+                     f"{r.step_ms:>8.1f} {r.memory_mib:>8.0f} {r.last_loss:>9.4f}  "
+                     + (r.fast_path if r.exit_code == 0 else f"FAILED (exit {r.exit_code})"))
+    return "\n".join(lines)
+
+
+def run(a, log=print) -> list:
+    os.makedirs(a.work, exist_ok=True)
+    manifest, tokenizer = prepare_shards(a.work, a.seq_len, a.smoke, log)
+    variants = [parse_variant(v) for v in (a.variant or ["default:"])]
+    packages = [ROOT] + ([os.path.abspath(a.baseline)] if a.baseline else [])
+    results = [run_variant(a, name, sets, pkg, manifest, tokenizer, log) for name, sets in variants for pkg in packages]
+    for pkg_label in {r.package for r in results}:
+        mine = [r for r in results if r.package == pkg_label]
+        first = mine[0].tokens_per_s
+        for r in mine:
+            r.relative = r.tokens_per_s / first if first else 0.0
+    device = "CPU"
+    try:
+        import torch
+        if torch.cuda.is_available():
+            device = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}"
+    except ImportError:
+        pass
+    text = table(results, device, a)
+    log(text)
+    if a.out:
+        os.makedirs(a.out, exist_ok=True)
+        stem = os.path.join(a.out, a.name or f"trainer_{a.config}")
+        with open(stem + ".txt", "w") as f:
+            f.write(text + "\n")
+        with open(stem + ".json", "w") as f:
+            json.dump({"device": device, "args": {k: v for k, v in vars(a).items() if k != "func"},
+                       "results": [asdict(r) for r in results]}, f, indent=1)
+        with tarfile.open(stem + "_logs.tar.gz", "w:gz") as tar:   # each run's log, metrics, profile table
+            for r in results:
+                run_dir = os.path.join(a.work, f"{r.variant}__{r.package}")
+                for file in ("stdout.log", "metrics.jsonl", "profile.txt"):
+                    if os.path.isfile(os.path.join(run_dir, file)):
+                        tar.add(os.path.join(run_dir, file), f"{r.variant}__{r.package}/{file}")
+    return results
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("trainer", help="pldr-train throughput per layout / ZeRO stage / package version",
+                       description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="pldr-110m", help="configs/<name>.yaml (pldr-110m, pldr-1b, tiny)")
+    p.add_argument("--variant", action="append", help="'NAME:key=value key=value' (repeat; default: one run of the config)")
+    p.add_argument("--set", action="append", default=[], help="key=value for every variant")
+    p.add_argument("--micro-batch", type=int, default=16)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--window", type=lambda s: tuple(int(x) for x in s.split(":")), default=(8, 30),
+                   help="FIRST:LAST logged steps whose median is reported")
+    p.add_argument("--seq-len", type=int, default=1023)
+    p.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per run")
+    p.add_argument("--workers", type=int, default=2, help="data-loader workers per process")
+    p.add_argument("--baseline", help="a folder holding an older pldr_dist and configs/ to run each variant with too")
+    p.add_argument("--work", default="bench_work", help="scratch folder (shards, run dirs)")
+    p.add_argument("--out", help="folder for <name>.txt and <name>.json")
+    p.add_argument("--name", help="result file stem (default trainer_<config>)")
+    p.add_argument("--smoke", action="store_true", help="CPU-sized: tiny tokenizer and shards, eager")
+    p.set_defaults(func=run)
