@@ -4,13 +4,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import trainer
+from . import plot, trainer
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="pldr-bench", description="pldr_dist benchmarks, one suite per question")
     sub = p.add_subparsers(dest="suite", required=True)
     trainer.add_parser(sub)
+    plot.add_parser(sub)
     a = p.parse_args(argv)
     try:
         results = a.func(a)

@@ -1,0 +1,59 @@
+"""`pldr-bench plot`: trainer-suite results as bars, one panel per result file.
+
+Each bar is a run's tokens/s relative to the first variant of the same package (ZeRO-1 in the
+ZeRO comparisons), this package beside the baseline, with the absolute tokens/s on top.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+
+def plot_trainer(paths: list, out: str, title: str = "") -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    docs = [json.load(open(p)) for p in paths]
+    fig, axes = plt.subplots(1, len(docs), figsize=(5.2 * len(docs), 3.8), squeeze=False)
+    for ax, doc, path in zip(axes[0], docs, paths):
+        results = doc["results"]
+        variants = list(dict.fromkeys(r["variant"] for r in results))
+        packages = list(dict.fromkeys(r["package"] for r in results))
+        width = 0.8 / len(packages)
+        for k, pkg in enumerate(packages):
+            for i, v in enumerate(variants):
+                r = next((r for r in results if r["variant"] == v and r["package"] == pkg), None)
+                if r is None:
+                    continue
+                x = i + (k - (len(packages) - 1) / 2) * width
+                failed = r["exit_code"] != 0
+                ax.bar(x, r["relative"], width, color="lightgray" if failed else f"C{k}",
+                       label=("this package" if pkg == "this" else f"before ({pkg})") if i == 0 else None)
+                ax.text(x, max(r["relative"], 0.02) + 0.02, "failed" if failed else f"{r['tokens_per_s'] / 1e3:,.0f}k",
+                        ha="center", fontsize=7, rotation=90 if len(packages) > 1 else 0)
+        ax.axhline(1.0, color="black", lw=0.6)
+        ax.set_xticks(range(len(variants)), variants)
+        ax.set_ylim(0, 1.25)
+        ax.set_ylabel("tokens/s relative to the first variant")
+        a = doc["args"]
+        ax.set_title(f"{a['config']}, micro-batch {a['micro_batch']}, {a['nproc']} proc\n{doc['device']}", fontsize=9)
+        ax.legend(fontsize=7, loc="upper right")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out, dpi=120)
+    return out
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("plot", help="plot trainer-suite JSON results (one panel each)")
+    p.add_argument("results", nargs="+", help="<name>.json files written by `pldr-bench trainer --out`")
+    p.add_argument("--out", required=True, help="PNG path")
+    p.add_argument("--title", default="")
+
+    def run(a, log=print):
+        log(f"wrote {plot_trainer(a.results, a.out, a.title)}")
+        return []
+    p.set_defaults(func=run)
