@@ -57,7 +57,7 @@ def prepare_shards(work: str, seq_len: int, smoke: bool, log) -> tuple[str, str]
         text = os.path.join(work, "corpus.txt")
         if not os.path.isfile(text):
             with open(CORPUS) as f, open(text, "w") as out:
-                out.write(f.read()[:200_000])
+                out.write(f.read()[:60_000])
         p = prepare_corpus(text, work, vocab_size=512, seq_len=seq_len, samples_per_shard=256, log=lambda *_: None)
         return p.manifest, p.tokenizer
     manifest = os.path.join(work, "shards", "manifest.json")

@@ -1,0 +1,20 @@
+"""pldr-bench trainer --smoke: the real pldr-train per variant, a table and JSON of its numbers."""
+import json
+
+from pldr_dist.bench.cli import main
+
+
+def test_trainer_suite_runs_each_variant_and_reports_its_numbers(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["trainer", "--smoke", "--config", "tiny", "--seq-len", "32", "--micro-batch", "4", "--steps", "3",
+                 "--window", "2:3", "--variant", "z1:parallel.zero_stage=1", "--variant", "bad:train.steps=-1",
+                 "--work", str(tmp_path / "work"), "--out", str(out), "--name", "smoke"])
+    assert code == 1                                    # one variant failed: the command says so
+    doc = json.loads((out / "smoke.json").read_text())
+    good, bad = doc["results"]
+    assert (good["variant"], good["exit_code"], len(good["losses"])) == ("z1", 0, 3)
+    assert good["tokens_per_s"] > 0 and good["relative"] == 1.0 and good["fast_path"].startswith("eager")
+    assert bad["exit_code"] == 2 and bad["losses"] == []
+    table = (out / "smoke.txt").read_text()
+    assert "z1             this" in table and "FAILED (exit 2)" in table
+    assert "z1__this/metrics.jsonl" in __import__("tarfile").open(out / "smoke_logs.tar.gz").getnames()
