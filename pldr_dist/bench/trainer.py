@@ -128,12 +128,6 @@ def run(a, log=print) -> list:
     manifest, tokenizer = prepare_shards(a.work, a.seq_len, a.smoke, log)
     variants = [parse_variant(v) for v in (a.variant or ["default:"])]
     packages = [ROOT] + ([os.path.abspath(a.baseline)] if a.baseline else [])
-    results = [run_variant(a, name, sets, pkg, manifest, tokenizer, log) for name, sets in variants for pkg in packages]
-    for pkg_label in {r.package for r in results}:
-        mine = [r for r in results if r.package == pkg_label]
-        first = mine[0].tokens_per_s
-        for r in mine:
-            r.relative = r.tokens_per_s / first if first else 0.0
     device = "CPU"
     try:
         import torch
@@ -141,23 +135,35 @@ def run(a, log=print) -> list:
             device = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}"
     except ImportError:
         pass
-    text = table(results, device, a)
-    log(text)
-    if a.out:
-        os.makedirs(a.out, exist_ok=True)
-        stem = os.path.join(a.out, a.name or f"trainer_{a.config}")
-        with open(stem + ".txt", "w") as f:
-            f.write(text + "\n")
-        with open(stem + ".json", "w") as f:
-            json.dump({"device": device, "args": {k: v for k, v in vars(a).items() if k != "func"},
-                       "results": [asdict(r) for r in results]}, f, indent=1)
-        with tarfile.open(stem + "_logs.tar.gz", "w:gz") as tar:   # each run's log, metrics, profile table
-            for r in results:
-                run_dir = os.path.join(a.work, f"{r.variant}__{r.package}")
-                for file in ("stdout.log", "metrics.jsonl", "profile.txt"):
-                    if os.path.isfile(os.path.join(run_dir, file)):
-                        tar.add(os.path.join(run_dir, file), f"{r.variant}__{r.package}/{file}")
+    results = []
+    for name, sets in variants:
+        for pkg in packages:
+            results.append(run_variant(a, name, sets, pkg, manifest, tokenizer, log))
+            write(a, results, device)        # after every run: a time limit still leaves the finished ones
+    log(table(results, device, a))
     return results
+
+
+def write(a, results: list, device: str) -> None:
+    for label in {r.package for r in results}:
+        mine = [r for r in results if r.package == label]
+        for r in mine:
+            r.relative = r.tokens_per_s / mine[0].tokens_per_s if mine[0].tokens_per_s else 0.0
+    if not a.out:
+        return
+    os.makedirs(a.out, exist_ok=True)
+    stem = os.path.join(a.out, a.name or f"trainer_{a.config}")
+    with open(stem + ".txt", "w") as f:
+        f.write(table(results, device, a) + "\n")
+    with open(stem + ".json", "w") as f:
+        json.dump({"device": device, "args": {k: v for k, v in vars(a).items() if k != "func"},
+                   "results": [asdict(r) for r in results]}, f, indent=1)
+    with tarfile.open(stem + "_logs.tar.gz", "w:gz") as tar:   # each run's log, metrics, profile table
+        for r in results:
+            run_dir = os.path.join(a.work, f"{r.variant}__{r.package}")
+            for file in ("stdout.log", "metrics.jsonl", "profile.txt"):
+                if os.path.isfile(os.path.join(run_dir, file)):
+                    tar.add(os.path.join(run_dir, file), f"{r.variant}__{r.package}/{file}")
 
 
 def add_parser(sub) -> None:

@@ -117,6 +117,10 @@ PRESETS: dict[str, dict] = {
     "pldr-1b": dict(vocab_size=32000, d_model=2048, num_heads=32, head_dim=64, num_layers=16,
                     **_defaults(2048, 64), num_residual_units=8, glus_per_unit=2,
                     context_length=1024),
+    # ~2.9B parameters (d=3072, 24 layers, 48 heads of 64): what one GPU trains with recompute.
+    "pldr-3b": dict(vocab_size=32000, d_model=3072, num_heads=48, head_dim=64, num_layers=24,
+                    **_defaults(3072, 64), num_residual_units=8, glus_per_unit=2,
+                    context_length=1024),
     # Tiny model for CPU tests and the demo (spec §2 suggestion).
     "tiny": dict(vocab_size=512, d_model=64, num_heads=4, head_dim=16, num_layers=2,
                  d_ff=170, a_dff=32, num_residual_units=2, glus_per_unit=2, context_length=64),

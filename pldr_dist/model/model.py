@@ -17,6 +17,7 @@ from .head_loss import head_loss
 from .interchange import to_interchange
 from .layers import SwiGLU, apply_rotary
 from .plga import MASK_VALUE, PLGA, LayerCache, MetricLearner
+from .recompute import run_layer
 
 
 class Embedding(nn.Module):
@@ -42,7 +43,14 @@ class DecoderLayer(nn.Module):
         self.ffn = SwiGLU(cfg.d_model, cfg.d_ff)
         self.norm2 = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps)
 
+    recompute = "none"     # activation recompute in training (recompute.py); set per run
+
     def forward(self, x, offset=0, bias=None, cache=None, use_kv=False, use_g=False):
+        if cache is None and self.recompute != "none":
+            return run_layer(self.recompute, self._forward, x, offset, bias)
+        return self._forward(x, offset, bias, cache, use_kv, use_g)
+
+    def _forward(self, x, offset=0, bias=None, cache=None, use_kv=False, use_g=False):
         a, penalty = self.attn(x, offset, bias, cache, use_kv, use_g)
         return self.after_attention(a, x), penalty
 

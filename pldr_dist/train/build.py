@@ -10,6 +10,7 @@ import torch.distributed as dist
 from torch.profiler import record_function
 
 from ..model import PLDRModel, count_parameters, lm_loss
+from ..model.recompute import set_activation_checkpointing
 from .config import ConfigError, RunConfig
 
 
@@ -173,6 +174,7 @@ def build_run(cfg: RunConfig) -> Run:
     for i, layer in enumerate(model.layers):          # global layer index for G_LM statistics
         if mcfg.learned_g:
             layer.attn.power.layer_index = i
+    set_activation_checkpointing(model, t.activation_checkpointing)
     if p.tp > 1:
         model = parallelize(model, grid, sequence_parallel=p.sequence_parallel)
     if torch.cuda.is_available():
@@ -221,6 +223,8 @@ def build_run(cfg: RunConfig) -> Run:
                      + (f"compiled{' with CUDA graphs' if cuda_graphs else ''}" if whole else "not compiled (tp/pp > 1 or ZeRO-3)"))
     else:
         fast_path = "eager (train.compile=false)"
+    if t.activation_checkpointing != "none":
+        fast_path += f", {t.activation_checkpointing} activation recompute"
 
     manifest = load_manifest(cfg.data.shards)
     fingerprint = _tokenizer_fingerprint(cfg)

@@ -66,6 +66,7 @@ class TrainSection:
     seed: int = 1234
     compile: bool = False            # GPU fast path (pldr_dist.model.fast): Triton metric-learner GLUs (CUDA, bf16), rotary table, padded FFN, and per-layer torch.compile + CUDA graphs where tp=pp=1 (TP/PP: the kernels without torch.compile)
     triton_glu: bool = True          # with compile: the metric-learner GLUs as Triton kernels (false: compiled PyTorch GLU, for A/B runs)
+    activation_checkpointing: str = "none"   # none | selective (recompute element-wise work) | full (recompute each decoder layer): pldr_dist/model/recompute.py
     max_nonfinite_in_row: int = 5
     inject_nonfinite_at: list = field(default_factory=list)   # testing aid: steps whose loss is made NaN
 
@@ -230,6 +231,9 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
     prof = cfg.log.profile_steps
     if prof and (len(prof) != 2 or not all(isinstance(x, int) and x >= 1 for x in prof) or prof[0] > prof[1]):
         raise ConfigError(f"{src}: log.profile_steps={prof} must be [first, last] step numbers, 1 <= first <= last")
+    if t.activation_checkpointing not in ("none", "selective", "full"):
+        raise ConfigError(f"{src}: train.activation_checkpointing={t.activation_checkpointing!r} must be none, "
+                          f"selective or full")
     if t.precision not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"{src}: train.precision={t.precision!r} must be auto, fp32 or bf16")
     if o.clip not in ("value", "norm", "none"):
