@@ -75,7 +75,7 @@ def run_variant(a, name: str, sets: list, package: str, manifest: str, tokenizer
     shutil.rmtree(run_dir, ignore_errors=True)
     overrides = [f"run_dir={run_dir}", f"data.shards={manifest}", f"checkpoint.tokenizer={tokenizer}",
                  f"train.steps={a.steps}", f"train.micro_batch_size={a.micro_batch}", "log.every=1",
-                 "eval.every=0", "checkpoint.every=0", "optim.warmup_steps=5", f"data.num_workers={a.workers}",
+                 "eval.every=0", "checkpoint.every=0", "checkpoint.at_end=false", "optim.warmup_steps=5", f"data.num_workers={a.workers}",
                  f"train.compile={'false' if a.smoke else 'true'}", *a.set, *sets]
     if a.smoke:
         overrides.append(f"model.overrides.context_length={a.seq_len}")
