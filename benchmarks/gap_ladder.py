@@ -54,7 +54,7 @@ def _bf16_embedding(self, x):
     return self.norm(self.tokens(x) * self.scale).to(torch.bfloat16)
 
 
-GLUS_FREE = [(fast.FusedGLU, "forward", lambda self, y: y)]
+GLUS_FREE = [(fast.FusedMetricLearner, "glu", lambda self, y, r, j: y)]
 LEARNER_FREE = [(plga.MetricLearner, "forward", lambda self, a0: self.in_norm(a0))]
 BF16_RESIDUAL = [(model_mod.DecoderLayer, "after_attention", _bf16_after_attention),
                  (model_mod.Embedding, "forward", _bf16_embedding)]
