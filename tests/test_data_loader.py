@@ -36,6 +36,11 @@ def batches(loader, n):
     return [torch.cat([b["input"], b["target"][:, -1:]], dim=1) for b in itertools.islice(loader, n)]
 
 
+def same_batches(got, want, n):
+    """Both sequences hold exactly n batches, pairwise equal (zip alone passes a loader that stopped early)."""
+    return len(got) == len(want) == n and all(torch.equal(a, b) for a, b in zip(got, want))
+
+
 def all_samples(out, split="train", names=None):
     manifest = json.loads((out / "manifest.json").read_text())
     rows = []
@@ -67,7 +72,7 @@ def test_resume_yields_the_uninterrupted_batches_across_an_epoch_boundary_with_a
         resumed = make(workers_after)
         resumed.load_state_dict(state)
         tail = batches(resumed, total - stop)
-        assert all(torch.equal(a, b) for a, b in zip(ref, head + tail)), (stop, workers_before, workers_after)
+        assert same_batches(head + tail, ref, total), (stop, workers_before, workers_after, len(head), len(tail))
     assert state["epoch"] == 0 and make(0).state_dict() == {"epoch": 0, "position": 0, "skipped_samples": 0}
 
 
@@ -84,8 +89,8 @@ def test_a_batch_prepared_ahead_is_the_first_one_a_resume_yields(shards):
     got += batches(ahead, 2)             # batches 6 and 7
     resumed = make()
     resumed.load_state_dict(state)
-    assert all(torch.equal(a, b) for a, b in zip(got, ref[:7]))
-    assert all(torch.equal(a, b) for a, b in zip(batches(resumed, 7), ref[5:12]))
+    assert same_batches(got, ref[:7], 7)
+    assert same_batches(batches(resumed, 7), ref[5:12], 7)
 
 
 def test_batches_are_int64_inputs_with_next_token_targets(shards):
@@ -112,6 +117,7 @@ def test_data_parallel_ranks_split_each_global_batch_and_replicas_see_identical_
     disjoint, together they see every sample once an epoch, and a global step's samples do not
     depend on the DP size (what lets a resharded checkpoint continue on the same batches)."""
     single = batches(TokenLoader(str(shards), "train", 2 * B, SEQ, seed=3), 20)
+    assert len(single) == 20
     for dp in (2, 4):
         ranks = [batches(TokenLoader(str(shards), "train", 2 * B // dp, SEQ, dp_rank=r, dp_size=dp, seed=3), 20)
                  for r in range(dp)]
@@ -128,14 +134,14 @@ def test_data_parallel_ranks_split_each_global_batch_and_replicas_see_identical_
     # the TP/PP ranks of one replica pass the same dp_rank: identical batches, whatever their workers
     replica = TokenLoader(str(shards), "train", B, SEQ, dp_rank=1, dp_size=2, seed=3, num_workers=2)
     again = TokenLoader(str(shards), "train", B, SEQ, dp_rank=1, dp_size=2, seed=3)
-    assert all(torch.equal(a, b) for a, b in zip(batches(replica, 30), batches(again, 30)))
+    assert same_batches(batches(replica, 30), batches(again, 30), 30)
 
 
 def test_shards_are_streamed_from_pipe_urls(shards):
     local = batches(TokenLoader(str(shards), "train", B, SEQ, seed=5), 12)
     piped = TokenLoader(str(shards), "train", B, SEQ, seed=5, shard_location=f"pipe:cat {shards}/{{name}}")
     assert piped.plan.urls[0].startswith("pipe:cat ")
-    assert all(torch.equal(a, b) for a, b in zip(local, batches(piped, 12)))
+    assert same_batches(batches(piped, 12), local, 12)
 
 
 def rewrite_shard(out, split, index, mutate_members, update_manifest):

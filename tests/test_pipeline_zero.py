@@ -33,11 +33,12 @@ def micro_batches(step, dp, accum):
 
 
 def reference(dp, accum, clip_norm, clip_value, steps=STEPS):
-    """Losses per step and final weights of the same training on one process."""
+    """Losses, global gradient norms before clipping per step, final weights and optimiser state
+    bytes of the same training on one process."""
     from pldr_dist.parallel.optim import make_optimizer, optimizer_state_bytes
     model = make_model()
     opt = make_optimizer(model, LR, clip_value, EPS)
-    losses = []
+    losses, norms = [], []
     for step in range(steps):
         batches = [mb for row in micro_batches(step, dp, accum) for mb in row]
         opt.zero_grad()
@@ -46,11 +47,12 @@ def reference(dp, accum, clip_norm, clip_value, steps=STEPS):
             loss = lm_loss(model(inputs), targets) / len(batches)
             loss.backward()
             total += loss.item()
+        norms.append(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]).item())
         if clip_norm:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
         opt.step()
         losses.append(total)
-    return losses, {n: p.detach().clone() for n, p in model.named_parameters()}, optimizer_state_bytes(opt)
+    return losses, norms, {n: p.detach().clone() for n, p in model.named_parameters()}, optimizer_state_bytes(opt)
 
 
 def run_layout(tp, pp, zero, clip_norm, clip_value, accum, nan_step=None, checkpoint_dir=None):
@@ -73,12 +75,13 @@ def run_layout(tp, pp, zero, clip_norm, clip_value, accum, nan_step=None, checkp
     config = make_ds_config(micro_batch_size=MICRO_BATCH, grad_accum_steps=accum, dp=grid.dp, pp=pp,
                             zero_stage=zero, clip_norm=clip_norm)
     engine = initialize(module, grid, config, make_optimizer(module, LR, clip_value, EPS))
-    losses = []
+    losses, norms = [], []
     for step in range(STEPS):
         mine = micro_batches(step, grid.dp, accum)[grid.dp_rank]
         poison = step == nan_step and grid.rank == grid.world_size - 1
         if pp > 1:
             losses.append(engine.train_batch(iter(mine)).item())
+            norms.append(grad_norm(engine))
             continue
         total = torch.zeros(())
         for inputs, targets in mine:
@@ -86,10 +89,13 @@ def run_layout(tp, pp, zero, clip_norm, clip_value, accum, nan_step=None, checkp
             if poison:
                 loss = loss * float("inf")
             engine.backward(loss)
+            if zero == 0 and engine.is_gradient_accumulation_boundary():  # reduced over DP, not yet clipped
+                norm = torch.nn.utils.get_total_norm([p.grad for p in engine.module.parameters()]).item()
             engine.step()
             total += loss.detach() / accum
         torch.distributed.all_reduce(total, group=grid.dp_group)
         losses.append(total.item() / grid.dp)
+        norms.append(norm if zero == 0 else grad_norm(engine))
     if checkpoint_dir:  # save, train one more step, load: weights and client state come back
         engine.save_checkpoint(checkpoint_dir, tag="last", client_state={"step": STEPS})
         saved = [p.detach().clone() for p in engine.module.parameters()]
@@ -116,8 +122,14 @@ def run_layout(tp, pp, zero, clip_norm, clip_value, accum, nan_step=None, checkp
     skipped = engine.optimizer.optimizer.skipped_steps if hasattr(engine.optimizer, "optimizer") else engine.optimizer.skipped_steps
     local = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
     adam_bytes = 2 * 4 * local  # exp_avg + exp_avg_sq in fp32 for this rank's model part, unsharded
-    return dict(losses=losses, params=full, state_bytes=optimizer_state_bytes(engine.optimizer), skipped=skipped,
+    return dict(losses=losses, norms=norms, params=full, state_bytes=optimizer_state_bytes(engine.optimizer), skipped=skipped,
                 unsharded_state_bytes=adam_bytes)
+
+
+def grad_norm(engine):
+    """The global gradient norm of the step just taken, before any clipping, as DeepSpeed's ZeRO
+    optimizers compute it over every rank (ZeRO-0 has none: run_layout takes it from the gradients)."""
+    return float(engine.get_global_grad_norm())
 
 
 def check(results, layout, name, steps=STEPS):
@@ -128,14 +140,31 @@ def check(results, layout, name, steps=STEPS):
     moves later steps by up to ~4e-5. The first two losses (before and after one update) must
     agree to 1e-5; all five to 1e-4. Adam turns rounding noise in near-zero gradients into
     whole lr-sized steps, so weights must agree to 3 * lr everywhere and 0.1 * lr on average.
+
+    Adam divides the gradient's scale out of its update, and a norm-clipped gradient keeps only
+    its direction, so losses and weights cannot see a gradient of the wrong size (summed over
+    data-parallel ranks or micro-batches instead of averaged: a loss difference of 0). The global
+    gradient norm before clipping can: compared for the first two steps, like the losses. Step 1
+    (the same weights everywhere) agrees to <= 6e-7 without TP. With TP every gradient of that
+    step comes out 4.6e-4 larger: its second micro-batch has a gradient norm of 295 (the first:
+    5.4) that fp32 rounding scales as a whole (fp64 makes it 1.5% smaller), and TP's split
+    products round differently (per-parameter gradients gathered from TP = 2 all differ from the
+    reference's by 4.6e-4 relative, uniformly): 1e-5, or 1e-3 with TP. Step 2 agrees to
+    <= 4e-4 (2e-3 allowed; a doubled gradient is off by 100%). Later norms are not
+    compared: they follow the weights' rounding apart (one process summing its micro-batches
+    in reverse order moves the fifth step's norm by 160% in the clip-by-value layouts).
     """
-    ref_losses, ref_params, _ = reference(layout["dp"], layout["accum"], layout["clip_norm"],
-                                                  layout["clip_value"], steps)
+    ref_losses, ref_norms, ref_params, _ = reference(layout["dp"], layout["accum"], layout["clip_norm"],
+                                                     layout["clip_value"], steps)
     merged = {}
     for r in results:
         losses = torch.tensor(r["losses"][:steps])
         torch.testing.assert_close(losses[:2], torch.tensor(ref_losses[:2]), rtol=1e-5, atol=0, msg=f"{name}: losses")
         torch.testing.assert_close(losses, torch.tensor(ref_losses), rtol=1e-4, atol=0, msg=f"{name}: losses")
+        norms, ref = torch.tensor(r["norms"][:2], dtype=torch.float64), torch.tensor(ref_norms[:2], dtype=torch.float64)
+        rtol = torch.tensor([1e-3 if layout["tp"] > 1 else 1e-5, 2e-3], dtype=torch.float64)
+        assert ((norms / ref - 1).abs() <= rtol).all(), \
+            f"{name}: gradient norms before clipping {norms.tolist()}, reference {ref.tolist()} (rtol {rtol.tolist()})"
         merged.update(r["params"])
     assert merged.keys() == ref_params.keys(), f"{name}: parameter names differ"
     diffs = torch.cat([(merged[n] - p).abs().flatten() for n, p in ref_params.items()])

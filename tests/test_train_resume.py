@@ -1,6 +1,7 @@
 """The real entry point on 2 CPU processes: exact resume, signals, corrupt checkpoints, faults."""
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -9,6 +10,20 @@ import torch
 from train_helpers import final_weights, losses, prepare_data, train, train_with_fault
 
 STEPS = ["train.steps=24", "checkpoint.every=5", "checkpoint.keep=2"]
+PREEMPTED, NONFINITE = 75, 3   # pldr_dist.distributed.PREEMPTED_EXIT_CODE, pldr_dist.train.trainer.EXIT_NONFINITE
+
+
+def assert_trainer_exited_with(result, code, nproc=2):
+    """The trainer's exit code on every rank. torchrun itself exits 1 when a worker exits non-zero
+    (a Slurm job runs the trainer under srun and sees the code): its failure report lists each
+    rank's code, the first rank to exit as the root cause; a rank still shutting down when
+    torchrun stopped the others may show its SIGTERM (-15)."""
+    assert result.returncode == 1, (result.returncode, result.stdout + result.stderr)
+    report = result.stderr[result.stderr.rfind("Failures:"):]
+    codes = [int(c) for c in re.findall(r"exitcode\s*:\s*(-?\d+)", report)]
+    root = re.search(r"Root Cause.*?exitcode\s*:\s*(-?\d+)", report, re.S)
+    assert root and int(root.group(1)) == code and len(codes) == nproc, (code, codes, report)
+    assert all(c in (code, -15) for c in codes), (code, codes, report)
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +69,7 @@ def test_sigterm_checkpoints_exits_75_and_resumes_exactly(data, reference, tmp_p
     run_dir = str(tmp_path / "run")
     stopped = train_with_fault(data, run_dir, 2, STEPS, "term:7")
     assert "received signal 15: checkpointed at step 7, exiting with 75 for requeue" in stopped.stdout
+    assert_trainer_exited_with(stopped, PREEMPTED)
     stopped = max(losses(run_dir))
     assert stopped == 7
     latest = open(os.path.join(run_dir, "checkpoints", "latest")).read().strip()
@@ -101,7 +117,7 @@ def test_nonfinite_loss_is_skipped_and_a_persistent_one_stops_the_run(data, tmp_
     persistent = str(tmp_path / "persistent")
     result = train(data, persistent, sets=["train.steps=8", "checkpoint.every=2", "train.max_nonfinite_in_row=3",
                                            "train.inject_nonfinite_at=[3,4,5,6,7,8]"])
-    assert result.returncode != 0
+    assert_trainer_exited_with(result, NONFINITE)
     assert "stopping: 3 non-finite steps in a row (train.max_nonfinite_in_row=3)" in result.stderr + result.stdout
     # the skipped steps 3 and 4 left the weights exactly as step 2 made them, and that is what step 4 saved
     ckpt = os.path.join(persistent, "checkpoints")
