@@ -11,14 +11,20 @@ import subprocess
 import sys
 import time
 
+from .errors import PLDRError, cli_main
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def sh(cmd: list[str], env=None) -> None:
     print("+ " + " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, env=env)
+    done = subprocess.run(cmd, env=env)
+    if done.returncode != 0:   # the step printed its own error above
+        raise PLDRError(f"this step exited with status {done.returncode} (its message is above): "
+                        f"{' '.join(cmd[:6])} ...")
 
 
+@cli_main("pldr-demo")
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="pldr-demo", description=__doc__.splitlines()[0])
     p.add_argument("--corpus", default=os.path.join(ROOT, "data", "tinyshakespeare.txt"))
@@ -53,8 +59,9 @@ def main(argv=None) -> int:
     print("[4/4] generate with the inference-only model (KV-cache + G-cache)", flush=True)
     prompts = args.prompt or ["ROMEO:", "First Citizen:", "KING HENRY:"]
     prompt_file = os.path.join(args.work, "demo-prompts.txt")
-    with open(prompt_file, "w") as f:
+    with open(prompt_file + ".tmp", "w") as f:
         f.write("\n".join(p.replace("\n", "\\n") for p in prompts) + "\n")
+    os.replace(prompt_file + ".tmp", prompt_file)
     sh([sys.executable, "-c", "from pldr_dist.infer.cli import generate_main; generate_main()",
         model_dir, "--gcache", gcache, "--prompts", prompt_file,
         "--max-new-tokens", "60", "--temperature", "0.8", "--top-k", "40", "--seed", "0"])

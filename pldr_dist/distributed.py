@@ -22,10 +22,12 @@ import socket
 import subprocess
 from dataclasses import dataclass
 
+from .errors import PLDRError
+
 PREEMPTED_EXIT_CODE = 75   # "checkpointed for preemption": launch/slurm_train.sbatch requeues the job on it
 
 
-class LaunchError(RuntimeError):
+class LaunchError(PLDRError, RuntimeError):
     """The launcher's environment is wrong or incomplete; the message says what to set."""
 
 

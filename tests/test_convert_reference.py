@@ -29,3 +29,41 @@ def test_reference_file_and_dcp_folder_round_trip_exactly(tmp_path):
         for (k, a), (_, b) in zip(model.state_dict().items(), other.state_dict().items()):
             assert torch.equal(a, b), k
         assert torch.equal(other(tokens), want)
+
+
+def test_v510G_ablation_checkpoint_imports_with_its_fixed_g(tmp_path):
+    """The authors' v510G checkpoint holds no metric learner and no G (their plga_layer keeps the
+    predefined G_LM as a plain attribute, read from a pickle): `from-reference --gcache` takes
+    that G from their pickle or from a G-cache artifact, and the model computes as theirs."""
+    import pickle
+
+    from pldr_dist.convert.cli import main as convert
+    from pldr_dist.convert.consolidated import load_consolidated, load_metadata
+    from pldr_dist.convert.names import to_authors
+    from pldr_dist.infer.gcache_artifact import load_artifact
+
+    torch.manual_seed(0)
+    model = PLDRModel(preset("tiny", mode="v510G", fixed_g="random")).eval()
+    g = torch.stack([layer.attn.G_fixed for layer in model.layers])
+    state = {to_authors(k): v for k, v in model.interchange_state_dict().items() if not k.endswith("G_fixed")}
+    assert not any("plgatt_layer" in k or "reslayerAs" in k or ".mha1.layernorm" in k for k in state)
+    torch.save({"model_state_dict": state, "loss": 1.0}, tmp_path / "v510G.pt")
+    (tmp_path / "G_LM.pkl").write_bytes(pickle.dumps([gi[None].clone() for gi in g]))   # theirs: [1, h, dk, dk]
+
+    tokens = torch.randint(4, 512, (2, 9))
+    convert(["from-reference", str(tmp_path / "v510G.pt"), str(tmp_path / "from_pkl"), "--preset", "tiny",
+             "--gcache", str(tmp_path / "G_LM.pkl")])
+    convert(["g-pickle", str(tmp_path / "G_LM.pkl"), str(tmp_path / "art.safetensors"), "--preset", "tiny"])
+    convert(["from-reference", str(tmp_path / "v510G.pt"), str(tmp_path / "from_art"), "--preset", "tiny",
+             "--gcache", str(tmp_path / "art.safetensors")])
+    for name in ("from_pkl", "from_art"):
+        back = load_consolidated(tmp_path / name)
+        assert back.cfg.mode == "v510G" and not back.cfg.learned_g
+        assert torch.equal(torch.stack([layer.attn.G_fixed for layer in back.layers]), g)
+        assert torch.equal(back(tokens), model(tokens))
+        assert load_metadata(tmp_path / name)["source"] == "reference:v510G.pt"
+
+    # the artifact names the pickle by its file name only: no machine's paths
+    meta = load_artifact(tmp_path / "art.safetensors").meta
+    assert meta["source_detail"] == "G_LM.pkl" and meta["fingerprint"] == "foreign:G_LM.pkl"
+    assert not any(str(tmp_path) in str(v) for v in meta.values()), meta

@@ -70,7 +70,7 @@ def test_pldr_eval_harness_cli_loads_a_consolidated_folder_like_the_python_api(m
     gives the same accuracy as the Python API on the same folder (real SentencePiece tokenizer)."""
     from pldr_dist.data.tokenizer import train_tokenizer
     from pldr_dist.eval.cli import main as pldr_eval
-    from pldr_dist.eval.model_io import save_consolidated
+    from pldr_dist.convert.consolidated import save_consolidated
 
     monkeypatch.chdir(ROOT)
     corpus = tmp_path / "corpus.txt"
@@ -79,7 +79,7 @@ def test_pldr_eval_harness_cli_loads_a_consolidated_folder_like_the_python_api(m
                                       for line in f) * 20)
     tok = train_tokenizer([str(corpus)], str(tmp_path / "tok.model"), vocab_size=290)
     folder = tmp_path / "consolidated"
-    save_consolidated(tiny_model(seed=5, dtype=torch.float64), str(folder), tok.path)
+    save_consolidated(tiny_model(seed=5, dtype=torch.float64), str(folder), dtype="fp64", tokenizer=tok.path)
 
     want = run_tasks(PLDRLM(pretrained=str(folder), dtype="float64"), ["pldr_tiny_qa"],
                      TaskManager(include_path=TASK_DIR))["pldr_tiny_qa"]["acc"]

@@ -9,10 +9,11 @@ import numpy as np
 import torch
 from eval_helpers import tiny_model
 
+from pldr_dist.convert.consolidated import save_consolidated
 from pldr_dist.data.manifest import FORMAT, Manifest
 from pldr_dist.data.shard_writer import write_shard
 from pldr_dist.eval.cli import main as pldr_eval
-from pldr_dist.eval.model_io import g_from_prompt, save_consolidated, with_fixed_g
+from pldr_dist.eval.model_io import g_from_prompt, with_fixed_g
 from pldr_dist.eval.perplexity import evaluate_loss, evaluate_shards
 
 SEQ = 16
@@ -57,7 +58,7 @@ def test_shard_perplexity_is_exp_of_independent_mean_token_loss(tmp_path, capsys
     assert abs(got["loss"] - want) < 1e-10 and abs(got["perplexity"] - math.exp(want)) < 1e-8 * math.exp(want)
 
     folder = tmp_path / "consolidated"
-    save_consolidated(model, str(folder))
+    save_consolidated(model, str(folder), dtype="fp64")
     assert pldr_eval(["perplexity", "--model", str(folder), "--shards", manifest, "--batch-size", "4",
                       "--dtype", "float64"]) == 0
     printed = json.loads(capsys.readouterr().out)
@@ -68,6 +69,15 @@ def test_shard_perplexity_is_exp_of_independent_mean_token_loss(tmp_path, capsys
                       "--dtype", "float64", "--fixed-g", "eos"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert abs(printed["loss"] - independent_mean_loss(fixed, samples)) < 1e-10
+
+    # the same G from an artifact, read by the G-cache loader pldr-generate uses
+    from pldr_dist.convert.consolidated import load_consolidated
+    from pldr_dist.infer.gcache_artifact import compute_g_cache, save_artifact
+    stored = load_consolidated(folder)
+    save_artifact(tmp_path / "g.safetensors", *compute_g_cache(stored, "eos"), stored, "eos")
+    assert pldr_eval(["perplexity", "--model", str(folder), "--shards", manifest, "--batch-size", "4",
+                      "--dtype", "float64", "--gcache", str(tmp_path / "g.safetensors")]) == 0
+    assert abs(json.loads(capsys.readouterr().out)["loss"] - printed["loss"]) < 1e-10
 
 
 def test_validation_loss_weighs_batches_by_non_pad_targets():

@@ -70,7 +70,8 @@ def test_bf16_trainer_updates_every_parameter_on_the_first_step(tmp_path):
     start = {k: v.bfloat16() for k, v in PLDRModel(cfg.model_config()).state_dict().items()}
     after = final_weights(run_dir)
     for name, value in start.items():
-        if value.dim() >= 2 or name == "head.bias":
+        # (the metric learner's stacked LayerNorm gains are 2-D: at 1.0 they move by less than bf16's spacing)
+        if (value.dim() >= 2 and not name.endswith("norm_weight")) or name == "head.bias":
             assert not torch.equal(after[name].bfloat16(), value), f"{name} did not train"
     moved = (after["head.weight"].bfloat16() != start["head.weight"]).float().mean().item()
     assert moved > 0.9, f"only {moved:.0%} of head.weight moved"

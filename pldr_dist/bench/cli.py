@@ -4,9 +4,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..errors import cli_main
 from . import plot, trainer
 
 
+@cli_main("pldr-bench")
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="pldr-bench", description="pldr_dist benchmarks, one suite per question")
     sub = p.add_subparsers(dest="suite", required=True)

@@ -20,6 +20,7 @@ import sys
 
 import torch
 
+from ..errors import cli_main
 from ..model import PLDRModel
 from ..model.interchange import from_interchange
 from ..parallel.tensor_parallel import tp_partition_dim
@@ -105,8 +106,15 @@ def read_run_config(tag_dir: str):
     """(the run config dict a checkpoint was written with, its model's PLDRConfig)."""
     from ..train.config import RunConfig, _build
     path = os.path.join(tag_dir, "run_config.json")
-    with open(path) as f:
-        run = json.load(f)
+    try:
+        with open(path) as f:
+            run = json.load(f)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read it ({e.strerror or e}); every complete checkpoint has one "
+                              f"(pass another step_* folder)") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e}); the checkpoint is corrupt (pass another step_* "
+                              f"folder)") from None
     return run, _build(RunConfig, run, "", path).model_config()
 
 
@@ -135,17 +143,14 @@ def consolidate(path: str, out: str, dtype: str = "fp32", log=print) -> str:
     return str(folder)
 
 
+@cli_main("pldr-consolidate")
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="pldr-consolidate", description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", help="run_dir/checkpoints (uses 'latest') or one run_dir/checkpoints/step_* folder")
     p.add_argument("out", help="output folder")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     a = p.parse_args(argv)
-    try:
-        consolidate(a.checkpoint, a.out, a.dtype)
-    except (CheckpointError, OSError, ValueError) as e:
-        print(f"pldr-consolidate: error: {e}", file=sys.stderr)
-        return 2
+    consolidate(a.checkpoint, a.out, a.dtype)
     return 0
 
 

@@ -22,14 +22,15 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..model.interchange import to_interchange
+from ..errors import PLDRError
 from ..model import PLDRConfig, PLDRModel
+from ..model.interchange import to_interchange
 
 WEIGHTS, CONFIG, METADATA, TOKENIZER = "model.safetensors", "config.json", "metadata.json", "tokenizer.model"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(PLDRError, ValueError):
     """A checkpoint folder or file that cannot be loaded as asked; the message says the fix."""
 
 

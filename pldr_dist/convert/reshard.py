@@ -40,6 +40,7 @@ from collections import defaultdict
 import torch
 from safetensors.torch import save_file
 
+from ..errors import cli_main
 from ..model import PLDRModel
 from ..model.interchange import from_interchange, to_interchange
 from ..parallel.tensor_parallel import tp_partition_dim
@@ -207,17 +208,14 @@ def reshard(source: str, run_dir: str, log=print) -> str:
     return out
 
 
+@cli_main("pldr-reshard")
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="pldr-reshard", description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", help="run_dir/checkpoints (uses 'latest') or one run_dir/checkpoints/step_* folder")
     p.add_argument("run_dir", help="the run directory to continue in (its checkpoints/ receives the portable tag); "
                                    "then launch pldr-train with run_dir set to it, in any layout")
     a = p.parse_args(argv)
-    try:
-        reshard(a.checkpoint, a.run_dir)
-    except (CheckpointError, OSError, ValueError) as e:
-        print(f"pldr-reshard: error: {e}", file=sys.stderr)
-        return 2
+    reshard(a.checkpoint, a.run_dir)
     return 0
 
 

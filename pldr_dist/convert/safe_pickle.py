@@ -18,6 +18,9 @@ import struct
 
 import torch
 
+from ..errors import PLDRError
+from .consolidated import CheckpointError
+
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 
 # Storage class names torch pickles (torch.FloatStorage, torch.cuda.FloatStorage, ...).
@@ -29,7 +32,7 @@ STORAGE_DTYPES = {
 }
 
 
-class UnsafePickleError(pickle.UnpicklingError):
+class UnsafePickleError(PLDRError, pickle.UnpicklingError):
     """The pickle names a callable outside the tensor-rebuilding allow-list."""
 
 
@@ -137,25 +140,48 @@ class _OuterUnpickler(pickle.Unpickler):
 
 
 def load_tensor_pickle(path) -> object:
-    """Load a pickle of tensors (lists/dicts of them) onto the CPU, refusing any other callable."""
-    with open(path, "rb") as f:
+    """Load a pickle of tensors (lists/dicts of them) onto the CPU, refusing any other callable.
+
+    Raises UnsafePickleError for a pickle that names anything else, CheckpointError for a file
+    that is missing or is no readable pickle at all (truncated, random bytes)."""
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot open the pickle ({e.strerror or e}); check the path") from None
+    with f:
         head = f.read(2)
         f.seek(0)
-        if head == b"PK":
-            return torch.load(f, map_location="cpu", weights_only=True)
-        return _OuterUnpickler(f, str(path)).load()
+        try:
+            if head == b"PK":
+                return torch.load(f, map_location="cpu", weights_only=True)
+            return _OuterUnpickler(f, str(path)).load()
+        except UnsafePickleError:
+            raise
+        except pickle.UnpicklingError as e:
+            if head == b"PK":   # torch's weights_only loader refused a callable
+                raise UnsafePickleError(f"{path}: {_first_line(e)}; refusing to load it") from None
+            raise CheckpointError(f"{path}: not a readable pickle ({_first_line(e)}); is this the G_LM "
+                                  f"pickle file? copy it again from the source") from None
+        except Exception as e:  # noqa: BLE001  (truncated or foreign bytes raise many types)
+            raise CheckpointError(f"{path}: not a readable pickle ({type(e).__name__}: {_first_line(e)}); "
+                                  f"is this the G_LM pickle file? copy it again from the source") from None
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0][:200] if lines else type(err).__name__
 
 
 def load_g_lm_pickle(path, num_layers: int, num_heads: int, head_dim: int) -> list:
     """The authors' predefined G_LM pickle: L tensors [1, h, dk, dk] -> list of [h, dk, dk]."""
     obj = load_tensor_pickle(path)
     if not isinstance(obj, (list, tuple)) or len(obj) != num_layers:
-        raise ValueError(f"{path}: expected a list of {num_layers} G_LM tensors, got "
+        raise CheckpointError(f"{path}: expected a list of {num_layers} G_LM tensors, got "
                          f"{type(obj).__name__} of length {len(obj) if hasattr(obj, '__len__') else '?'}")
     out = []
     for i, g in enumerate(obj):
-        if not isinstance(g, torch.Tensor) or g.reshape(-1, num_heads, head_dim, head_dim).shape[0] != 1:
-            raise ValueError(f"{path}: layer {i} G_LM has shape {tuple(getattr(g, 'shape', ()))}, "
+        if not isinstance(g, torch.Tensor) or g.numel() != num_heads * head_dim * head_dim:
+            raise CheckpointError(f"{path}: layer {i} G_LM has shape {tuple(getattr(g, 'shape', ()))}, "
                              f"expected [1, {num_heads}, {head_dim}, {head_dim}] (does the model preset match?)")
         out.append(g.reshape(num_heads, head_dim, head_dim))
     return out

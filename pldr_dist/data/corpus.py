@@ -15,8 +15,10 @@ import json
 import os
 from typing import Iterable, Iterator
 
+from pldr_dist.errors import PLDRError
 
-class CorpusError(ValueError):
+
+class CorpusError(PLDRError, ValueError):
     """A corpus file is missing or malformed (the message names the file)."""
 
 

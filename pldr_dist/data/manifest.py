@@ -16,11 +16,13 @@ import os
 import sys
 from dataclasses import dataclass
 
+from pldr_dist.errors import PLDRError, cli_main
+
 FORMAT = "pldr-token-shards/1"
 SPLITS = ("train", "valid")
 
 
-class ShardError(ValueError):
+class ShardError(PLDRError, ValueError):
     """A shard or manifest is missing, corrupt or does not fit the run (message names the file)."""
 
 
@@ -110,16 +112,14 @@ def verify_shards(manifest: Manifest, progress: bool = True) -> list[str]:
     return problems
 
 
+@cli_main("pldr-verify-shards")
 def verify_main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="pldr-verify-shards",
                                 description="Check every token shard against its manifest.json (presence and sha256).")
     p.add_argument("manifest", help="manifest.json or the directory holding it")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    try:
-        m = Manifest.load(args.manifest)
-    except ShardError as exc:
-        sys.exit(str(exc))
+    m = Manifest.load(args.manifest)
     problems = verify_shards(m, progress=not args.quiet)
     for line in problems:
         print(line, file=sys.stderr)

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from pldr_dist.data.corpus import expand_inputs, iter_documents
 from pldr_dist.data.manifest import FORMAT, SPLITS, Manifest, ShardError, sha256_file, write_json_atomic
 from pldr_dist.data.tokenizer import Tokenizer
+from pldr_dist.errors import cli_main
 
 log = logging.getLogger(__name__)
 PROGRESS = ".progress.json"
@@ -226,6 +227,7 @@ def make_shards(inputs, tokenizer_path: str, out_dir: str, seq_len: int, samples
     return manifest
 
 
+@cli_main("pldr-make-shards")
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="pldr-make-shards", description=(
         "Tokenise a corpus (text / JSON-lines / .gz / .zst files or globs) in parallel, append eos to every "

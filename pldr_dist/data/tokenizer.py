@@ -19,13 +19,14 @@ from typing import Iterable
 import sentencepiece as spm
 
 from pldr_dist.data.corpus import iter_sentences
+from pldr_dist.errors import PLDRError, cli_main
 
 log = logging.getLogger(__name__)
 
 SPECIAL_PIECES = {"pad": (0, "[PAD]"), "unk": (1, "[UNK]"), "bos": (2, "[START]"), "eos": (3, "[END]")}
 
 
-class TokenizerError(ValueError):
+class TokenizerError(PLDRError, ValueError):
     """The tokenizer does not fit the run (the message says which id and how to fix it)."""
 
 
@@ -142,6 +143,7 @@ def _train(inputs, proto: io.BytesIO, vocab_size: int, input_sentence_size: int,
         num_threads=num_threads, minloglevel=2)
 
 
+@cli_main("pldr-train-tokenizer")
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="pldr-train-tokenizer", description=(
         "Train a SentencePiece unigram tokenizer with the PLDR-LLM paper's settings (nmt_nfkc, byte "

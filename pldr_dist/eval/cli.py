@@ -3,6 +3,9 @@
   pldr-eval perplexity --model run/consolidated --shards data/manifest.json [--gcache A | --fixed-g eos]
   pldr-eval harness --model pldr --model_args pretrained=run/consolidated --tasks arc_easy ...
   pldr-eval compare-gcache --model run/consolidated [--gcache A] --tasks arc_easy,piqa [--include-path DIR]
+
+Folders and artifacts are read by the project's one loader of each (pldr_dist/eval/model_io.py);
+bad input ends in one line, `pldr-eval: error: ...`, and exit status 2.
 """
 from __future__ import annotations
 
@@ -10,12 +13,14 @@ import argparse
 import json
 import sys
 
+from ..errors import cli_main
+
 
 def _perplexity(args) -> int:
     from .model_io import load_for_eval
     from .perplexity import evaluate_shards
 
-    model, _ = load_for_eval(args.model, args.gcache, args.fixed_g, args.device, args.dtype)
+    model, _ = load_for_eval(args.model, args.gcache, args.fixed_g, args.device, args.dtype, args.foreign_g)
     result = evaluate_shards(model, args.shards, args.split, args.batch_size, args.max_batches)
     result.update(model=args.model, gcache=args.gcache, fixed_g=args.fixed_g, split=args.split)
     print(json.dumps(result, indent=1))
@@ -36,12 +41,15 @@ def _compare(args) -> int:
 
     from .compare import compare_gcache
     from .lm_eval_adapter import PLDRLM
-    from .model_io import load_for_eval, with_fixed_g, g_from_prompt, load_gcache
+    from .model_io import g_from_prompt, load_for_eval, with_fixed_g
 
     model, tokenizer = load_for_eval(args.model, device=args.device, dtype=args.dtype)
-    g = load_gcache(args.gcache) if args.gcache else g_from_prompt(model, [model.cfg.eos_id])
+    if args.gcache:
+        fixed, _ = load_for_eval(args.model, args.gcache, None, args.device, args.dtype, args.foreign_g)
+    else:
+        fixed = with_fixed_g(model, g_from_prompt(model, [model.cfg.eos_id]))
     plain = PLDRLM(model=model, tokenizer=tokenizer, batch_size=args.batch_size)
-    cached = PLDRLM(model=with_fixed_g(model, g), tokenizer=tokenizer, batch_size=args.batch_size)
+    cached = PLDRLM(model=fixed, tokenizer=tokenizer, batch_size=args.batch_size)
     manager = TaskManager(include_path=args.include_path) if args.include_path else None
     _, _, table = compare_gcache(plain, cached, args.tasks.split(","), manager, args.limit, args.num_fewshot)
     print(f"model {args.model}; G-cache {args.gcache or 'computed from the end-of-sequence prompt'}")
@@ -49,6 +57,7 @@ def _compare(args) -> int:
     return 0
 
 
+@cli_main("pldr-eval")
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["harness"]:
@@ -61,6 +70,7 @@ def main(argv=None) -> int:
         p = sub.add_parser(name)
         p.add_argument("--model", required=True, help="consolidated model folder")
         p.add_argument("--gcache", help="G-cache artifact: score with its fixed G_LM")
+        p.add_argument("--foreign-g", action="store_true", help="accept an artifact computed from another model")
         p.add_argument("--device", default="cpu")
         p.add_argument("--dtype", default="float32")
         p.add_argument("--batch-size", type=int, default=8)

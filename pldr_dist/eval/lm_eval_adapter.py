@@ -3,7 +3,8 @@
 Registered as "pldr" when this module is imported (`pldr-eval harness ...` imports it, then runs
 the harness's own command line). model_args: pretrained=<consolidated folder>, gcache=<G-cache
 artifact> or fixed_g=eos|<text> (score with a fixed G_LM instead of computing it from each
-input), device=cpu|cuda, dtype=float32|float64|bfloat16, batch_size=8.
+input), foreign_g=true (accept an artifact computed from another model), device=cpu|cuda,
+dtype=float32|float64|bfloat16, batch_size=8.
 
 Batching and exactness. A v510 model's G_LM comes from A0, a sum over *every* position of a
 row, padding included (spec §3.3), so padding a row would change its scores: rows of a batch
@@ -25,6 +26,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from ..infer.generate import SamplingConfig, generate
+from ..errors import InputError
 from .model_io import load_for_eval, parse_dtype
 
 eval_logger = logging.getLogger(__name__)
@@ -43,23 +45,24 @@ def batches_of(items: list, batch_size: int, key) -> list:
 class PLDRLM(TemplateLM):
     def __init__(self, pretrained: Optional[str] = None, gcache: Optional[str] = None,
                  fixed_g: Optional[str] = None, device: str = "cpu", dtype: str = "float32",
-                 batch_size=8, max_batch_size=None, model=None, tokenizer=None, **unused):
+                 batch_size=8, max_batch_size=None, model=None, tokenizer=None, foreign_g=False, **unused):
         super().__init__()
         if unused:
-            raise ValueError(f"pldr model_args: unknown {sorted(unused)} (known: pretrained, gcache, fixed_g, "
-                             f"device, dtype, batch_size)")
+            raise InputError(f"pldr model_args: unknown {sorted(unused)} (known: pretrained, gcache, fixed_g, "
+                             f"foreign_g, device, dtype, batch_size)")
         if model is None:
             if str(device or "cpu").startswith("cuda") and not torch.cuda.is_available():
                 # lm_eval's command line asks for cuda unless told otherwise; HF's adapter falls back too.
                 eval_logger.warning(f"pldr: device={device} but CUDA is not available; running on CPU")
                 device = "cpu"
             if not pretrained:
-                raise ValueError("pldr model_args: pretrained=<consolidated folder> is required")
-            model, tokenizer = load_for_eval(pretrained, gcache, fixed_g, device or "cpu", dtype)
+                raise InputError("pldr model_args: pretrained=<consolidated folder> is required")
+            model, tokenizer = load_for_eval(pretrained, gcache, fixed_g, device or "cpu", dtype,
+                                             str(foreign_g).lower() in ("true", "1", "yes"))
         elif gcache or fixed_g:
-            raise ValueError("PLDRLM(model=...): apply the G-cache to the model first (model_io.with_fixed_g)")
+            raise InputError("PLDRLM(model=...): apply the G-cache to the model first (model_io.with_fixed_g)")
         if tokenizer is None:
-            raise ValueError(f"{pretrained}: no tokenizer.model in the folder (copy the run's tokenizer there)")
+            raise InputError(f"{pretrained}: no tokenizer.model in the folder (copy the run's tokenizer there)")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.cfg = model.cfg
         self._device = next(model.parameters()).device

@@ -1,45 +1,60 @@
 """Console tools: pldr-generate, pldr-export-gcache, pldr-gcache-check.
 
 Each loads a consolidated folder (pldr_dist/convert/consolidated.py) and fails with a
-one-line error on bad input.
+one-line error on bad input (pldr_dist/errors.py).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
 import torch
 
-from ..convert.consolidated import CheckpointError, load_consolidated, tokenizer_path
+from ..convert.consolidated import load_consolidated, tokenizer_path
+from ..errors import InputError, cli_main
 from .gcache_artifact import SOURCES, compute_g_cache, load_artifact, parameter_bytes, save_artifact, \
     to_inference_model
 from .generate import SamplingConfig, generate
 from .tokenizer import load_tokenizer
 
 
-def _fail(err) -> None:
-    print(f"{type(err).__name__}: {err}", file=sys.stderr)
-    raise SystemExit(2)
-
-
 def _tokenizer(args, folder):
     return load_tokenizer(args.tokenizer or tokenizer_path(folder))
 
 
+def _read_text(path) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot read it as UTF-8 text ({getattr(e, 'strerror', None) or e})") from None
+
+
 def _read_prompts(path) -> list:
-    stream = sys.stdin if path in (None, "-") else open(path, encoding="utf-8")
-    with stream:
-        return [line.rstrip("\n") for line in stream if line.strip() or path not in (None, "-")]
+    if path in (None, "-"):
+        return [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    return _read_text(path).splitlines()
 
 
-def _encode(texts, tok, token_ids: bool) -> list:
-    if token_ids:
-        return [[int(t) for t in line.split()] for line in texts]
-    return [tok.encode(t) for t in texts]
+def _encode(texts, tok, token_ids: bool, where: str = "prompts") -> list:
+    if not token_ids:
+        return [tok.encode(t) for t in texts]
+    out = []
+    for n, line in enumerate(texts, 1):
+        try:
+            out.append([int(t) for t in line.split()])
+        except ValueError:
+            raise InputError(f"{where}:{n}: {line[:40]!r} is not space-separated token ids "
+                             f"(drop --token-ids for text prompts)") from None
+        if not out[-1]:
+            raise InputError(f"{where}:{n}: empty prompt; give at least one token id (e.g. the end-of-sequence id)")
+    return out
 
 
 # ---------------------------------------------------------------------------- generate
+@cli_main("pldr-generate")
 def generate_main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="pldr-generate", description="Generate text from a consolidated PLDR-LLM with KV+G caches.")
     p.add_argument("model", help="consolidated folder")
@@ -58,21 +73,18 @@ def generate_main(argv=None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp64"])
     args = p.parse_args(argv)
-    try:
-        model = load_consolidated(args.model, args.dtype)
-        tok = None if args.token_ids else _tokenizer(args, args.model)
-        if args.gcache:
-            full = parameter_bytes(model)
-            model = to_inference_model(model, load_artifact(args.gcache, model, args.foreign_g), args.foreign_g)
-            saved = full - parameter_bytes(model)
-            print(f"[pldr-generate] inference-only model (v510Gi): {saved / 2**20:.1f} MiB of parameters "
-                  f"saved ({100 * saved / full:.1f}%)", file=sys.stderr)
-            if args.cache == "kv+g":
-                args.cache = "kv"   # G is fixed in the model; nothing left to cache
-        prompts = _read_prompts(args.prompts)
-        ids = _encode(prompts, tok, args.token_ids)
-    except (CheckpointError, OSError, ValueError) as e:
-        _fail(e)
+    model = load_consolidated(args.model, args.dtype)
+    tok = None if args.token_ids else _tokenizer(args, args.model)
+    if args.gcache:
+        full = parameter_bytes(model)
+        model = to_inference_model(model, load_artifact(args.gcache, model, args.foreign_g), args.foreign_g)
+        saved = full - parameter_bytes(model)
+        print(f"[pldr-generate] inference-only model (v510Gi): {saved / 2**20:.1f} MiB of parameters "
+              f"saved ({100 * saved / full:.1f}%)", file=sys.stderr)
+        if args.cache == "kv+g":
+            args.cache = "kv"   # G is fixed in the model; nothing left to cache
+    prompts = _read_prompts(args.prompts)
+    ids = _encode(prompts, tok, args.token_ids, args.prompts)
     model.to(args.device)
     sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p, seed=args.seed)
     started, produced = time.perf_counter(), 0
@@ -97,6 +109,7 @@ def generate_main(argv=None) -> None:
 
 
 # ---------------------------------------------------------------------------- export
+@cli_main("pldr-export-gcache")
 def export_gcache_main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="pldr-export-gcache", description="Precompute the G_LM cache artifact of a consolidated model.")
     p.add_argument("model", help="consolidated folder")
@@ -109,20 +122,20 @@ def export_gcache_main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0, help="for --source random")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp64"])
     args = p.parse_args(argv)
-    try:
-        model = load_consolidated(args.model, args.dtype)
-        tokens, detail = None, ""
-        if args.source == "prompt":
-            detail = args.text if args.text is not None else open(args.text_file, encoding="utf-8").read()
-            tokens = _tokenizer(args, args.model).encode(detail)[: model.cfg.context_length]
-        g, a_lm = compute_g_cache(model, args.source, tokens, args.seed)
-        save_artifact(args.out, g, a_lm, model, args.source, detail)
-    except (CheckpointError, OSError, ValueError, TypeError) as e:
-        _fail(e)
+    model = load_consolidated(args.model, args.dtype)
+    tokens, detail = None, ""
+    if args.source == "prompt":
+        if args.text is None and args.text_file is None:
+            raise InputError("--source prompt needs --text TEXT or --text-file FILE")
+        detail = args.text if args.text is not None else _read_text(args.text_file)
+        tokens = _tokenizer(args, args.model).encode(detail)[: model.cfg.context_length]
+    g, a_lm = compute_g_cache(model, args.source, tokens, args.seed)
+    save_artifact(args.out, g, a_lm, model, args.source, detail)
     print(f"[pldr-export-gcache] wrote {args.out}: G_LM and A_LM {list(g.shape)} {args.dtype}, source={args.source}")
 
 
 # ---------------------------------------------------------------------------- check
+@cli_main("pldr-gcache-check")
 def gcache_check_main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="pldr-gcache-check",
                                 description="How far each prompt's G_LM is from an artifact's, per layer and head.")
@@ -135,14 +148,11 @@ def gcache_check_main(argv=None) -> None:
     p.add_argument("--foreign-g", action="store_true")
     p.add_argument("--plot", help="PNG path (default: <artifact>.check.png)")
     args = p.parse_args(argv)
-    try:
-        model = load_consolidated(args.model, "fp64")
-        art = load_artifact(args.artifact, model, args.foreign_g)
-        tok = None if args.token_ids else _tokenizer(args, args.model)
-        prompts = _read_prompts(args.prompts)[: args.max_prompts]
-        ids = [t[: model.cfg.context_length] for t in _encode(prompts, tok, args.token_ids)]
-    except (CheckpointError, OSError, ValueError) as e:
-        _fail(e)
+    model = load_consolidated(args.model, "fp64")
+    art = load_artifact(args.artifact, model, args.foreign_g)
+    tok = None if args.token_ids else _tokenizer(args, args.model)
+    prompts = _read_prompts(args.prompts)[: args.max_prompts]
+    ids = [t[: model.cfg.context_length] for t in _encode(prompts, tok, args.token_ids, args.prompts)]
     ref = art.g_lm.to(torch.float64)
     rmse, logdet = [], []   # per prompt [L, h]
     for t in ids:
@@ -175,5 +185,7 @@ def _plot(rmse, logdet, ref_logdet, path) -> None:
         axes[1, i].set_xlabel("head")
     axes[1, 0].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    tmp = f"{path}.tmp-{os.getpid()}.png"
+    fig.savefig(tmp, dpi=100)
+    os.replace(tmp, path)   # never a half-written plot under the final name
     print(f"plot: {path}")

@@ -66,13 +66,13 @@ def compute_g_cache(model: PLDRModel, source: str = "eos", tokens: Optional[Sequ
                 g[i] = torch.randn(shape[1:], generator=gen, dtype=dtype) * (2.0 / (2 * cfg.head_dim)) ** 0.5
         return g, torch.zeros(shape, dtype=dtype)
     if source not in SOURCES:
-        raise ValueError(f"G-cache source {source!r} is unknown (choose one of {', '.join(SOURCES)})")
+        raise CheckpointError(f"G-cache source {source!r} is unknown (choose one of {', '.join(SOURCES)})")
     if not cfg.learned_g:
-        raise ValueError("this model has a fixed G (mode v510G): its G_fixed is already the cache")
+        raise CheckpointError("this model has a fixed G (mode v510G): its G_fixed is already the cache")
     if source == "eos":
         tokens = [cfg.eos_id]   # the reference tokenises the empty prompt as the single [END]
     if not tokens:
-        raise ValueError("source 'prompt' needs at least one token")
+        raise CheckpointError("source 'prompt' needs at least one token (give a non-empty --text)")
     device = next(model.parameters()).device
     outs = model.deductive_outputs(torch.as_tensor([list(tokens)], device=device))
     g = torch.stack([o[2][0] for o in outs]).cpu()
@@ -80,11 +80,16 @@ def compute_g_cache(model: PLDRModel, source: str = "eos", tokens: Optional[Sequ
     return g, a_lm
 
 
-def save_artifact(path, g_lm: torch.Tensor, a_lm: torch.Tensor, model: PLDRModel, source: str,
-                  source_detail: str = "") -> Path:
+def save_artifact(path, g_lm: torch.Tensor, a_lm: torch.Tensor, model: Optional[PLDRModel], source: str,
+                  source_detail: str = "", fingerprint: Optional[str] = None) -> Path:
+    """Write an artifact under a temporary name, then rename it into place.
+
+    fingerprint: the model's (default, computed from `model`), or "foreign:<name>" for a G
+    that names no model of ours (the authors' pickle): loading it then needs --foreign-g."""
     path = Path(path)
     meta = {"mode": "v510Gi", "source": source, "source_detail": source_detail[:2000],
-            "dtype": str(g_lm.dtype).replace("torch.", ""), "fingerprint": model_fingerprint(model),
+            "dtype": str(g_lm.dtype).replace("torch.", ""),
+            "fingerprint": fingerprint if fingerprint is not None else model_fingerprint(model),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "shape": json.dumps(list(g_lm.shape))}
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -116,6 +121,32 @@ def load_artifact(path, model: Optional[PLDRModel] = None, foreign: bool = False
                                    f"another model; re-export it from this model, or pass --foreign-g if "
                                    f"using another model's G is intended")
     return art
+
+
+def is_safetensors(path) -> bool:
+    """A safetensors file starts with its header's length (u64) and the JSON header's '{'."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+def load_fixed_g(path, cfg) -> torch.Tensor:
+    """G_LM [L, h, dk, dk] for a model of `cfg`, from a G-cache artifact or the authors' G_LM pickle.
+
+    The artifact's fingerprint is not checked: a fixed G is given on purpose (a v510G model)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such G-cache artifact or G_LM pickle")
+    if is_safetensors(path):
+        g = load_artifact(path).g_lm
+    else:
+        from ..convert.safe_pickle import load_g_lm_pickle
+        g = torch.stack(load_g_lm_pickle(path, cfg.num_layers, cfg.num_heads, cfg.head_dim))
+    want = (cfg.num_layers, cfg.num_heads, cfg.head_dim, cfg.head_dim)
+    if tuple(g.shape) != want:
+        raise CheckpointError(f"{path}: G_LM has shape {list(g.shape)}, the model needs {list(want)} "
+                              f"(does the --preset / --config match the model the G was made for?)")
+    return g
 
 
 def parameter_bytes(model: torch.nn.Module) -> int:

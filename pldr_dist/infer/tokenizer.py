@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..data.tokenizer import Tokenizer
+from ..data.tokenizer import Tokenizer, TokenizerError
 
 
 class PromptTokenizer:
@@ -28,5 +28,5 @@ class PromptTokenizer:
 
 def load_tokenizer(path) -> PromptTokenizer:
     if path is None or not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: no tokenizer.model; pass --tokenizer FILE.model or give --token-ids prompts")
+        raise TokenizerError(f"{path}: no tokenizer.model; pass --tokenizer FILE.model or give --token-ids prompts")
     return PromptTokenizer(path)

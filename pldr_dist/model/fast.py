@@ -22,6 +22,8 @@
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -70,13 +72,24 @@ class PaddedSwiGLU(SwiGLU):
         return F.linear(F.silu(gate) * up, F.pad(self.w3.weight, (0, pad)), self.w3.bias)
 
 
+@functools.lru_cache(maxsize=None)
+def _fused_class(cls: type) -> type:
+    """cls with FusedMetricLearner's GLUs, keeping whatever cls adds to MetricLearner (the
+    tensor-parallel gradient sharing of parallel/layers.py wraps forward)."""
+    if issubclass(cls, FusedMetricLearner):
+        return cls
+    if cls is MetricLearner:
+        return FusedMetricLearner
+    return type(f"Fused{cls.__name__}", (cls, FusedMetricLearner), {})
+
+
 def fuse_metric_glus(model: PLDRModel, kernel: bool = True) -> int:
     """Switch every metric learner to the fused GLUs in place; returns how many GLUs.
     kernel=False keeps the Triton kernel off (the compiled PyTorch GLU; for comparisons)."""
     count = 0
     for module in model.modules():
         if isinstance(module, MetricLearner):
-            module.__class__ = FusedMetricLearner
+            module.__class__ = _fused_class(module.__class__)
             module.use_kernel = kernel
             R, n = module.shape
             count += R * n

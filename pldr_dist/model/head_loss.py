@@ -126,9 +126,15 @@ class _HeadLoss(torch.autograd.Function):
                 dwb[:, d].to(b_dtype).contiguous(), None, None)
 
 
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
+    """Mean next-token cross-entropy over non-pad targets (targets equal to pad are excluded)."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=pad_id)
+
+
 def head_loss(h: torch.Tensor, head: nn.Linear, targets: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
     """lm_loss(head(h), targets, pad_id) for final hidden states h [B, S, d]."""
     if available(h):
         return _HeadLoss.apply(h, head.weight, head.bias, targets, pad_id)
-    from .model import lm_loss   # model imports this module
     return lm_loss(F.linear(h, head.weight, head.bias), targets, pad_id)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .config import PLDRConfig
-from .head_loss import head_loss
+from .head_loss import head_loss, lm_loss  # noqa: F401  (lm_loss: re-exported)
 from .interchange import to_interchange
 from .layers import SwiGLU, apply_rotary
 from .plga import MASK_VALUE, PLGA, LayerCache, MetricLearner
@@ -198,13 +198,6 @@ def _rotated_queries(attn: PLGA, x: torch.Tensor):
     B, S, _ = x.shape
     q = attn.wq(x).view(B, S, -1, attn.cfg.head_dim).transpose(1, 2)
     return q, apply_rotary(q, 0, attn.cfg.rope_base, attn.cfg.rope_style)
-
-
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
-    """Mean next-token cross-entropy over non-pad targets (targets equal to pad are excluded)."""
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    return nn.functional.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=pad_id)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -14,6 +14,7 @@ from deepspeed.pipe import PipelineModule
 from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 from torch import nn
 
+from ..errors import PLDRError
 from .contiguous_grads import use_contiguous_grads
 from .pipeline import model_parameter_name
 from .tensor_parallel import tp_partition_dim
@@ -21,7 +22,7 @@ from .tensor_parallel import tp_partition_dim
 PRECISIONS = ("fp32", "bf16")
 
 
-class UnsupportedLayout(ValueError):
+class UnsupportedLayout(PLDRError, ValueError):
     """A parallel/ZeRO/precision combination this project does not run."""
 
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 import torch.distributed as dist
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
+from ..errors import PLDRError
 
-class LayoutError(ValueError):
+
+class LayoutError(PLDRError, ValueError):
     """An impossible parallel layout for this job (raised before any group is built)."""
 
 

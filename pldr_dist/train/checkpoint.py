@@ -26,7 +26,6 @@ import torch
 import torch.distributed as dist
 
 from ..convert.consolidated import CheckpointError
-
 from ..data.manifest import sha256_file
 
 MARKER = "COMPLETE.json"
@@ -172,9 +171,9 @@ class CheckpointManager:
             return load_portable(engine, grid, os.path.join(self.dir, tag))
         path = os.path.join(self.dir, tag, f"rank_{self.rank:05d}.pt")
         if not os.path.isfile(path):
-            raise RuntimeError(f"{path} is missing: checkpoint {tag} was written by a different number of "
-                               f"processes; convert it with `pldr-reshard {os.path.join(self.dir, tag)} NEW_RUN_DIR` "
-                               f"or launch the same layout")
+            raise CheckpointError(f"{path} is missing: checkpoint {tag} was written by a different number of "
+                                  f"processes; convert it with `pldr-reshard {os.path.join(self.dir, tag)} NEW_RUN_DIR` "
+                                  f"or launch the same layout")
         extra = torch.load(path, weights_only=False)
         if extra.pop("parameters", None) != PARAMETER_LAYOUT and _has_metric_learner(engine.module):
             # its optimizer partitions hold ~690 per-GLU tensors in an order this model no longer has
@@ -183,6 +182,7 @@ class CheckpointManager:
                                   f"NEW_RUN_DIR` and resume from NEW_RUN_DIR (same weights, moments and data position)")
         load_path, _ = engine.load_checkpoint(self.dir, tag=tag)
         if load_path is None:
-            raise RuntimeError(f"DeepSpeed could not load checkpoint {os.path.join(self.dir, tag)}")
+            raise CheckpointError(f"DeepSpeed could not load checkpoint {os.path.join(self.dir, tag)}; resume from an "
+                                  f"older step_* tag (remove this one) or start a new run_dir")
         set_rng_state(extra.pop("rng"))
         return extra

@@ -14,10 +14,11 @@ from typing import Any, Optional
 
 import yaml
 
+from ..errors import PLDRError
 from ..model import PLDRConfig, PRESETS
 
 
-class ConfigError(ValueError):
+class ConfigError(PLDRError, ValueError):
     pass
 
 
@@ -89,7 +90,7 @@ class CheckpointSection:
 class LogSection:
     every: int = 10
     tensorboard: bool = True
-    g_stats_every: int = 50
+    g_stats_every: int = 50   # steps between G_LM statistics (0 = never)
     peak_tflops: float = 0.0  # per device; 0 = auto (989 on CUDA, none on CPU)
     profile_steps: list = field(default_factory=list)   # [first, last]: torch.profiler over these steps (rank 0)
 
@@ -204,12 +205,28 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
         raise ConfigError(f"{src}: model.preset={cfg.model.preset!r} is unknown (choose one of {', '.join(PRESETS)})")
     mcfg = cfg.model_config()
     p, t, o = cfg.parallel, cfg.train, cfg.optim
+    # Every integer knob: a count or period that must be >= 1, or one where 0 means "off".
     positive = {"parallel.tp": p.tp, "parallel.pp": p.pp, "train.steps": t.steps,
                 "train.micro_batch_size": t.micro_batch_size, "train.grad_accum_steps": t.grad_accum_steps,
+                "train.max_nonfinite_in_row": t.max_nonfinite_in_row, "eval.batches": cfg.eval.batches,
                 "checkpoint.keep": cfg.checkpoint.keep, "log.every": cfg.log.every}
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{src}: {key}={value} must be >= 1")
+    zero_means = {"eval.every": (cfg.eval.every, "no validation"),
+                  "checkpoint.every": (cfg.checkpoint.every, "a checkpoint only at the end"),
+                  "log.g_stats_every": (cfg.log.g_stats_every, "no G_LM statistics"),
+                  "parallel.activation_checkpoint_interval": (p.activation_checkpoint_interval, "none"),
+                  "data.num_workers": (cfg.data.num_workers, "read in the training process"),
+                  "optim.warmup_steps": (o.warmup_steps, "no warm-up")}
+    for key, (value, zero) in zero_means.items():
+        if value < 0:
+            raise ConfigError(f"{src}: {key}={value} must be >= 0 (0 = {zero})")
+    for key, value in (("data.seed", cfg.data.seed), ("train.seed", t.seed)):
+        if value < 0:
+            raise ConfigError(f"{src}: {key}={value} must be >= 0 (numpy's generators take no negative seed)")
+    if cfg.log.peak_tflops < 0:
+        raise ConfigError(f"{src}: log.peak_tflops={cfg.log.peak_tflops} must be >= 0 (0 = auto)")
     if p.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"{src}: parallel.zero_stage={p.zero_stage} must be 0, 1, 2 or 3")
     if p.pp > 1 and p.zero_stage > 1:
@@ -238,8 +255,8 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
         raise ConfigError(f"{src}: train.precision={t.precision!r} must be auto, fp32 or bf16")
     if o.clip not in ("value", "norm", "none"):
         raise ConfigError(f"{src}: optim.clip={o.clip!r} must be value, norm or none")
-    if not 0 <= o.min_lr_ratio <= 1 or o.lr <= 0 or o.warmup_steps < 0:
-        raise ConfigError(f"{src}: optim.lr must be > 0, optim.warmup_steps >= 0, optim.min_lr_ratio in [0, 1]")
+    if not 0 <= o.min_lr_ratio <= 1 or o.lr <= 0:
+        raise ConfigError(f"{src}: optim.lr must be > 0 and optim.min_lr_ratio in [0, 1]")
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
         raise ConfigError(f"{src}: optim.betas={list(o.betas)} must be two numbers in [0, 1)")
     if cfg.data.on_corrupt not in ("error", "skip"):

@@ -131,11 +131,14 @@ class StepProfiler:
         key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
         averages = self.prof.key_averages()
         path = os.path.join(self.run_dir, "profile.txt")
-        with open(path, "w") as f:
+        with open(path + ".tmp", "w") as f:      # temporary names, renamed: never half a report
             f.write(f"# steps {self.first}-{self.last}, sorted by {key}\n{averages.table(sort_by=key, row_limit=30)}\n")
             if key != "self_cpu_time_total":
                 f.write(f"\n# the same steps, sorted by cpu_time_total (host time, children included)\n"
                         f"{averages.table(sort_by='cpu_time_total', row_limit=40)}\n")
-        self.prof.export_chrome_trace(os.path.join(self.run_dir, "profile_trace.json"))
+        os.replace(path + ".tmp", path)
+        trace = os.path.join(self.run_dir, "profile_trace.json")
+        self.prof.export_chrome_trace(trace + ".tmp.json")
+        os.replace(trace + ".tmp.json", trace)
         self.log(f"profile of steps {self.first}-{self.last} written to {path}")
         self.prof = None

@@ -6,12 +6,22 @@ import json
 import os
 import sys
 
+from ..errors import InputError, cli_main
+
 
 def read_metrics(path: str) -> list[dict]:
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found (a run writes run_dir/metrics.jsonl)")
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        raise InputError(f"{path} not found (a run writes run_dir/metrics.jsonl)")
+    rows = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{n}: not a JSON line ({e.msg}); is this a run's metrics.jsonl?") from None
+    return rows
 
 
 def plot(paths: list[str], out: str, labels: list[str] | None = None) -> None:
@@ -42,17 +52,16 @@ def plot(paths: list[str], out: str, labels: list[str] | None = None) -> None:
     os.replace(tmp, out)
 
 
+@cli_main("pldr-plot-metrics")
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="pldr-plot-metrics", description=__doc__)
     p.add_argument("metrics", nargs="+", help="metrics.jsonl files (several are overlaid)")
     p.add_argument("--out", required=True, help="PNG to write")
     p.add_argument("--labels", nargs="*", help="one label per metrics file")
     args = p.parse_args(argv)
-    try:
-        plot(args.metrics, args.out, args.labels)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"pldr-plot-metrics: error: {e}", file=sys.stderr)
-        return 2
+    if args.labels and len(args.labels) != len(args.metrics):
+        raise InputError(f"--labels gives {len(args.labels)} labels for {len(args.metrics)} metrics files")
+    plot(args.metrics, args.out, args.labels)
     print(f"wrote {args.out}")
     return 0
 

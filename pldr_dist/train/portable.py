@@ -17,6 +17,7 @@ from deepspeed.pipe import PipelineModule
 from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 from safetensors.torch import load_file
 
+from ..convert.consolidated import CheckpointError
 from ..model.interchange import from_interchange
 from ..parallel.pipeline import model_parameter_name
 from ..parallel.tensor_parallel import shard_full_state_dict
@@ -53,8 +54,8 @@ def load_portable(engine, grid, tag_dir: str) -> dict:
         full = {}
         for n in names:
             if f"{prefix}.{n}" not in tensors:
-                raise RuntimeError(f"{tag_dir}/portable.safetensors has no {prefix}.{n}: it was written for another "
-                                   f"model (compare its run_config.json with this run's model settings)")
+                raise CheckpointError(f"{tag_dir}/portable.safetensors has no {prefix}.{n}: it was written for another "
+                                      f"model (compare its run_config.json with this run's model settings)")
             full[n] = tensors[f"{prefix}.{n}"]
         return shard_full_state_dict(full, tp_rank, tp)
 
@@ -65,8 +66,8 @@ def load_portable(engine, grid, tag_dir: str) -> dict:
             b.copy_(local("buffer", [n])[n])
         for n, p in params.items():
             if tuple(p.shape) != tuple(weights[n].shape):
-                raise RuntimeError(f"{tag_dir}: {n} has shape {tuple(weights[n].shape)} for this layout's slice, the "
-                                   f"model holds {tuple(p.shape)} (the run's model config differs from the checkpoint's)")
+                raise CheckpointError(f"{tag_dir}: {n} has shape {tuple(weights[n].shape)} for this layout's slice, the "
+                                      f"model holds {tuple(p.shape)} (the run's model config differs from the checkpoint's)")
             p.copy_(weights[n])
     _load_optimizer(engine, params, weights, moments, float(meta["optimizer_step"]))
     return {k: meta[k] for k in ("step", "tokens", "nonfinite_total", "nonfinite_in_row", "loader")}
@@ -76,16 +77,16 @@ def _load_optimizer(engine, params: dict, weights: dict, moments: dict, step: fl
     zero = engine.zero_optimization_stage()
     optimizer = engine.optimizer
     if zero == 0 and engine.bfloat16_enabled():
-        raise RuntimeError("a portable checkpoint loads under ZeRO-0 in fp32, or ZeRO 1/2 in fp32 or bf16; this run is "
-                           "bf16 with parallel.zero_stage=0 (use zero_stage=1: same memory for parameters)")
+        raise CheckpointError("a portable checkpoint loads under ZeRO-0 in fp32, or ZeRO 1/2 in fp32 or bf16; this run is "
+                              "bf16 with parallel.zero_stage=0 (use zero_stage=1: same memory for parameters)")
     if zero == 0:
         base = getattr(optimizer, "optimizer", optimizer)
         for n, p in params.items():      # the optimizer holds the module's own parameters
             base.state[p] = {"step": torch.tensor(step), **{k: moments[k][n].to(p.device).clone() for k in MOMENTS}}
         return
     if zero not in (1, 2):
-        raise RuntimeError(f"a portable checkpoint loads under ZeRO 0, 1 or 2; this run uses ZeRO-{zero} "
-                           f"(resume with parallel.zero_stage=1, then change stage with a normal restart)")
+        raise CheckpointError(f"a portable checkpoint loads under ZeRO 0, 1 or 2; this run uses ZeRO-{zero} "
+                              f"(resume with parallel.zero_stage=1, then change stage with a normal restart)")
     base = optimizer.optimizer
     # ZeRO 1/2's optimizer and DeepSpeed's BF16_Optimizer (bf16 ZeRO-1) name their partitions differently
     partitions = getattr(optimizer, "single_partition_of_fp32_groups", None) or optimizer.fp32_groups_flat_partition

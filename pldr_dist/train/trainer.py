@@ -19,13 +19,19 @@ import torch.distributed as dist
 from torch.profiler import record_function
 
 from ..data.loader import BatchesAhead
+from ..errors import PLDRError, cli_main
 from ..model.flops import flops_per_token
 from .checkpoint import CheckpointManager
-from .config import ConfigError, RunConfig, load_config, validate
+from .config import RunConfig, load_config, validate
 from .metrics import GStats, MetricsLog, StepProfiler, peak_memory_mib
 from .schedule import lr_at
 
 EXIT_NONFINITE = 3
+
+
+def due(step: int, every: int) -> bool:
+    """Whether a periodic action (every N steps; 0 = off) falls on `step`."""
+    return every > 0 and step % every == 0
 
 
 class StopTraining(Exception):
@@ -65,6 +71,31 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+REPORT_GRACE_S = 10.0   # how long a rank > 0 leaves rank 0 to report an error first
+
+
+def let_rank0_report(rank: int) -> None:
+    """Before a rank reports a PLDRError (one line, exit 2: pldr_dist/errors.py).
+
+    Most errors strike every rank alike (all parse one config, all read every shard), and the job
+    should print one line, not one per rank: rank 0 reports at once, and its exit makes the
+    launcher (torchrun) end the other ranks. A rank > 0 waits a little first, with SIGTERM's
+    default action back (the trainer's handler only sets a flag), so it reports only an error
+    that rank 0 does not have."""
+    if rank > 0:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        time.sleep(REPORT_GRACE_S)
+
+
+def _rank_before_init() -> int:
+    from ..distributed import LaunchError, discover
+    try:
+        return discover().rank
+    except LaunchError:
+        return 0
+
+
+@cli_main("pldr-train")
 def main(argv=None) -> int:
     args = parse_args(argv)
     from ..distributed import PREEMPTED_EXIT_CODE, discover, init_distributed
@@ -74,20 +105,25 @@ def main(argv=None) -> int:
         validate(cfg, world_size=env.world_size)
         from .build import check_data
         check_data(cfg)
-    except (ConfigError, ValueError, RuntimeError, FileNotFoundError) as e:
-        print(f"pldr-train: error: {e}", file=sys.stderr)
-        return 2
+    except PLDRError:
+        let_rank0_report(_rank_before_init())
+        raise
     env = init_distributed()
-    code = 0
+    code, agreed = 0, True
     try:
         Trainer(cfg).run()
     except StopTraining as e:
         if dist.get_rank() == 0:
             print(f"pldr-train: {e}", file=sys.stderr if e.code != PREEMPTED_EXIT_CODE else sys.stdout, flush=True)
         code = e.code
+    except PLDRError:
+        agreed = False      # no barrier: another rank may never reach it
+        let_rank0_report(env.rank)
+        raise
     finally:
-        dist.barrier()
-        dist.destroy_process_group()
+        if agreed:
+            dist.barrier()
+            dist.destroy_process_group()
     return code
 
 
@@ -100,7 +136,8 @@ class Trainer:
         self.ckpt = CheckpointManager(cfg.run_dir, cfg.checkpoint.keep, self.rank, dist.get_world_size(),
                                       log=self.log)
         self.metrics = MetricsLog(cfg.run_dir, self.rank == 0, cfg.log.tensorboard, cfg.train.steps)
-        self.gstats = GStats(self.job.module, self.job.mcfg.num_layers) if self.job.mcfg.learned_g else None
+        self.gstats = (GStats(self.job.module, self.job.mcfg.num_layers)
+                       if self.job.mcfg.learned_g and cfg.log.g_stats_every else None)
         self.step = 0
         self.tokens = 0
         # lazy: the loader starts reading at the first batch, after resume() set its position
@@ -156,7 +193,7 @@ class Trainer:
             t0 = time.time()
             lr = lr_at(self.step, cfg.optim.lr, cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio)
             run.set_lr(lr)
-            want_g = self.gstats is not None and (self.step + 1) % cfg.log.g_stats_every == 0
+            want_g = self.gstats is not None and due(self.step + 1, cfg.log.g_stats_every)
             if want_g:
                 self.gstats.active = True
             inject = (self.step + 1) in cfg.train.inject_nonfinite_at
@@ -196,7 +233,7 @@ class Trainer:
                 self.metrics.write(self.step, values, console)
             else:
                 self.metrics.eta(self.step, dt)
-            evaluated = bool(cfg.eval.every) and self.step % cfg.eval.every == 0
+            evaluated = due(self.step, cfg.eval.every)
             if evaluated:
                 self.validate()
             self.fault_injection()
@@ -207,7 +244,7 @@ class Trainer:
                 raise StopTraining(f"received signal {self.signals.raised or 'on another rank'}: checkpointed at "
                                    f"step {self.step}, exiting with {PREEMPTED_EXIT_CODE} for requeue",
                                    PREEMPTED_EXIT_CODE)
-            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+            if due(self.step, cfg.checkpoint.every):
                 self.save()
                 last_saved = self.step
             if evaluated or last_saved == self.step:
