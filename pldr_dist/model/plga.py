@@ -137,9 +137,13 @@ class LayerCache:
 
 
 def dag_penalty(x: torch.Tensor) -> torch.Tensor:
-    """D(X) = |log(tr(expm(X * X)) / dk)|, mean over batch and heads (spec §5)."""
-    tr = torch.linalg.matrix_exp(x * x).diagonal(dim1=-2, dim2=-1).sum(-1)
-    return torch.log(tr / x.shape[-1]).abs().mean()
+    """D(X) = |log(tr(expm(X * X)) / dk)|, mean over batch and heads (spec §5).
+
+    Computed in at least fp32: torch's CPU matrix_exp is wrong in bf16 (expm(0) came back with
+    -1.3e30 on its diagonal), which made a bf16 v510_dag run's loss NaN."""
+    work = x.to(torch.promote_types(x.dtype, torch.float32))
+    tr = torch.linalg.matrix_exp(work * work).diagonal(dim1=-2, dim2=-1).sum(-1)
+    return torch.log(tr / x.shape[-1]).abs().mean().to(x.dtype)
 
 
 class PLGA(nn.Module):
