@@ -183,10 +183,14 @@ def test_demo_and_bench(tmp_path, capsys):
 
     one_line_error(capsys, demo, ["--corpus", str(tmp_path / "missing.txt"), "--work", str(tmp_path / "w")],
                    "pldr-demo", "missing.txt")
-    capsys.readouterr()
-    assert bench(["plot", str(tmp_path / "missing.json"), "--out", str(tmp_path / "b.png")]) == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("pldr-bench: error: ") and "missing.json" in lines[0]
+    one_line_error(capsys, bench, ["plot", str(tmp_path / "missing.json"), "--out", str(tmp_path / "b.png")],
+                   "pldr-bench", "missing.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    one_line_error(capsys, bench, ["plot", str(tmp_path / "bad.json"), "--out", str(tmp_path / "b.png")],
+                   "pldr-bench", "bad.json: not valid JSON")
+    one_line_error(capsys, bench, ["trainer", "--variant", ":x", "--work", str(tmp_path / "bw")],
+                   "pldr-bench", "--variant ':x'")
+    nothing_written(tmp_path / "bw")
     nothing_written(tmp_path / "b.png")
 
 

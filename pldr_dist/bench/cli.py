@@ -15,17 +15,8 @@ def main(argv=None) -> int:
     trainer.add_parser(sub)
     plot.add_parser(sub)
     a = p.parse_args(argv)
-    try:
-        results = a.func(a)
-    except (ValueError, FileNotFoundError, subprocess_error()) as e:
-        print(f"pldr-bench: error: {e}", file=sys.stderr)
-        return 2
+    results = a.func(a)
     return 0 if all(r.exit_code == 0 for r in results) else 1
-
-
-def subprocess_error():
-    import subprocess
-    return subprocess.CalledProcessError
 
 
 if __name__ == "__main__":

@@ -8,13 +8,26 @@ from __future__ import annotations
 import json
 import os
 
+from ..errors import InputError
+
+
+def _read_results(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read it ({e.strerror or e}); pass a .json written by "
+                         f"`pldr-bench trainer --out`") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: not valid JSON ({e}); pass a .json written by `pldr-bench trainer --out`") from None
+
 
 def plot_trainer(paths: list, out: str, title: str = "") -> str:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    docs = [json.load(open(p)) for p in paths]
+    docs = [_read_results(p) for p in paths]
     fig, axes = plt.subplots(1, len(docs), figsize=(5.2 * len(docs), 3.8), squeeze=False)
     for ax, doc, path in zip(axes[0], docs, paths):
         results = doc["results"]

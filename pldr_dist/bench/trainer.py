@@ -22,6 +22,8 @@ import tarfile
 import time
 from dataclasses import asdict, dataclass, field
 
+from ..errors import InputError
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CORPUS = os.path.join(ROOT, "data", "tinyshakespeare.txt")
 TOKENIZER = os.path.join(ROOT, "data", "reference", "refinedweb-tokenizer-pldrllm-paper.model")
@@ -46,7 +48,7 @@ def parse_variant(text: str) -> tuple[str, list]:
     """'z2:parallel.zero_stage=2 log.profile_steps=[20,21]' -> ('z2', [...]); 'name:' has no overrides."""
     name, _, sets = text.partition(":")
     if not name:
-        raise ValueError(f"variant {text!r}: give NAME:key=value[ key=value...]")
+        raise InputError(f"--variant {text!r}: give NAME:key=value[ key=value...]")
     return name, sets.split()
 
 
@@ -124,9 +126,9 @@ def table(results: list, device: str, a) -> str:
 
 
 def run(a, log=print) -> list:
+    variants = [parse_variant(v) for v in (a.variant or ["default:"])]   # bad input refused before any work
     os.makedirs(a.work, exist_ok=True)
     manifest, tokenizer = prepare_shards(a.work, a.seq_len, a.smoke, log)
-    variants = [parse_variant(v) for v in (a.variant or ["default:"])]
     packages = [ROOT] + ([os.path.abspath(a.baseline)] if a.baseline else [])
     device = "CPU"
     try:

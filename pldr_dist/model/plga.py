@@ -55,7 +55,7 @@ class MetricLearner(nn.Module):
 
     def glu_weights(self, r: int, j: int) -> tuple:
         """(U1, c1, U2, c2, U3, c3) of GLU j of unit r (views of the stacked tensors)."""
-        return tuple(getattr(self, f"{role}_{p}")[r, j] for role in ("u1", "u2", "u3") for p in ("weight", "bias"))
+        return tuple(getattr(self, f"{role}_{p}")[r, j] for role in GLU_ROLES for p in ("weight", "bias"))
 
     def glu(self, y: torch.Tensor, r: int, j: int) -> torch.Tensor:
         return glu(y, *self.glu_weights(r, j))
