@@ -21,6 +21,7 @@ setup(
         "pyyaml",
         "matplotlib",
         "zstandard",
+        "torchao>=0.16",     # train.precision=fp8 (model/fp8.py)
     ],
     extras_require={"test": ["pytest", "lm-eval>=0.4,<0.5", "triton>=3.5"], "eval": ["lm-eval>=0.4,<0.5"]},
     entry_points={

@@ -36,7 +36,7 @@ BAD = [
     ("zero3 with pipeline", lambda c: c.update(parallel={"pp": 2, "zero_stage": 3}), "not supported by DeepSpeed's pipeline engine"),
     ("bad zero stage", lambda c: c.update(parallel={"zero_stage": 4}), "parallel.zero_stage=4 must be 0, 1, 2 or 3"),
     ("sp without tp", lambda c: c.update(parallel={"sequence_parallel": True}), "sequence_parallel needs parallel.tp > 1"),
-    ("bad precision", lambda c: c["train"].update(precision="fp8"), "train.precision='fp8' must be auto, fp32 or bf16"),
+    ("bad precision", lambda c: c["train"].update(precision="fp16"), "train.precision='fp16' must be auto, fp32, bf16 or fp8"),
     ("bad clip", lambda c: c.update(optim={"clip": "sometimes"}), "optim.clip='sometimes' must be value, norm or none"),
     ("zero steps", lambda c: c["train"].update(steps=0), "train.steps=0 must be >= 1"),
     ("missing shards", lambda c: c["data"].update(shards="/nonexistent/manifest.json"), "does not exist (run pldr-make-shards first)"),

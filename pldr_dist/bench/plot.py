@@ -31,6 +31,9 @@ def plot_trainer(paths: list, out: str, title: str = "") -> str:
     fig, axes = plt.subplots(1, len(docs), figsize=(5.2 * len(docs), 3.8), squeeze=False)
     for ax, doc, path in zip(axes[0], docs, paths):
         results = doc["results"]
+        if len({r.get("seq_len") for r in results}) > 1:
+            _sweep_panel(ax, doc)
+            continue
         variants = list(dict.fromkeys(r["variant"] for r in results))
         packages = list(dict.fromkeys(r["package"] for r in results))
         width = 0.8 / len(packages)
@@ -50,7 +53,8 @@ def plot_trainer(paths: list, out: str, title: str = "") -> str:
         ax.set_ylim(0, 1.25)
         ax.set_ylabel("tokens/s relative to the first variant")
         a = doc["args"]
-        ax.set_title(f"{a['config']}, micro-batch {a['micro_batch']}, {a['nproc']} proc\n{doc['device']}", fontsize=9)
+        ax.set_title(f"{a['config']}, micro-batch {results[0].get('micro_batch') or a['micro_batch']}, "
+                     f"{a['nproc']} proc\n{doc['device']}", fontsize=9)
         ax.legend(fontsize=7, loc="upper right")
     if title:
         fig.suptitle(title, fontsize=10)
@@ -58,6 +62,30 @@ def plot_trainer(paths: list, out: str, title: str = "") -> str:
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     fig.savefig(out, dpi=120)
     return out
+
+
+def _sweep_panel(ax, doc) -> None:
+    """A sequence-length sweep: tokens/s against length, one line per variant (failed runs,
+    e.g. out of memory, as crosses on the axis)."""
+    lines = {}
+    for r in doc["results"]:
+        lines.setdefault((r["variant"].split("@")[0], r["package"]), []).append(r)
+    for (variant, pkg), runs in lines.items():
+        ok = [r for r in runs if r["exit_code"] == 0]
+        label = variant if pkg == "this" else f"{variant} ({pkg})"
+        line, = ax.plot([r["seq_len"] for r in ok], [r["tokens_per_s"] / 1e3 for r in ok], "o-", label=label)
+        for r in ok:
+            ax.annotate(f"{r['memory_mib'] / 1024:.0f}G", (r["seq_len"], r["tokens_per_s"] / 1e3), fontsize=6,
+                        textcoords="offset points", xytext=(0, 4), ha="center")
+        failed = [r["seq_len"] for r in runs if r["exit_code"] != 0]
+        ax.plot(failed, [0] * len(failed), "x", color=line.get_color(), ms=8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sequence length (crosses: did not run, e.g. out of memory; labels: peak memory)")
+    ax.set_ylabel("tokens/s (thousands)")
+    ax.set_ylim(bottom=0)
+    a = doc["args"]
+    ax.set_title(f"{a['config']}, {a['nproc']} proc\n{doc['device']}", fontsize=9)
+    ax.legend(fontsize=7)
 
 
 def add_parser(sub) -> None:

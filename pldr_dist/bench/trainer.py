@@ -8,7 +8,9 @@ also runs from an older copy of the package (`git archive <commit> pldr_dist con
 -C DIR`), alternating with this one, so before and after come from the same machine.
 
 Reported per run: the median tokens/s, MFU, step time of the logged steps in the window,
-peak memory, the last loss, and tokens/s relative to the first variant of the same package.
+peak memory, the last loss, tokens/s relative to the first variant of the same package, and the
+longest stall of the step loop for a checkpoint (`checkpoint_stall_s`; runs save none unless a
+variant sets checkpoint.every).
 """
 from __future__ import annotations
 
@@ -42,6 +44,9 @@ class Result:
     losses: list = field(default_factory=list)
     fast_path: str = ""
     relative: float = 0.0
+    seq_len: int = 0
+    micro_batch: int = 0
+    checkpoint_stall_s: float = 0.0   # the longest, over the run's checkpoints
 
 
 def parse_variant(text: str) -> tuple[str, list]:
@@ -71,16 +76,27 @@ def prepare_shards(work: str, seq_len: int, smoke: bool, log) -> tuple[str, str]
     return manifest, TOKENIZER
 
 
-def run_variant(a, name: str, sets: list, package: str, manifest: str, tokenizer: str, log) -> Result:
+def int_list(text: str) -> list:
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise InputError(f"{text!r}: give one integer or a comma-separated list (1024,4096)") from None
+    if not values or min(values) < 1:
+        raise InputError(f"{text!r}: lengths must be positive")
+    return values
+
+
+def run_variant(a, name: str, sets: list, package: str, manifest: str, tokenizer: str, log,
+                seq_len: int, micro_batch: int) -> Result:
     label = "this" if package == ROOT else os.path.basename(os.path.normpath(package))
     run_dir = os.path.join(a.work, f"{name}__{label}")
     shutil.rmtree(run_dir, ignore_errors=True)
     overrides = [f"run_dir={run_dir}", f"data.shards={manifest}", f"checkpoint.tokenizer={tokenizer}",
-                 f"train.steps={a.steps}", f"train.micro_batch_size={a.micro_batch}", "log.every=1",
+                 f"train.steps={a.steps}", f"train.micro_batch_size={micro_batch}", "log.every=1",
                  "eval.every=0", "checkpoint.every=0", "checkpoint.at_end=false", "optim.warmup_steps=5", f"data.num_workers={a.workers}",
                  f"train.compile={'false' if a.smoke else 'true'}", *a.set, *sets]
-    if a.smoke:
-        overrides.append(f"model.overrides.context_length={a.seq_len}")
+    if a.smoke or seq_len > 1024:       # the presets' context is 1024: longer sequences widen it
+        overrides.insert(0, f"model.overrides.context_length={seq_len}")
     launcher = [sys.executable, "-m", "pldr_dist.train"] if a.nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={a.nproc}", "-m", "pldr_dist.train"]
     cmd = launcher + ["--config", os.path.join(package, "configs", f"{a.config}.yaml")]
@@ -92,7 +108,7 @@ def run_variant(a, name: str, sets: list, package: str, manifest: str, tokenizer
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "stdout.log"), "w") as out:
         code = subprocess.run(cmd, cwd=package, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
-    result = Result(name, label, code)
+    result = Result(name, label, code, seq_len=seq_len, micro_batch=micro_batch)
     rows = []
     metrics = os.path.join(run_dir, "metrics.jsonl")
     if os.path.isfile(metrics):
@@ -102,6 +118,7 @@ def run_variant(a, name: str, sets: list, package: str, manifest: str, tokenizer
         med = lambda k: statistics.median(r.get(k, 0.0) or 0.0 for r in steady)  # noqa: E731
         result.tokens_per_s, result.mfu, result.step_ms = med("tokens_per_s"), med("mfu"), 1000 * med("step_time_s")
         result.memory_mib = max(r.get("memory_mib", 0) for r in steady)
+    result.checkpoint_stall_s = max((r["checkpoint_stall_s"] for r in rows if "checkpoint_stall_s" in r), default=0.0)
     losses = [r["loss"] for r in rows if "loss" in r]
     result.losses, result.last_loss = losses, losses[-1] if losses else float("nan")
     log_text = open(os.path.join(run_dir, "stdout.log")).read()
@@ -113,14 +130,14 @@ def run_variant(a, name: str, sets: list, package: str, manifest: str, tokenizer
 
 
 def table(results: list, device: str, a) -> str:
-    lines = [f"# {device}: pldr-train {a.config}, micro-batch {a.micro_batch}, {a.nproc} process(es), "
-             f"median of steps {a.window[0]}-{a.window[1]}",
-             f"{'variant':<14} {'package':<10} {'tokens/s':>10} {'vs first':>8} {'MFU':>6} {'step ms':>8} "
-             f"{'mem MiB':>8} {'last loss':>9}  fast path"]
+    lines = [f"# {device}: pldr-train {a.config}, {a.nproc} process(es), median of steps {a.window[0]}-{a.window[1]}",
+             f"{'variant':<14} {'package':<10} {'seq':>6} {'mb':>4} {'tokens/s':>10} {'vs first':>8} {'MFU':>6} "
+             f"{'step ms':>8} {'mem MiB':>8} {'last loss':>9} {'ckpt s':>6}  fast path"]
     for r in results:
         mfu = f"{100 * r.mfu:5.1f}%" if r.mfu else "    -"
-        lines.append(f"{r.variant:<14} {r.package:<10} {r.tokens_per_s:>10,.0f} {r.relative:>8.3f} {mfu:>6} "
-                     f"{r.step_ms:>8.1f} {r.memory_mib:>8.0f} {r.last_loss:>9.4f}  "
+        lines.append(f"{r.variant:<14} {r.package:<10} {r.seq_len:>6} {r.micro_batch:>4} {r.tokens_per_s:>10,.0f} "
+                     f"{r.relative:>8.3f} {mfu:>6} "
+                     f"{r.step_ms:>8.1f} {r.memory_mib:>8.0f} {r.last_loss:>9.4f} {r.checkpoint_stall_s:>6.2f}  "
                      + (r.fast_path if r.exit_code == 0 else f"FAILED (exit {r.exit_code})"))
     return "\n".join(lines)
 
@@ -128,7 +145,6 @@ def table(results: list, device: str, a) -> str:
 def run(a, log=print) -> list:
     variants = [parse_variant(v) for v in (a.variant or ["default:"])]   # bad input refused before any work
     os.makedirs(a.work, exist_ok=True)
-    manifest, tokenizer = prepare_shards(a.work, a.seq_len, a.smoke, log)
     packages = [ROOT] + ([os.path.abspath(a.baseline)] if a.baseline else [])
     device = "CPU"
     try:
@@ -138,10 +154,17 @@ def run(a, log=print) -> list:
     except ImportError:
         pass
     results = []
-    for name, sets in variants:
-        for pkg in packages:
-            results.append(run_variant(a, name, sets, pkg, manifest, tokenizer, log))
-            write(a, results, device)        # after every run: a time limit still leaves the finished ones
+    sweep = len(a.seq_len) > 1
+    for seq_len in a.seq_len:           # a sweep: every variant at each length, shards once per length
+        work = os.path.join(a.work, f"seq{seq_len}") if sweep else a.work
+        os.makedirs(work, exist_ok=True)
+        manifest, tokenizer = prepare_shards(work, seq_len, a.smoke, log)
+        micro_batch = max(1, a.micro_tokens // seq_len) if a.micro_tokens else a.micro_batch
+        for name, sets in variants:
+            for pkg in packages:
+                label = f"{name}@{seq_len}" if sweep else name
+                results.append(run_variant(a, label, sets, pkg, manifest, tokenizer, log, seq_len, micro_batch))
+                write(a, results, device)    # after every run: a time limit still leaves the finished ones
     log(table(results, device, a))
     return results
 
@@ -178,7 +201,10 @@ def add_parser(sub) -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--window", type=lambda s: tuple(int(x) for x in s.split(":")), default=(8, 30),
                    help="FIRST:LAST logged steps whose median is reported")
-    p.add_argument("--seq-len", type=int, default=1023)
+    p.add_argument("--seq-len", type=int_list, default=[1023],
+                   help="sequence length, or a comma-separated sweep (every variant at each length)")
+    p.add_argument("--micro-tokens", type=int, default=0,
+                   help="micro-batch = max(1, N // seq-len) at each length, instead of --micro-batch")
     p.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per run")
     p.add_argument("--workers", type=int, default=2, help="data-loader workers per process")
     p.add_argument("--baseline", help="a folder holding an older pldr_dist and configs/ to run each variant with too")

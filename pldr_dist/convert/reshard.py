@@ -112,6 +112,7 @@ def read_training_state(ckpt_dir: str, tag: str, log=lambda *_: None) -> dict:
         raise CheckpointError(f"{tag_dir} is already portable: any layout resumes from it (no resharding needed)")
     run, cfg = read_run_config(tag_dir)
     tp, pp, zero = run["parallel"]["tp"], run["parallel"]["pp"], run["parallel"]["zero_stage"]
+    cp = run["parallel"].get("cp", 1)    # ZeRO partitions span dp x cp (parallel/grid.py)
     if zero not in (1, 2):
         raise CheckpointError(f"{tag_dir}: pldr-reshard reads ZeRO-1/2 checkpoints; this run used parallel.zero_stage="
                               f"{zero} (consolidate it with pldr-consolidate for the weights, or train with zero_stage 1)")
@@ -127,7 +128,8 @@ def read_training_state(ckpt_dir: str, tag: str, log=lambda *_: None) -> dict:
     shapes_any = {**{n: tuple(t.shape) for n, t in to_interchange(model_state).items()}, **shapes}
     weights, moments, steps = {}, {k: {} for k in MOMENTS}, set()
     for stage in range(pp):
-        log(f"reading pipeline stage {stage + 1}/{pp}: {tp} TP rank(s) x {len(per_mp[0])} DP optimizer file(s)")
+        log(f"reading pipeline stage {stage + 1}/{pp}: {tp} TP rank(s) x {len(per_mp[0])} DP{'xCP' if cp > 1 else ''} "
+            f"optimizer file(s)")
         parts = [_read_partitions(per_mp[stage * tp + r], pp, cfg.num_layers) for r in range(tp)]
         steps.update(p[2] for p in parts)
         local_shapes = [{n: _local_shape(shapes_any[n], n, r, tp) for n in parts[r][0]} for r in range(tp)]
@@ -152,7 +154,8 @@ def read_training_state(ckpt_dir: str, tag: str, log=lambda *_: None) -> dict:
     extra.pop("rng", None)
     return {"run_config": run, "weights": weights, "moments": moments, "buffers": buffers,
             "optimizer_step": steps.pop(), "extra": extra,
-            "source_layout": {"tp": tp, "pp": pp, "dp": len(per_mp[0]), "zero_stage": zero}}
+            "source_layout": {"tp": tp, "pp": pp, "dp": len(per_mp[0]) // cp, **({"cp": cp} if cp > 1 else {}),
+                              "zero_stage": zero}}
 
 
 def _local_shape(full: tuple, name: str, tp_rank: int, tp: int) -> tuple:

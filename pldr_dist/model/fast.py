@@ -27,7 +27,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from . import glu_kernel
+from . import glu_kernel, metric_kernel
 from .head_loss import compute_dtype
 from .layers import SwiGLU, rotary_cache
 from .model import PLDRModel
@@ -38,10 +38,25 @@ FFN_ALIGN = 64  # feed-forward hidden width padded to a multiple of this
 
 
 class FusedMetricLearner(MetricLearner):
-    """The metric learner with each GLU as one Triton kernel (bf16 on CUDA, `glu_kernel`),
-    else with U1 and U2 as one padded product; same parameters, same result."""
+    """The metric learner as one Triton op for the whole learner (`metric_kernel`: bf16 on
+    CUDA), or with each GLU as one Triton kernel (`glu_kernel`), else with U1 and U2 as one
+    padded product; same parameters, same result (to bf16 rounding).
+
+    use_kernel: the Triton kernels at all (False: the compiled PyTorch GLU, for comparisons).
+    use_fused_learner: the whole-learner op; None (default) = on CUDA where the kernels run,
+    True = also in Triton's CPU interpreter (tests), False = per-GLU kernels only."""
 
     use_kernel = True
+    use_fused_learner = None
+
+    def forward(self, a0: torch.Tensor) -> torch.Tensor:
+        fused = self.use_fused_learner
+        if (self.use_kernel and fused is not False and metric_kernel.available(a0) and (a0.is_cuda or fused)
+                and compute_dtype(self.u1_weight) == torch.bfloat16):
+            # LayerNorm(A0) and all R units in one op; A0 goes in as it is (the first step
+            # is an fp32 LayerNorm), A comes out fp32 as autocast's LayerNorm gives it.
+            return metric_kernel.metric_learner(a0, *metric_kernel.learner_params(self), eps=self.eps)
+        return super().forward(a0)
 
     def glu(self, y: torch.Tensor, r: int, j: int) -> torch.Tensor:
         w1, b1, w2, b2, w3, b3 = self.glu_weights(r, j)
@@ -115,7 +130,8 @@ def optimize_for_training(model: PLDRModel, compile: bool = True, packed: bool =
     device = next(model.parameters()).device
     for module in model.modules():
         # (under TP the FFN's parallel layers pad their own shards: parallel/tensor_parallel.py)
-        if isinstance(module, SwiGLU) and pad_ffn and isinstance(module.w1, torch.nn.Linear) \
+        # (an FP8 feed-forward, model/fp8.py, pads its own weights: only the plain class switches)
+        if type(module) is SwiGLU and pad_ffn and isinstance(module.w1, torch.nn.Linear) \
                 and module.w1.out_features % FFN_ALIGN:
             module.__class__ = PaddedSwiGLU
         if isinstance(module, PLGA) and rope_cache:

@@ -51,7 +51,8 @@ def apply_rotary(x: torch.Tensor, offset, base: float, style: str,
     """Rotate x [B, h, S, dk] at positions offset..offset+S-1.
 
     `offset` is an int, or a 0-d tensor on x's device (the graph-captured decoder keeps the
-    position on the GPU). "interleaved" rotates pairs (2i, 2i+1) together (GPT-J / torchtune
+    position on the GPU), or a 1-d tensor of S positions (context parallelism: a rank's tokens
+    are two chunks of the sequence). "interleaved" rotates pairs (2i, 2i+1) together (GPT-J / torchtune
     style, PLDR v51, the spec); "half" rotates (i, i + dk/2) together (GPT-NeoX style, the
     authors' v52 models). Written as x * C + swap(x) * S' (C = cos, S' = -sin / +sin per
     element): one element-wise expression whose backward is one too, where slicing out the
@@ -61,8 +62,12 @@ def apply_rotary(x: torch.Tensor, offset, base: float, style: str,
     """
     S, dk = x.shape[-2], x.shape[-1]
     work = torch.promote_types(x.dtype, torch.float32)
-    if (cache is not None and isinstance(offset, int) and cache.dtype == work
-            and offset + S <= cache.shape[0]):
+    table = cache is not None and cache.dtype == work
+    if isinstance(offset, torch.Tensor) and offset.dim() == 1:
+        positions = offset                   # explicit positions (a context-parallel slice)
+        c, s = cache[positions].unbind(-1) if table else _full_width(
+            *rotary_tables(positions, dk, base, x.dtype), style)
+    elif table and isinstance(offset, int) and offset + S <= cache.shape[0]:
         c, s = cache[offset:offset + S].unbind(-1)
     else:
         positions = torch.arange(S, device=x.device) + offset

@@ -9,7 +9,11 @@ Each is a pair (forward op, backward op) over the tensor-parallel group:
   allreduce_grads     identity      / all-reduce of the gradients of replicated parameters that
                                       each rank uses on its own heads or sequence slice (one
                                       coalesced all-reduce for a whole module)
-The sequence dimension is 1 (activations are [B, S, d]).
+and two for context parallelism (the group is then the context-parallel group):
+  sum_everywhere      all-reduce    / all-reduce     (a sum over the ranks' sequence slices that
+                                                      every rank then uses: PLGA's A0)
+  gather_along        all-gather    / reduce-scatter (any dimension: keys and values [B, h, S, dk])
+The sequence dimension of the tensor-parallel functions is 1 (activations are [B, S, d]).
 """
 from __future__ import annotations
 
@@ -146,6 +150,43 @@ class _AllReduceGrads(torch.autograd.Function):
         dist.all_reduce(flat, group=ctx.group)
         reduced = iter(_unflatten_dense_tensors(flat, present))
         return (None, *[next(reduced) if g.dim() > 0 else None for g in grads])
+
+
+class _SumEverywhere(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        x = x.contiguous().clone()
+        _count("all_reduce", x)
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        # Every rank used the sum, so each slice's gradient is the sum of every rank's.
+        grad = grad.contiguous().clone()
+        _count("all_reduce", grad)
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _GatherAlong(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group = dim, group
+        return _all_gather(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter(grad, ctx.dim, ctx.group), None, None
+
+
+def sum_everywhere(x, group):
+    return _SumEverywhere.apply(x, group)
+
+
+def gather_along(x, dim: int, group):
+    return _GatherAlong.apply(x, dim, group)
 
 
 def copy_to_tp(x, group):

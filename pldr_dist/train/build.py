@@ -22,8 +22,13 @@ def check_data(cfg: RunConfig) -> None:
     if manifest.seq_len > mcfg.context_length:
         raise ConfigError(f"{cfg.source}: shards in {cfg.data.shards} have seq_len={manifest.seq_len} but "
                           f"model.context_length={mcfg.context_length} (raise context_length or re-shard)")
-    tp = cfg.parallel.tp
-    if cfg.parallel.sequence_parallel and manifest.seq_len % tp:
+    tp, cp = cfg.parallel.tp, cfg.parallel.cp
+    if cp > 1 and manifest.seq_len % (2 * cp):
+        # Each context-parallel rank holds two of 2*cp equal chunks (parallel/context_parallel.py).
+        raise ConfigError(f"{cfg.source}: parallel.cp={cp} cuts each sequence into {2 * cp} equal chunks, but the "
+                          f"shards in {cfg.data.shards} have seq_len={manifest.seq_len} (re-shard with a --seq-len "
+                          f"divisible by {2 * cp}, e.g. {manifest.seq_len + (-manifest.seq_len % (2 * cp))})")
+    if cfg.parallel.sequence_parallel and (manifest.seq_len // cp) % tp:
         # The sequence is split evenly over the TP ranks between layers (as in Megatron); an
         # uneven split fails inside the collectives (gloo aborts, NCCL may hang).
         raise ConfigError(f"{cfg.source}: parallel.sequence_parallel splits the sequence over parallel.tp={tp} ranks, "
@@ -34,6 +39,15 @@ def check_data(cfg: RunConfig) -> None:
     if vocab > mcfg.vocab_size:
         raise ConfigError(f"{cfg.source}: the shards' tokenizer has {vocab} pieces but "
                           f"model.vocab_size={mcfg.vocab_size} (set model.overrides.vocab_size)")
+
+
+def check_fp8(cfg: RunConfig) -> None:
+    """train.precision=fp8 on a machine without FP8 tensor cores (or torchao): one line, at start-up."""
+    if cfg.train.precision == "fp8":
+        from ..model.fp8 import unavailable_reason
+        reason = unavailable_reason()
+        if reason:
+            raise ConfigError(f"{cfg.source}: {reason}")
 
 
 def precision_of(cfg: RunConfig) -> str:
@@ -117,9 +131,9 @@ class Run:
                     self.engine.step()
                 total += loss.detach().float()
             loss = total / self.engine.gradient_accumulation_steps()
-            if self.grid.dp > 1:
-                dist.all_reduce(loss, group=self.grid.dp_group)
-                loss = loss / self.grid.dp
+            if self.grid.replicas > 1:     # dp x cp: context-parallel ranks hold slices of the sequences
+                dist.all_reduce(loss, group=self.grid.replica_group)
+                loss = loss / self.grid.replicas
         return loss, self.skipped_steps() > skipped_before
 
     def skipped_steps(self) -> int:
@@ -139,8 +153,8 @@ class Run:
             losses.append(self.micro_batch_loss(*_to_device(next(loader), self.engine.device), penalty=False).float())
         self.engine.train()
         loss = torch.stack(losses).mean()
-        dist.all_reduce(loss, group=self.grid.dp_group)
-        return float(loss) / self.grid.dp
+        dist.all_reduce(loss, group=self.grid.replica_group)
+        return float(loss) / self.grid.replicas
 
 
 def _to_device(batch, device):
@@ -158,6 +172,7 @@ def build_run(cfg: RunConfig) -> Run:
     from ..data.loader import TokenLoader
     from ..data.manifest import load_manifest
     from ..parallel.cross_entropy import vocab_parallel_lm_loss
+    from ..parallel.context_parallel import SlicedBatches, enable_context_parallel
     from ..parallel.engine import initialize, load_ds_config, make_ds_config
     from ..parallel.grid import ProcessGrid
     from ..parallel.optim import make_optimizer
@@ -166,8 +181,9 @@ def build_run(cfg: RunConfig) -> Run:
 
     p, t = cfg.parallel, cfg.train
     mcfg = cfg.model_config()
-    grid = ProcessGrid(tp=p.tp, pp=p.pp)
+    grid = ProcessGrid(tp=p.tp, pp=p.pp, cp=p.cp)
     precision = precision_of(cfg)
+    check_fp8(cfg)
     torch.manual_seed(t.seed)
     model = PLDRModel(mcfg)
     num_params = count_parameters(model)
@@ -177,8 +193,13 @@ def build_run(cfg: RunConfig) -> Run:
     set_activation_checkpointing(model, t.activation_checkpointing)
     if p.tp > 1:
         model = parallelize(model, grid, sequence_parallel=p.sequence_parallel)
+    enable_context_parallel(model, grid.cp_group, grid.cp_rank, grid.cp)
     if torch.cuda.is_available():
         model = model.cuda()
+    fp8_products = 0
+    if precision == "fp8":      # before DeepSpeed and the compiler see the modules
+        from ..model.fp8 import enable_fp8
+        fp8_products = enable_fp8(model, t.fp8_recipe)
     inject = [False]       # set by Run.train_step for the testing aid train.inject_nonfinite_at
 
     def loss_fn(logits, targets):   # pipelines (their last stage) and TP > 1; see Run.micro_batch_loss
@@ -196,22 +217,23 @@ def build_run(cfg: RunConfig) -> Run:
     if cfg.deepspeed_config:
         ds_config = load_ds_config(cfg.deepspeed_config)
         ds_config.update(train_micro_batch_size_per_gpu=t.micro_batch_size, gradient_accumulation_steps=t.grad_accum_steps,
-                         train_batch_size=t.micro_batch_size * t.grad_accum_steps * grid.dp)
+                         train_batch_size=t.micro_batch_size * t.grad_accum_steps * grid.replicas)
     else:
-        ds_config = make_ds_config(micro_batch_size=t.micro_batch_size, grad_accum_steps=t.grad_accum_steps, dp=grid.dp,
-                                   pp=p.pp, zero_stage=p.zero_stage, precision=precision,
+        ds_config = make_ds_config(micro_batch_size=t.micro_batch_size, grad_accum_steps=t.grad_accum_steps, dp=grid.replicas,
+                                   pp=p.pp, zero_stage=p.zero_stage,
+                                   precision="bf16" if precision == "fp8" else precision,
                                    clip_norm=cfg.optim.clip_value if cfg.optim.clip == "norm" else 0.0)
     engine = initialize(module, grid, ds_config, optimizer)
     cuda_graphs = False
     if t.compile:   # same maths, fewer kernels (model/fast.py); packed shards hold no padding
         from ..model.fast import optimize_for_training
-        # torch.compile where tp = pp = 1 and ZeRO < 3. Tensor- and pipeline-parallel layers are
+        # torch.compile where tp = pp = cp = 1 and ZeRO < 3. Tensor-, pipeline- and context-parallel layers are
         # not compiled (their collectives sit inside the layers), nor ZeRO-3's (its hooks gather
         # parameters inside the layer; compiled with the layer as a ZeRO-3 leaf module it ran
         # 0.83x of ZeRO-1 on one H200 but trained wrongly: docs/multi_gpu.md). They still get
         # the fast path's kernels: the Triton GLUs replace most of the eager metric learner's
         # many small launches.
-        whole = p.tp == 1 and p.pp == 1 and p.zero_stage < 3
+        whole = p.tp == 1 and p.pp == 1 and p.cp == 1 and p.zero_stage < 3
         # CUDA graphs replay each layer's kernels without the host. Only where no .grad keeps the
         # graphs' gradient outputs, memory the next replay overwrites: ZeRO-1's gradients land in
         # contiguous_grads' buffer (autograd adds into it), and ZeRO-2's hooks copy each gradient
@@ -220,16 +242,20 @@ def build_run(cfg: RunConfig) -> Run:
                                                                or p.zero_stage == 2)
         fused = optimize_for_training(model, compile=whole, packed=True, cuda_graphs=cuda_graphs, triton_glu=t.triton_glu)
         fast_path = (f"fast path: {fused} metric-learner GLUs fused, layers "
-                     + (f"compiled{' with CUDA graphs' if cuda_graphs else ''}" if whole else "not compiled (tp/pp > 1 or ZeRO-3)"))
+                     + (f"compiled{' with CUDA graphs' if cuda_graphs else ''}" if whole else "not compiled (tp/pp/cp > 1 or ZeRO-3)"))
     else:
         fast_path = "eager (train.compile=false)"
     if t.activation_checkpointing != "none":
         fast_path += f", {t.activation_checkpointing} activation recompute"
+    if fp8_products:
+        fast_path += f", {fp8_products} products in FP8 ({t.fp8_recipe})"
 
     manifest = load_manifest(cfg.data.shards)
     fingerprint = _tokenizer_fingerprint(cfg)
     train_loader = TokenLoader(cfg.data.shards, "train", t.micro_batch_size, manifest.seq_len, grid.dp_rank, grid.dp,
                                cfg.data.seed, cfg.data.num_workers, fingerprint, cfg.data.on_corrupt)
+    if grid.cp > 1:
+        train_loader = SlicedBatches(train_loader, grid.cp_rank, grid.cp)
     valid_loader = None
     if cfg.eval.every:
         valid_loader = _ValidLoader(cfg.data.shards, t.micro_batch_size, manifest.seq_len, grid, fingerprint)
@@ -255,8 +281,9 @@ class _ValidLoader:
 
     def __init__(self, shards, batch_size, seq_len, grid, fingerprint):
         from ..data.loader import TokenLoader
-        self.make = lambda: TokenLoader(shards, "valid", batch_size, seq_len, grid.dp_rank, grid.dp, 0, 0, fingerprint,
-                                        shuffle=False)
+        from ..parallel.context_parallel import SlicedBatches
+        self.make = lambda: SlicedBatches(TokenLoader(shards, "valid", batch_size, seq_len, grid.dp_rank, grid.dp, 0, 0,
+                                                      fingerprint, shuffle=False), grid.cp_rank, grid.cp)
         self.make()   # refuse bad validation data at start-up, not at the first validation
 
     def __iter__(self):

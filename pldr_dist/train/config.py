@@ -32,6 +32,7 @@ class ModelSection:
 class ParallelSection:
     tp: int = 1
     pp: int = 1
+    cp: int = 1                # context parallel: each rank holds 1/cp of every sequence
     sequence_parallel: bool = False
     zero_stage: int = 1
     partition_method: str = "parameters"
@@ -63,7 +64,8 @@ class TrainSection:
     steps: int = 1000
     micro_batch_size: int = 16       # sequences per micro-batch per data-parallel rank
     grad_accum_steps: int = 1        # micro-batches per step (pipeline: per 1F1B schedule)
-    precision: str = "auto"          # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    precision: str = "auto"          # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp8 (bf16 + FP8 products: model/fp8.py)
+    fp8_recipe: str = "tensorwise"   # with precision fp8: torchao's scaling, tensorwise | rowwise
     seed: int = 1234
     compile: bool = False            # GPU fast path (pldr_dist.model.fast): Triton metric-learner GLUs (CUDA, bf16), rotary table, padded FFN, and per-layer torch.compile + CUDA graphs where tp=pp=1 (TP/PP: the kernels without torch.compile)
     triton_glu: bool = True          # with compile: the metric-learner GLUs as Triton kernels (false: compiled PyTorch GLU, for A/B runs)
@@ -84,6 +86,8 @@ class CheckpointSection:
     at_end: bool = True       # false: none when the run ends (benchmarks, throwaway runs)
     keep: int = 3
     tokenizer: str = ""       # copied into each checkpoint when set
+    async_save: bool = True   # copy the state to host memory, write the files in the background (train/async_save.py)
+    write_delay_s: float = 0.0   # testing aid: an asynchronous write sleeps this long before renaming its files
 
 
 @dataclass
@@ -206,7 +210,7 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
     mcfg = cfg.model_config()
     p, t, o = cfg.parallel, cfg.train, cfg.optim
     # Every integer knob: a count or period that must be >= 1, or one where 0 means "off".
-    positive = {"parallel.tp": p.tp, "parallel.pp": p.pp, "train.steps": t.steps,
+    positive = {"parallel.tp": p.tp, "parallel.pp": p.pp, "parallel.cp": p.cp, "train.steps": t.steps,
                 "train.micro_batch_size": t.micro_batch_size, "train.grad_accum_steps": t.grad_accum_steps,
                 "train.max_nonfinite_in_row": t.max_nonfinite_in_row, "eval.batches": cfg.eval.batches,
                 "checkpoint.keep": cfg.checkpoint.keep, "log.every": cfg.log.every}
@@ -225,6 +229,8 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
     for key, value in (("data.seed", cfg.data.seed), ("train.seed", t.seed)):
         if value < 0:
             raise ConfigError(f"{src}: {key}={value} must be >= 0 (numpy's generators take no negative seed)")
+    if cfg.checkpoint.write_delay_s < 0:
+        raise ConfigError(f"{src}: checkpoint.write_delay_s={cfg.checkpoint.write_delay_s} must be >= 0")
     if cfg.log.peak_tflops < 0:
         raise ConfigError(f"{src}: log.peak_tflops={cfg.log.peak_tflops} must be >= 0 (0 = auto)")
     if p.zero_stage not in (0, 1, 2, 3):
@@ -242,17 +248,26 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
         raise ConfigError(f"{src}: parallel.tp={p.tp} does not divide model.vocab_size={mcfg.vocab_size}")
     if p.pp > mcfg.num_layers:
         raise ConfigError(f"{src}: parallel.pp={p.pp} exceeds model.num_layers={mcfg.num_layers}")
-    if world_size is not None and world_size % (p.tp * p.pp):
-        raise ConfigError(f"{src}: {world_size} processes cannot form parallel.tp*parallel.pp={p.tp}*{p.pp} "
-                          f"groups (launch a multiple of {p.tp * p.pp} processes or change the layout)")
+    if world_size is not None and world_size % (p.tp * p.pp * p.cp):
+        n = p.tp * p.pp * p.cp
+        axes = "parallel.tp*parallel.pp" + ("*parallel.cp" if p.cp > 1 else "")
+        sizes = f"{p.tp}*{p.pp}" + (f"*{p.cp}" if p.cp > 1 else "")
+        raise ConfigError(f"{src}: {world_size} processes cannot form {axes}={sizes} groups (launch a multiple "
+                          f"of {n} processes or change the layout)")
     prof = cfg.log.profile_steps
     if prof and (len(prof) != 2 or not all(isinstance(x, int) and x >= 1 for x in prof) or prof[0] > prof[1]):
         raise ConfigError(f"{src}: log.profile_steps={prof} must be [first, last] step numbers, 1 <= first <= last")
     if t.activation_checkpointing not in ("none", "selective", "full"):
         raise ConfigError(f"{src}: train.activation_checkpointing={t.activation_checkpointing!r} must be none, "
                           f"selective or full")
-    if t.precision not in ("auto", "fp32", "bf16"):
-        raise ConfigError(f"{src}: train.precision={t.precision!r} must be auto, fp32 or bf16")
+    if t.precision not in ("auto", "fp32", "bf16", "fp8"):
+        raise ConfigError(f"{src}: train.precision={t.precision!r} must be auto, fp32, bf16 or fp8")
+    if t.fp8_recipe not in ("tensorwise", "rowwise"):
+        raise ConfigError(f"{src}: train.fp8_recipe={t.fp8_recipe!r} must be tensorwise or rowwise")
+    if t.precision == "fp8" and (p.tp > 1 or p.pp > 1):
+        # torchao's Float8Linear cannot wrap the tensor-parallel linears; pipelines are not measured yet
+        raise ConfigError(f"{src}: train.precision=fp8 runs with parallel.tp=1 and parallel.pp=1 (data parallel "
+                          f"and ZeRO 0-3 are fine); use bf16 for tensor or pipeline parallelism")
     if o.clip not in ("value", "norm", "none"):
         raise ConfigError(f"{src}: optim.clip={o.clip!r} must be value, norm or none")
     if not 0 <= o.min_lr_ratio <= 1 or o.lr <= 0:
