@@ -57,7 +57,7 @@ def plot_trainer(paths: list, out: str, title: str = "") -> str:
                      f"{a['nproc']} proc\n{doc['device']}", fontsize=9)
         ax.legend(fontsize=7, loc="upper right")
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(title, fontsize=9, wrap=True)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     fig.savefig(out, dpi=120)
@@ -79,8 +79,21 @@ def _sweep_panel(ax, doc) -> None:
                         textcoords="offset points", xytext=(0, 4), ha="center")
         failed = [r["seq_len"] for r in runs if r["exit_code"] != 0]
         ax.plot(failed, [0] * len(failed), "x", color=line.get_color(), ms=8)
+    variants = list(dict.fromkeys(v for v, pkg in lines if pkg == "this"))
+    if len(variants) > 1:       # the first variant against the others, length by length (right axis)
+        first = {r["seq_len"]: r["tokens_per_s"] for r in lines[(variants[0], "this")] if r["exit_code"] == 0}
+        right = ax.twinx()
+        for v in variants[1:]:
+            pts = [(r["seq_len"], first[r["seq_len"]] / r["tokens_per_s"]) for r in lines[(v, "this")]
+                   if r["exit_code"] == 0 and r["seq_len"] in first]
+            right.plot(*zip(*pts), "k--", lw=0.8, label=f"{variants[0]} / {v}")
+            for x, y in pts:
+                right.annotate(f"{y:.3f}", (x, y), fontsize=6, textcoords="offset points", xytext=(0, -9), ha="center")
+        right.set_ylim(0, 1.1)
+        right.set_ylabel("tokens/s ratio (dashed)")
+        right.legend(fontsize=7, loc="lower left")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("sequence length (crosses: did not run, e.g. out of memory; labels: peak memory)")
+    ax.set_xlabel("sequence length (x: did not run; labels: peak memory)")
     ax.set_ylabel("tokens/s (thousands)")
     ax.set_ylim(bottom=0)
     a = doc["args"]

@@ -29,6 +29,7 @@ from ..errors import InputError
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CORPUS = os.path.join(ROOT, "data", "tinyshakespeare.txt")
 TOKENIZER = os.path.join(ROOT, "data", "reference", "refinedweb-tokenizer-pldrllm-paper.model")
+CORPUS_TOKENS = 300_000      # about what the paper's tokenizer makes of the bundled corpus
 
 
 @dataclass
@@ -69,8 +70,14 @@ def prepare_shards(work: str, seq_len: int, smoke: bool, log) -> tuple[str, str]
         return p.manifest, p.tokenizer
     manifest = os.path.join(work, "shards", "manifest.json")
     if not os.path.isfile(manifest):
-        log(f"tokenising {CORPUS} into {work}/shards (seq_len {seq_len})")
-        subprocess.run([sys.executable, "-m", "pldr_dist.data.shard_writer", CORPUS, "--tokenizer", TOKENIZER,
+        corpus = CORPUS
+        repeats = -(-8 * seq_len // CORPUS_TOKENS)   # at least ~8 samples of very long sequences
+        if repeats > 1:
+            corpus = os.path.join(work, "corpus.txt")
+            with open(CORPUS) as f, open(corpus, "w") as out:
+                out.write(f.read() * repeats)
+        log(f"tokenising {corpus} into {work}/shards (seq_len {seq_len})")
+        subprocess.run([sys.executable, "-m", "pldr_dist.data.shard_writer", corpus, "--tokenizer", TOKENIZER,
                         "--out", os.path.join(work, "shards"), "--seq-len", str(seq_len), "--samples-per-shard", "32"],
                        check=True, capture_output=True, text=True)
     return manifest, TOKENIZER
