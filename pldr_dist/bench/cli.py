@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from ..errors import cli_main
-from . import plot, trainer
+from . import data, decode, kernels, plot, step, trainer
 
 
 @cli_main("pldr-bench")
@@ -14,6 +14,10 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="suite", required=True)
     trainer.add_parser(sub)
     plot.add_parser(sub)
+    kernels.add_parser(sub)
+    step.add_parser(sub)
+    decode.add_parser(sub)
+    data.add_parser(sub)
     a = p.parse_args(argv)
     results = a.func(a)
     return 0 if all(r.exit_code == 0 for r in results) else 1

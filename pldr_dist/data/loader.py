@@ -320,7 +320,7 @@ class BatchesAhead:
 
     Why: the loader assembles each batch on the host (concatenate, slice, copy). Done at the
     start of a step, the GPU waits for it: ~1 ms a step, and now and then ~20 ms (a trainer
-    profile on the H100, benchmarks/results/trainer_gaps/), a sixth of a pldr-110m step.
+    profile on the H100 at commit fdd9ee8), a sixth of a pldr-110m step.
     The trainer calls `prepare()` right after it has launched a backward pass.
     `state_dict()` is the loader's position before the prepared batch, so a checkpoint taken
     while a batch is prepared resumes with that batch: runs stay exactly resumable.

@@ -1,8 +1,10 @@
 """Fast training path: the same model, the same state dict, fewer and larger GPU kernels.
 
 `optimize_for_training(model)` changes how the model runs, never what it computes:
-- each metric-learner GLU runs as one Triton kernel on CUDA in bf16 (`glu_kernel`: the
-  hidden state stays on the chip, the backward recomputes it); elsewhere U1 and U2 run as
+- the whole metric learner runs as one Triton op on CUDA in bf16 (`metric_kernel`: a block of
+  rows stays on the chip from the first unit to the last, the backward recomputes from each
+  unit's saved input), or each GLU as one Triton kernel (`glu_kernel`, fused_learner=False:
+  the hidden state stays on the chip, the backward recomputes it); elsewhere U1 and U2 run as
   one matrix product, with the hidden width (a_dff = 170 in the presets) zero-padded to a
   multiple of 8 so bf16 rows stay 16-byte aligned; the padding adds exact zeros. The
   parameters keep their names.
@@ -98,14 +100,16 @@ def _fused_class(cls: type) -> type:
     return type(f"Fused{cls.__name__}", (cls, FusedMetricLearner), {})
 
 
-def fuse_metric_glus(model: PLDRModel, kernel: bool = True) -> int:
+def fuse_metric_glus(model: PLDRModel, kernel: bool = True, fused_learner: bool = True) -> int:
     """Switch every metric learner to the fused GLUs in place; returns how many GLUs.
-    kernel=False keeps the Triton kernel off (the compiled PyTorch GLU; for comparisons)."""
+    kernel=False keeps the Triton kernels off (the compiled PyTorch GLU; for comparisons);
+    fused_learner=False keeps the per-GLU kernels instead of the whole-learner op."""
     count = 0
     for module in model.modules():
         if isinstance(module, MetricLearner):
             module.__class__ = _fused_class(module.__class__)
             module.use_kernel = kernel
+            module.use_fused_learner = None if fused_learner else False
             R, n = module.shape
             count += R * n
     return count
@@ -113,7 +117,8 @@ def fuse_metric_glus(model: PLDRModel, kernel: bool = True) -> int:
 
 def optimize_for_training(model: PLDRModel, compile: bool = True, packed: bool = True,
                           cuda_graphs: bool = True, backend: str = "inductor",
-                          triton_glu: bool = True, rope_cache: bool = True, pad_ffn: bool = True) -> int:
+                          triton_glu: bool = True, rope_cache: bool = True, pad_ffn: bool = True,
+                          fused_learner: bool = True) -> int:
     """Make `model` train fast in place; its loss is `model(tokens, targets=targets)`. Returns
     the number of metric-learner GLUs switched to the fused forward.
 
@@ -122,11 +127,12 @@ def optimize_for_training(model: PLDRModel, compile: bool = True, packed: bool =
     metric learner launches ~1000 small kernels a step, and without graphs the step waits on
     the CPU (call `torch.compiler.cudagraph_mark_step_begin()` before each step's forward).
     backend: torch.compile's backend ("aot_eager" in CPU tests). triton_glu: the metric
-    learner's GLUs run as Triton kernels where they can (CUDA, bf16; see `glu_kernel`).
+    learner's GLUs run as Triton kernels where they can (CUDA, bf16; see `glu_kernel`);
+    fused_learner: as one op for the whole learner (`metric_kernel`) rather than per GLU.
     rope_cache, pad_ffn: the precomputed rotary table and the padded feed-forward (on by
     default; off only to measure what each gives).
     """
-    fused = fuse_metric_glus(model, triton_glu)
+    fused = fuse_metric_glus(model, triton_glu, fused_learner)
     device = next(model.parameters()).device
     for module in model.modules():
         # (under TP the FFN's parallel layers pad their own shards: parallel/tensor_parallel.py)

@@ -240,7 +240,8 @@ def build_run(cfg: RunConfig) -> Run:
         # into DeepSpeed's bucket during the backward and point .grad there.
         cuda_graphs = whole and torch.cuda.is_available() and (hasattr(engine.optimizer, "contiguous_grads")
                                                                or p.zero_stage == 2)
-        fused = optimize_for_training(model, compile=whole, packed=True, cuda_graphs=cuda_graphs, triton_glu=t.triton_glu)
+        fused = optimize_for_training(model, compile=whole, packed=True, cuda_graphs=cuda_graphs,
+                                     triton_glu=t.metric_kernel != "pytorch", fused_learner=t.metric_kernel == "learner")
         fast_path = (f"fast path: {fused} metric-learner GLUs fused, layers "
                      + (f"compiled{' with CUDA graphs' if cuda_graphs else ''}" if whole else "not compiled (tp/pp/cp > 1 or ZeRO-3)"))
     else:

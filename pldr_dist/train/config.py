@@ -68,7 +68,7 @@ class TrainSection:
     fp8_recipe: str = "tensorwise"   # with precision fp8: torchao's scaling, tensorwise | rowwise
     seed: int = 1234
     compile: bool = False            # GPU fast path (pldr_dist.model.fast): Triton metric-learner GLUs (CUDA, bf16), rotary table, padded FFN, and per-layer torch.compile + CUDA graphs where tp=pp=1 (TP/PP: the kernels without torch.compile)
-    triton_glu: bool = True          # with compile: the metric-learner GLUs as Triton kernels (false: compiled PyTorch GLU, for A/B runs)
+    metric_kernel: str = "learner"   # with compile: the metric learner as Triton kernels, one op for the whole learner (learner), one per GLU (glu), or compiled PyTorch (pytorch; for A/B runs)
     activation_checkpointing: str = "none"   # none | selective (recompute element-wise work) | full (recompute each decoder layer): pldr_dist/model/recompute.py
     max_nonfinite_in_row: int = 5
     inject_nonfinite_at: list = field(default_factory=list)   # testing aid: steps whose loss is made NaN
@@ -262,6 +262,8 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
                           f"selective or full")
     if t.precision not in ("auto", "fp32", "bf16", "fp8"):
         raise ConfigError(f"{src}: train.precision={t.precision!r} must be auto, fp32, bf16 or fp8")
+    if t.metric_kernel not in ("learner", "glu", "pytorch"):
+        raise ConfigError(f"{src}: train.metric_kernel={t.metric_kernel!r} must be learner, glu or pytorch")
     if t.fp8_recipe not in ("tensorwise", "rowwise"):
         raise ConfigError(f"{src}: train.fp8_recipe={t.fp8_recipe!r} must be tensorwise or rowwise")
     if t.precision == "fp8" and (p.tp > 1 or p.pp > 1):

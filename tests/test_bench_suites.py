@@ -1,0 +1,52 @@
+"""pldr-bench step / decode / data --smoke: each suite runs on the CPU, prints its table and writes
+JSON with the rows it promises, every number positive."""
+import json
+
+import pytest
+
+from pldr_dist.bench.cli import main
+
+
+def run_suite(tmp_path, capsys, *argv):
+    out = tmp_path / argv[0]
+    assert main([*argv, "--smoke", "--out", str(out)]) == 0
+    doc = json.loads((out / f"{argv[0]}.json").read_text())
+    assert doc["suite"] == argv[0] and doc["device"].startswith("CPU")
+    assert (out / f"{argv[0]}.txt").read_text().splitlines()[0] in capsys.readouterr().out
+    return doc["results"]
+
+
+def test_step_suite_times_plga_against_identity_g(tmp_path, capsys):
+    rows = run_suite(tmp_path, capsys, "step")
+    assert [(r["model"], r["attention"], r["micro_batch"]) for r in rows] == [("tiny", "plga", 2), ("tiny", "identity", 2)]
+    for r in rows:
+        assert r["exit_code"] == 0 and r["path"] == "uncompiled"
+        assert min(r["tokens_per_s"], r["step_ms"], r["tflops"], r["mfu"]) > 0
+        assert r["tokens_per_s"] == pytest.approx(2 * 32 / (r["step_ms"] / 1e3))
+    assert rows[0]["plga_over_identity"] == pytest.approx(rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"])
+
+
+def test_decode_suite_times_every_cache_mode_and_checks_the_static_decoder(tmp_path, capsys):
+    rows = run_suite(tmp_path, capsys, "decode")
+    timed = [r for r in rows if r["mode"] != "static_check"]
+    assert {(r["mode"], r["prompt_len"]) for r in timed} == \
+        {(m, n) for m in ("none", "kv", "kv+g", "artifact", "sdpa") for n in (16, 32)}    # no CUDA graphs on the CPU
+    assert all(r["ms_per_token"] > 0 and r["tokens_per_s"] > 0 for r in timed)
+    check, = [r for r in rows if r["mode"] == "static_check"]
+    assert check["exit_code"] == 0 and "identical tokens True" in check["detail"]
+
+
+def test_data_suite_measures_tokenizer_shards_and_loader(tmp_path, capsys):
+    rows = run_suite(tmp_path, capsys, "data")
+    assert [(r["measure"], r["unit"]) for r in rows] == [("tokenizer", "s"), ("shards", "MB/s"),
+                                                         ("loader", "M tokens/s"), ("loader_dp", "M tokens/s")]
+    assert all(r["value"] > 0 and r["exit_code"] == 0 for r in rows)
+
+
+def test_bad_input_is_one_line(tmp_path, capsys):
+    for argv, words in ((["step", "--model", "pldr-7b:8"], "--model 'pldr-7b:8'"),
+                        (["step", "--model", "tiny:x"], "'x': give one integer"),
+                        (["decode", "--model", "nope"], "--model 'nope'")):
+        with pytest.raises(SystemExit) as e:
+            main([*argv, "--out", str(tmp_path)])
+        assert e.value.code == 2 and words in capsys.readouterr().err

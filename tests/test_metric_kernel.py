@@ -1,0 +1,38 @@
+"""The whole-learner Triton op, run by Triton's CPU interpreter (checks in metric_kernel_checks.py),
+and the `kernels` benchmark suite's CPU smoke run.
+
+On the GPU the op is timed and compared with fp32 by `pldr-bench kernels` (pldr_dist/bench/kernels.py).
+"""
+import json
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CHECKS = ("op_matches_fp64", "broken_derivative_fails", "deterministic", "unaligned_input", "opcheck",
+          "fast_path_uses_op", "rejects_bad_head_dim")
+
+
+def test_metric_kernel_in_interpreter():
+    """All checks in one process: the interpreter's start-up is paid once."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, os.path.join(HERE, "metric_kernel_checks.py")],
+                          capture_output=True, text=True, timeout=900, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-4000:]
+    for check in CHECKS:
+        assert f"  {check}: " in done.stdout, (check, done.stdout[-3000:])
+
+
+def test_kernels_bench_smoke(tmp_path, capsys):
+    from pldr_dist.bench.cli import main
+
+    out = tmp_path / "out"
+    assert main(["kernels", "--smoke", "--out", str(out)]) == 0
+    doc = json.loads((out / "kernels.json").read_text())
+    rows = {(r["shape"], r["path"]): r for r in doc["results"]}
+    eager = [r for (shape, path), r in rows.items() if path == "eager"]
+    assert eager and all(r["status"] == "ok" and r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in eager)
+    skipped = [r for r in doc["results"] if r["status"].startswith("skipped")]
+    assert skipped and all("CUDA" in r["status"] for r in skipped)
+    table = (out / "kernels.txt").read_text()
+    assert "skipped (needs CUDA)" in table and "eager" in table
