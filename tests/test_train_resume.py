@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 
+from pldr_dist.train.checkpoint import verify_tag
 from train_helpers import final_weights, losses, prepare_data, train, train_with_fault
 
 STEPS = ["train.steps=24", "checkpoint.every=5", "checkpoint.keep=2"]
@@ -47,33 +48,58 @@ def reference(data, tmp_path_factory):
     return runs
 
 
-@pytest.mark.parametrize("name,layout", [("dp2", []), ("tp2", ["parallel.tp=2"])])
-def test_sigkilled_run_resumes_bit_identically(data, reference, tmp_path, name, layout):
+def deepspeed_files(run_dir: str, tag: str) -> dict:
+    """sha256 of the model and optimizer files of a tag (rank_*.pt hold Python's and numpy's
+    RNG states, which the trainer does not seed: they differ between any two runs)."""
+    files = json.load(open(os.path.join(run_dir, "checkpoints", tag, "COMPLETE.json")))["files"]
+    return {k: v["sha256"] for k, v in files.items() if k.startswith(("mp_rank", "zero_"))}
+
+
+# dp2 saves synchronously; tp2 asynchronously (the default) and is killed while its writer still
+# holds the files of step 10 (the testing aid sleeps 3 s before renaming them).
+@pytest.mark.parametrize("name,layout,killed_at,resumed_from", [
+    ("dp2", ["checkpoint.async_save=false"], 13, 10),
+    ("tp2", ["parallel.tp=2"], 13, 5)])
+def test_sigkilled_run_resumes_bit_identically(data, reference, tmp_path, name, layout, killed_at, resumed_from):
     run_dir = str(tmp_path / "run")
-    crashed = train_with_fault(data, run_dir, 2, STEPS + layout, "kill:13")
+    delay = ["checkpoint.write_delay_s=3"] if resumed_from == 5 else []
+    crashed = train_with_fault(data, run_dir, 2, STEPS + layout + delay, f"kill:{killed_at}")
     assert crashed.returncode != 0
     killed = losses(run_dir)
-    assert max(killed) == 13
+    assert max(killed) == killed_at
+    ckpt = os.path.join(run_dir, "checkpoints")
+    assert open(os.path.join(ckpt, "latest")).read().strip() == f"step_{resumed_from:08d}"
+    if resumed_from == 5:      # the write in flight left its files under temporary names, no COMPLETE.json
+        assert not os.path.exists(os.path.join(ckpt, "step_00000010", "COMPLETE.json"))
+        assert any(f.endswith("-tmp") for f in os.listdir(os.path.join(ckpt, "step_00000010")))
     os.remove(os.path.join(run_dir, "metrics.jsonl"))
     result = train(data, run_dir, sets=STEPS + layout)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "resumed from checkpoint step_00000010" in result.stdout
+    if resumed_from == 5:
+        assert "WARNING: skipping checkpoint step_00000010: " in result.stdout
+    assert f"resumed from checkpoint step_{resumed_from:08d}" in result.stdout
     resumed, ref = losses(run_dir), losses(reference[name])
-    assert min(resumed) == 11 and max(resumed) == 24            # from the checkpoint at step 10
+    assert min(resumed) == resumed_from + 1 and max(resumed) == 24
     assert all(resumed[s] == ref[s] for s in resumed)           # bit-identical losses from the resume on
     got, want = final_weights(run_dir), final_weights(reference[name])
     assert all(torch.equal(got[k], want[k]) for k in want)      # and bit-identical parameters
+    if name == "dp2":          # synchronous files, byte for byte those the reference wrote asynchronously
+        assert deepspeed_files(run_dir, "step_00000024") == deepspeed_files(reference[name], "step_00000024")
 
 
 def test_sigterm_checkpoints_exits_75_and_resumes_exactly(data, reference, tmp_path):
+    """SIGTERM arrives while the asynchronous write of step 5 is in flight (held 2 s by the testing
+    aid): the trainer waits for it, checkpoints step 7, waits for that write too and exits with 75."""
     run_dir = str(tmp_path / "run")
-    stopped = train_with_fault(data, run_dir, 2, STEPS, "term:7")
+    stopped = train_with_fault(data, run_dir, 2, STEPS + ["checkpoint.write_delay_s=2"], "term:7")
+    assert "checkpoint step_00000007: waiting for the write of step_00000005 in flight" in stopped.stdout
     assert "received signal 15: checkpointed at step 7, exiting with 75 for requeue" in stopped.stdout
     assert_trainer_exited_with(stopped, PREEMPTED)
     stopped = max(losses(run_dir))
     assert stopped == 7
     latest = open(os.path.join(run_dir, "checkpoints", "latest")).read().strip()
     assert latest == f"step_{stopped:08d}"                      # checkpointed at the step it finished
+    assert [verify_tag(os.path.join(run_dir, "checkpoints", t)) for t in ("step_00000005", latest)] == [None, None]
     result = train(data, run_dir, sets=STEPS)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"resumed from checkpoint {latest}" in result.stdout
@@ -167,3 +193,53 @@ def test_bf16_checkpoint_of_deepspeeds_zero1_optimizer_resumes_with_fp32_accumul
     reference = train(data, str(tmp_path / "ref"), sets=bf16 + ["train.steps=4"])
     assert reference.returncode == 0, reference.stdout + reference.stderr
     assert losses(str(tmp_path / "run")) == losses(str(tmp_path / "ref"))
+
+
+def test_host_snapshot_saves_the_same_bytes_and_reuses_its_buffers():
+    """The asynchronous save's host copy: torch.save writes it byte for byte as the live state
+    (views sharing a storage, requires_grad, a state_dict's metadata), later changes to the live
+    state do not reach it, and the next snapshot reuses the same host buffers."""
+    import io
+    from pldr_dist.train.async_save import HostSnapshot
+
+    def saved(obj):
+        out = io.BytesIO()
+        torch.save(obj, out)
+        return out.getvalue()
+    flat = torch.zeros(40)
+    module = torch.nn.Linear(4, 3).state_dict()
+    module.update(view=flat[4:16].view(3, 4), other=flat[16:28])
+    state = {"module": module, "groups": [{"lr": 0.1, "params": [0]}], "fp32": [torch.randn(5, requires_grad=True)],
+             "empty": torch.empty(0, 3), "misc": (1, "a", None)}
+    host = HostSnapshot()
+    first = host.copy(state, "file")
+    assert saved(first) == saved(state)
+    buffers = {k: b.data_ptr() for k, b in host.buffers.items()}
+    state["groups"][0]["lr"] = 0.5
+    flat.add_(1)
+    assert first["groups"][0]["lr"] == 0.1 and float(first["module"]["view"].sum()) == 0
+    second = host.copy(state, "file")
+    assert saved(second) == saved(state)
+    assert {k: b.data_ptr() for k, b in host.buffers.items()} == buffers
+
+
+def test_a_failed_background_write_is_one_line_and_nothing_after_it_runs(tmp_path):
+    from pldr_dist.errors import error_line
+    from pldr_dist.convert.consolidated import CheckpointError
+    from pldr_dist.train.async_save import Writer
+    from pldr_dist.train.checkpoint import CheckpointManager
+    manager = CheckpointManager(str(tmp_path), keep=1, rank=0, world_size=1, async_save=True)
+    manager.writer, ran = Writer(), []
+
+    def fail():
+        raise OSError(28, "No space left on device")
+    manager.writer.submit("writing checkpoint step_00000010", fail)
+    manager.writer.submit("finalising checkpoint step_00000010", lambda: ran.append(1))
+    manager.writer.wait()
+    with pytest.raises(CheckpointError) as err:
+        manager.writing()
+    assert not ran
+    line = error_line("pldr-train", err.value)
+    assert "\n" not in line and line.startswith(
+        "pldr-train: error: writing checkpoint step_00000010 failed in the background (OSError: [Errno 28] No space "
+        "left on device); the newest checkpoint with a COMPLETE.json")

@@ -1,10 +1,10 @@
 """Fast training path: the same model, the same state dict, fewer and larger GPU kernels.
 
 `optimize_for_training(model)` changes how the model runs, never what it computes:
-- the whole metric learner runs as one Triton op on CUDA in bf16 (`metric_kernel`: a block of
-  rows stays on the chip from the first unit to the last, the backward recomputes from each
-  unit's saved input), or each GLU as one Triton kernel (`glu_kernel`, fused_learner=False:
-  the hidden state stays on the chip, the backward recomputes it); elsewhere U1 and U2 run as
+- each metric-learner GLU runs as one Triton kernel on CUDA in bf16 (`glu_kernel`: the hidden
+  state stays on the chip, the backward recomputes it), or, with fused_learner=True, the whole
+  learner as one Triton op (`metric_kernel`: a block of rows stays on the chip from the first
+  unit to the last; opt-in until it is measured on a GPU); elsewhere U1 and U2 run as
   one matrix product, with the hidden width (a_dff = 170 in the presets) zero-padded to a
   multiple of 8 so bf16 rows stay 16-byte aligned; the padding adds exact zeros. The
   parameters keep their names.
@@ -100,7 +100,7 @@ def _fused_class(cls: type) -> type:
     return type(f"Fused{cls.__name__}", (cls, FusedMetricLearner), {})
 
 
-def fuse_metric_glus(model: PLDRModel, kernel: bool = True, fused_learner: bool = True) -> int:
+def fuse_metric_glus(model: PLDRModel, kernel: bool = True, fused_learner: bool = False) -> int:
     """Switch every metric learner to the fused GLUs in place; returns how many GLUs.
     kernel=False keeps the Triton kernels off (the compiled PyTorch GLU; for comparisons);
     fused_learner=False keeps the per-GLU kernels instead of the whole-learner op."""
@@ -118,7 +118,7 @@ def fuse_metric_glus(model: PLDRModel, kernel: bool = True, fused_learner: bool 
 def optimize_for_training(model: PLDRModel, compile: bool = True, packed: bool = True,
                           cuda_graphs: bool = True, backend: str = "inductor",
                           triton_glu: bool = True, rope_cache: bool = True, pad_ffn: bool = True,
-                          fused_learner: bool = True) -> int:
+                          fused_learner: bool = False) -> int:
     """Make `model` train fast in place; its loss is `model(tokens, targets=targets)`. Returns
     the number of metric-learner GLUs switched to the fused forward.
 

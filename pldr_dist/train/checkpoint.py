@@ -11,9 +11,22 @@ Layout of `<run_dir>/checkpoints/`:
 
 A tag without COMPLETE.json, or whose files do not match it (truncated, corrupt), is never
 loaded: the newest tag that verifies is used and the bad one is named in a warning.
+
+With `checkpoint.async_save` (train/async_save.py) `save` returns once this rank's state is
+copied to host memory; a background thread writes the same files (temporary names, renamed when
+all are written). COMPLETE.json and `latest` still wait for every rank, but a collective cannot
+run from the writer thread (DeepSpeed's process groups belong to the step loop), and per-rank
+done-marker files would have rank 0 poll a shared file system whose directory caches may show
+them late. So the ranks agree in the step loop, on a collective it already runs: the trainer's
+end-of-step signal check (trainer.SignalFlag) carries a "still writing" flag, and when no rank
+is writing rank 0 finalises the tag (sha256 of every file, COMPLETE.json, `latest`, pruning) on
+its writer thread, off the step loop. The next save, the end of the run and a signal first wait
+for the write in flight (one at a time, which is also what lets the host buffers be reused),
+then agree with a barrier.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -102,9 +115,13 @@ def verify_tag(tag_dir: str) -> Optional[str]:
 
 
 class CheckpointManager:
-    def __init__(self, run_dir: str, keep: int, rank: int, world_size: int, log=print):
+    def __init__(self, run_dir: str, keep: int, rank: int, world_size: int, log=print,
+                 async_save: bool = False, write_delay_s: float = 0.0):
         self.dir = os.path.join(run_dir, "checkpoints")
         self.keep, self.rank, self.world_size, self.log = keep, rank, world_size, log
+        self.async_save, self.write_delay_s = async_save, write_delay_s
+        self.writer = self.host = self.last_tag = None
+        self.unfinalized: Optional[tuple] = None     # (tag, step, t0) written in the background, not yet complete
 
     def tags(self) -> list[str]:
         if not os.path.isdir(self.dir):
@@ -113,7 +130,11 @@ class CheckpointManager:
 
     # -- saving ------------------------------------------------------------------------
     def save(self, engine, step: int, extra: dict, run_config: dict, tokenizer: str = "") -> str:
-        """Every rank calls this. Returns the tag once it is complete and `latest` points at it."""
+        """Every rank calls this. Returns the tag once it is complete and `latest` points at it
+        (asynchronously: once the state is in host memory and its write is queued)."""
+        from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+        if self.async_save and isinstance(engine.checkpoint_engine, TorchCheckpointEngine):
+            return self._save_async(engine, step, extra, run_config, tokenizer)
         t0 = time.time()
         tag = tag_for(step)
         tag_dir = os.path.join(self.dir, tag)
@@ -139,6 +160,93 @@ class CheckpointManager:
             size = sum(os.path.getsize(os.path.join(r, n)) for r, _, ns in os.walk(tag_dir) for n in ns)
             self.log(f"checkpoint {tag} saved ({size / 2**20:.1f} MiB, {time.time() - t0:.1f} s)")
         return tag
+
+    def _save_async(self, engine, step: int, extra: dict, run_config: dict, tokenizer: str) -> str:
+        from .async_save import HostSnapshot, SnapshotEngine, Writer
+        if self.writer is None:
+            self.writer, self.host = Writer(), HostSnapshot()
+        tag = tag_for(step)
+        tag_dir = os.path.join(self.dir, tag)
+        if not self.writer.idle():
+            self.log(f"checkpoint {tag}: waiting for the write of {self.last_tag} in flight")
+        self.writer.wait()
+        self.check()
+        if self.rank == 0:
+            os.makedirs(self.dir, exist_ok=True)
+            if os.path.isdir(tag_dir):      # a leftover of an interrupted save of this step
+                shutil.rmtree(tag_dir)
+        dist.barrier()                      # every rank's previous write is on disk
+        if self.unfinalized is not None:
+            self.written()
+        t0 = time.time()
+        inner = engine.checkpoint_engine
+        engine.checkpoint_engine = snap = SnapshotEngine(inner, self.host)
+        try:
+            engine.save_checkpoint(self.dir, tag=tag, save_latest=False)
+        finally:
+            engine.checkpoint_engine = inner
+        files = snap.staged + [(self.host.copy({**extra, "rng": rng_state(), "parameters": PARAMETER_LAYOUT}, "rank"),
+                                os.path.join(tag_dir, f"rank_{self.rank:05d}.pt"))]
+        config_text = json.dumps(run_config, indent=2)
+
+        def write() -> None:
+            # "x.pt-tmp", not "x.pt.tmp": torch.save names the archive inside after the file's stem
+            for i, (state, path) in enumerate(files):
+                inner.save(self.host.materialize(state), f"{path}-tmp")
+                files[i] = (None, path)
+            self.host.release()
+            time.sleep(self.write_delay_s)    # testing aid: a write stays in flight this long
+            for _, path in files:
+                os.replace(f"{path}-tmp", path)
+            if self.rank == 0:
+                atomic_write(os.path.join(tag_dir, "run_config.json"), config_text)
+                if tokenizer:
+                    shutil.copyfile(tokenizer, os.path.join(tag_dir, "tokenizer.model"))
+        self.writer.submit(f"writing checkpoint {tag_dir}", write)
+        self.unfinalized, self.last_tag = (tag, step, t0), tag
+        return tag
+
+    def writing(self) -> bool:
+        """Whether this rank still writes a tag that is not complete yet (asked at every step's
+        end; raises a background write's failure)."""
+        self.check()
+        return self.unfinalized is not None and not self.writer.idle()
+
+    def written(self) -> None:
+        """Every rank agreed that its files of the pending tag are on disk: rank 0 finalises it
+        in the background (hashing ~14 GB takes seconds)."""
+        if self.unfinalized is not None and self.rank == 0:
+            self.writer.submit(f"finalising checkpoint {self.unfinalized[0]}",
+                               functools.partial(self._finalize, *self.unfinalized))
+        self.unfinalized = None
+
+    def _finalize(self, tag: str, step: int, t0: float) -> None:
+        tag_dir = os.path.join(self.dir, tag)
+        write_marker(tag_dir, step, self.world_size)
+        atomic_write(os.path.join(self.dir, "latest"), tag)
+        self._prune(tag)
+        size = sum(os.path.getsize(os.path.join(r, n)) for r, _, ns in os.walk(tag_dir) for n in ns)
+        self.log(f"checkpoint {tag} saved ({size / 2**20:.1f} MiB, {time.time() - t0:.1f} s) in the background")
+
+    def finish(self) -> float:
+        """Every rank calls this before leaving (end of run, signal, stop): waits for the write in
+        flight and completes its tag. Returns the seconds waited."""
+        if self.writer is None:
+            return 0.0
+        t0 = time.time()
+        self.writer.wait()
+        self.check()
+        if self.unfinalized is not None:
+            dist.barrier()
+            self.written()
+            self.writer.wait()
+            self.check()
+        return time.time() - t0
+
+    def check(self) -> None:
+        if self.writer is not None and self.writer.error:
+            raise CheckpointError(f"{self.writer.error}; the newest checkpoint with a {MARKER} in {self.dir} "
+                                  f"is intact (fix the cause, e.g. free disk space, and restart to resume from it)")
 
     def _prune(self, newest: str) -> None:
         complete = [t for t in self.tags() if os.path.isfile(os.path.join(self.dir, t, MARKER))]

@@ -42,7 +42,8 @@ class StopTraining(Exception):
 
 class SignalFlag:
     """SIGTERM/SIGUSR1 (SLURM's warning before preemption or the time limit) set a flag that
-    every rank agrees on at the end of the step, so all ranks checkpoint together.
+    every rank agrees on at the end of the step, so all ranks checkpoint together. The same
+    all-reduce carries whether any rank still writes an asynchronous checkpoint (checkpoint.py).
 
     The ranks agree over a CPU (gloo) group: an NCCL all-reduce of a GPU flag, read back with
     .item(), made the host wait for the whole step's GPU work every step and left the GPU idle
@@ -57,10 +58,11 @@ class SignalFlag:
     def _handler(self, signum, frame):
         self.raised = signum
 
-    def agreed(self) -> bool:
-        flag = torch.tensor([1.0 if self.raised else 0.0])
+    def agreed(self, writing: bool = False) -> tuple[bool, bool]:
+        """(a signal was raised on some rank, some rank is still writing a checkpoint)."""
+        flag = torch.tensor([1.0 if self.raised else 0.0, 1.0 if writing else 0.0])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(flag.item())
+        return bool(flag[0].item()), bool(flag[1].item())
 
 
 def parse_args(argv=None):
@@ -134,7 +136,8 @@ class Trainer:
         self.rank = dist.get_rank()
         self.job = build_run(cfg)   # grid, model config, engine, loaders, step function
         self.ckpt = CheckpointManager(cfg.run_dir, cfg.checkpoint.keep, self.rank, dist.get_world_size(),
-                                      log=self.log)
+                                      log=self.log, async_save=cfg.checkpoint.async_save,
+                                      write_delay_s=cfg.checkpoint.write_delay_s)
         self.metrics = MetricsLog(cfg.run_dir, self.rank == 0, cfg.log.tensorboard, cfg.train.steps)
         self.gstats = (GStats(self.job.module, self.job.mcfg.num_layers)
                        if self.job.mcfg.learned_g and cfg.log.g_stats_every else None)
@@ -151,8 +154,8 @@ class Trainer:
         self.profiler = StepProfiler(cfg.log.profile_steps if self.rank == 0 else [], cfg.run_dir, self.log)
 
     def log(self, text: str) -> None:
-        if self.rank == 0:
-            print(text, flush=True)
+        if self.rank == 0:   # one write: the checkpoint writer thread logs too
+            print(text + "\n", end="", flush=True)
 
     # -- state -----------------------------------------------------------------------
     def extra_state(self) -> dict:
@@ -160,8 +163,21 @@ class Trainer:
                 "nonfinite_in_row": self.nonfinite_in_row, "loader": self.batches.state_dict()}
 
     def save(self) -> None:
-        self.ckpt.save(self.job.engine, self.step, self.extra_state(), self.cfg.to_dict(),
-                       self.cfg.checkpoint.tokenizer)
+        """Logs how long the step loop stalled for the checkpoint (`checkpoint_stall_s`): all of the
+        save when synchronous; waiting for the previous write, the barrier and the copy to host
+        memory when asynchronous."""
+        t0 = time.time()
+        tag = self.ckpt.save(self.job.engine, self.step, self.extra_state(), self.cfg.to_dict(),
+                             self.cfg.checkpoint.tokenizer)
+        stall = time.time() - t0
+        how = "copied to host memory, written in the background" if self.ckpt.writer else "written"
+        self.metrics.write(self.step, {"checkpoint_stall_s": stall},
+                           f"checkpoint {tag}: the step loop stalled {stall:.2f} s ({how})")
+
+    def finish_checkpoints(self) -> None:
+        waited = self.ckpt.finish()
+        if self.ckpt.writer is not None:
+            self.log(f"waited {waited:.1f} s for the checkpoint writes in flight")
 
     def resume(self) -> None:
         t0 = time.time()
@@ -178,6 +194,18 @@ class Trainer:
 
     # -- loop ------------------------------------------------------------------------
     def run(self) -> None:
+        """Trains; every way out but an error (the end, a signal, non-finite steps) first waits
+        for the checkpoint write in flight and completes it (every rank gets here together)."""
+        try:
+            self.train()
+        except StopTraining:
+            self.finish_checkpoints()
+            raise
+        self.finish_checkpoints()
+        self.metrics.close()
+        self.log(f"done: {self.step} steps, {self.tokens:,} tokens, last loss {self.last_loss:.6f}")
+
+    def train(self) -> None:
         from ..distributed import PREEMPTED_EXIT_CODE
         cfg, run = self.cfg, self.job
         self.resume()
@@ -238,7 +266,9 @@ class Trainer:
                 self.validate()
             self.fault_injection()
             with record_function("pldr:agree_signals"):
-                stop = self.signals.agreed()
+                stop, writing = self.signals.agreed(self.ckpt.writing())
+            if not writing:
+                self.ckpt.written()
             if stop:
                 self.save()
                 raise StopTraining(f"received signal {self.signals.raised or 'on another rank'}: checkpointed at "
@@ -253,8 +283,7 @@ class Trainer:
             self.validate()
         if last_saved != self.step and cfg.checkpoint.at_end:
             self.save()
-        self.metrics.close()
-        self.log(f"done: {self.step} steps, {self.tokens:,} tokens, last loss {float(loss):.6f}")
+        self.last_loss = float(loss)
 
     def fault_injection(self) -> None:
         """Testing aid: PLDR_FAULT=kill:K makes every rank SIGKILL itself after step K (a crash);
