@@ -56,7 +56,7 @@ def _config(recipe: str, emulate: bool):
 
 
 class Float8SwiGLU(SwiGLU):
-    """The feed-forward block with its products in FP8 on zero-padded weights (W1 and W2 as one)."""
+    """The feed-forward block with its three products in FP8 on zero-padded weights."""
 
     fp8_config = None           # set by enable_fp8: (LinearMMConfig, Float8LinearConfig)
 
@@ -67,11 +67,9 @@ class Float8SwiGLU(SwiGLU):
         return out + bias.to(out.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # W1 and W2 read the same input: one FP8 product of both, so x is scaled and cast once
         pad = -self.w1.out_features % FFN_ALIGN
-        w12 = torch.cat((F.pad(self.w1.weight, (0, 0, 0, pad)), F.pad(self.w2.weight, (0, 0, 0, pad))))
-        b12 = torch.cat((F.pad(self.w1.bias, (0, pad)), F.pad(self.w2.bias, (0, pad))))
-        gate, up = self._linear(x, w12, b12).chunk(2, dim=-1)
+        gate = self._linear(x, F.pad(self.w1.weight, (0, 0, 0, pad)), F.pad(self.w1.bias, (0, pad)))
+        up = self._linear(x, F.pad(self.w2.weight, (0, 0, 0, pad)), F.pad(self.w2.bias, (0, pad)))
         return self._linear(F.silu(gate) * up, F.pad(self.w3.weight, (0, pad)), self.w3.bias)
 
 
