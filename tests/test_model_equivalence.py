@@ -129,3 +129,13 @@ def test_a0_sums_over_padding_and_future_positions():
     with torch.no_grad():
         early = (model(tokens) - model(changed))[:, :-1].abs().max().item()
     assert early > 1e-6
+
+
+def test_a_file_missing_one_glu_tensor_is_refused_in_one_line():
+    """A truncated per-GLU file (one tensor gone) names the stacked tensor, not a stack() error."""
+    import pytest
+    from pldr_dist.errors import InputError
+    sd = PLDRModel(preset("tiny")).interchange_state_dict()
+    del sd["layers.0.attn.metric.units.1.glus.0.u2.bias"]
+    with pytest.raises(InputError, match=r"layers\.0\.attn\.metric\.u2_bias: .* incomplete \(3 of the \(2, 2\) blocks\)"):
+        PLDRModel(preset("tiny")).load_state_dict(sd)

@@ -21,6 +21,8 @@ from collections import defaultdict
 
 import torch
 
+from ..errors import InputError
+
 GLU_ROLES = ("u1", "u2", "u3")
 _PER_GLU = re.compile(r"^(?P<pre>(?:.*\.)?metric\.)units\.(?P<r>\d+)\.glus\.(?P<j>\d+)\.(?P<u>u[123])\.(?P<p>weight|bias)$")
 _PER_UNIT = re.compile(r"^(?P<pre>(?:.*\.)?metric\.)units\.(?P<r>\d+)\.norm\.(?P<p>weight|bias)$")
@@ -79,7 +81,9 @@ def from_interchange(state: dict) -> dict:
         keys = sorted(parts)
         shape = tuple(max(k[i] for k in keys) + 1 for i in range(len(keys[0])))
         if len(keys) != (shape[0] * (shape[1] if len(shape) > 1 else 1)):
-            raise ValueError(f"{name}: the per-GLU tensors are incomplete ({len(keys)} of the {shape} blocks)")
+            # a file whose metric-learner tensors were cut or renamed: one line through every CLI
+            raise InputError(f"{name}: the file's per-GLU metric-learner tensors are incomplete ({len(keys)} of "
+                             f"the {shape} blocks); the checkpoint or export is truncated: write it again")
         if len(shape) == 1:
             out[name] = torch.stack([parts[(r,)] for r in range(shape[0])])
         else:
