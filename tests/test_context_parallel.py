@@ -105,16 +105,17 @@ def test_cp4_and_tp2_cp2_match_one_process():
 
 
 def test_trainer_cp2_resumed_at_cp1_continues_with_the_same_losses(tmp_path):
-    """pldr-train at CP=2 (the loader hands each rank its slices), its step-2 checkpoint
-    resharded and resumed by one process: steps 3-4 give the CP=2 run's losses."""
+    """pldr-train at CP=2 with ZeRO-2 (the loader hands each rank its slices; ZeRO shards over
+    dp x cp), its step-2 checkpoint resharded and resumed by one process at ZeRO-1: steps 3-4
+    give the CP=2 run's losses."""
     from pldr_dist.convert.reshard import reshard
     from train_helpers import losses, prepare_data, train
     (tmp_path / "data").mkdir()
     data = prepare_data(str(tmp_path / "data"))
     sets = ["train.steps=4", "checkpoint.every=2", "checkpoint.keep=5", "optim.lr=1e-3"]
-    result = train(data, str(tmp_path / "cp2"), nproc=2, sets=sets + ["parallel.cp=2"])
+    result = train(data, str(tmp_path / "cp2"), nproc=2, sets=sets + ["parallel.cp=2", "parallel.zero_stage=2"])
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "cp=2" in result.stdout
+    assert "cp=2, zero=2" in result.stdout
     cp2 = losses(str(tmp_path / "cp2"))
     assert sorted(cp2) == [1, 2, 3, 4]
     reshard(str(tmp_path / "cp2" / "checkpoints" / "step_00000002"), str(tmp_path / "cp1"), log=lambda *_: None)
