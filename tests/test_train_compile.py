@@ -35,7 +35,7 @@ def test_fast_path_under_tensor_and_pipeline_parallelism_follows_the_eager_losse
         result = train(data, str(tmp_path / name), nproc=2, sets=["train.steps=3", layout] + sets)
         assert result.returncode == 0, result.stdout + result.stderr
         runs[name] = losses(str(tmp_path / name))
-        expect = "fast path: 8 metric-learner GLUs fused, layers not compiled (tp/pp > 1 or ZeRO-3)" if name == "fast" else "eager"
+        expect = "fast path: 8 metric-learner GLUs fused, layers not compiled (tp/pp/cp > 1 or ZeRO-3)" if name == "fast" else "eager"
         assert expect in result.stdout, result.stdout
     eager, fast = runs["eager"], runs["fast"]
     assert sorted(fast) == [1, 2, 3]

@@ -128,3 +128,10 @@ def test_lr_schedule_is_warmup_then_cosine_to_min_ratio():
     assert lr_at(110, peak, warm, total, 0.1) == pytest.approx(1e-4)
     values = [lr_at(s, peak, warm, total, 0.1) for s in range(10, 111)]
     assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_a_run_config_written_before_a_key_was_renamed_still_loads():
+    """Checkpoints keep their run_config.json: train.triton_glu (before train.metric_kernel) loads."""
+    from pldr_dist.train.config import RunConfig, _build
+    assert _build(RunConfig, {"train": {"triton_glu": False}}, "", "old.json").train.metric_kernel == "pytorch"
+    assert _build(RunConfig, {"train": {"triton_glu": True}}, "", "old.json").train.metric_kernel == "glu"

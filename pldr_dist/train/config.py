@@ -142,9 +142,24 @@ def _check_type(where: str, value: Any, hint) -> Any:
     return value
 
 
+def _upgrade(data: dict) -> dict:
+    """Keys renamed since a run was written: its run_config.json (checkpoints, pldr-reshard,
+    pldr-consolidate) and old config files keep loading. train.triton_glu (bool) became
+    train.metric_kernel."""
+    train = data.get("train")
+    if isinstance(train, dict) and "triton_glu" in train:
+        train = dict(train)
+        old = train.pop("triton_glu")
+        train.setdefault("metric_kernel", "glu" if old else "pytorch")
+        data = {**data, "train": train}
+    return data
+
+
 def _build(cls, data: dict, prefix: str, source: str):
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: section '{prefix.rstrip('.')}' must be a mapping, got {data!r}")
+    if cls is RunConfig:
+        data = _upgrade(data)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)} - {"source"}
     unknown = sorted(set(data) - names)
