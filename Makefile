@@ -11,5 +11,8 @@ install:
 demo: install
 	$(PY) -m pldr_dist.demo
 
+# Two pytest-xdist workers: the SLURM tests, which mostly wait, overlap with the CPU-bound ones
+# (tests/conftest.py groups the tests; TEST_WORKERS=0 runs them in this one process).
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) tests

@@ -4,11 +4,21 @@ Distributed tests call `run_distributed(fn, world_size, *args)`; `fn(rank, world
 runs inside an initialised torch.distributed process group (and DeepSpeed's comm layer when
 `deepspeed=True`) and returns any picklable value (CPU tensors included). A failure on any
 rank raises here with that rank's traceback.
+
+Starting the processes costs seconds (each imports torch, and DeepSpeed), far more than most
+jobs, so the processes of one (world size, deepspeed) pair are started once per test session
+and run every job of that kind in turn: one worker group per world size. Between jobs each
+process gets torch's start-up RNG state, default dtype and thread count back; a job that changes
+other module state (a module attribute, a monkeypatched function) must restore it itself. A job
+that fails or times out takes its group down (a rank may still wait in a collective); the next
+job starts a new one. `fresh=True` runs a job in processes of its own.
 """
 from __future__ import annotations
 
+import atexit
 import io
 import os
+import queue as queue_module
 import socket
 import traceback
 
@@ -21,54 +31,134 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, fn, args, queue, use_deepspeed):
+def _serve(rank, world_size, port, jobs, results, use_deepspeed):
+    """One rank of a worker group: the process group once, then jobs until None arrives."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
                       DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     import torch
     import torch.distributed as dist
     torch.set_num_threads(1)
+    start_seed, start_dtype = torch.initial_seed(), torch.get_default_dtype()
     try:
         if use_deepspeed:
             import deepspeed
             deepspeed.init_distributed(dist_backend="gloo", verbose=False)
         else:
             dist.init_process_group("gloo", rank=rank, world_size=world_size)
-        result = fn(rank, world_size, *args)
-        buf = io.BytesIO()            # plain bytes: tensors outlive this process's shared memory
-        torch.save(result, buf)
-        queue.put((rank, "ok", buf.getvalue()))
-    except BaseException:  # report every failure, including assertion errors, to the parent
-        queue.put((rank, "error", traceback.format_exc()))
+    except BaseException:
+        results.put((rank, "error", traceback.format_exc()))
+        return
+    try:
+        while True:
+            job = jobs.get()
+            if job is None:
+                break
+            fn, args = job
+            torch.manual_seed(start_seed)           # as a freshly started process has them
+            torch.set_default_dtype(start_dtype)
+            torch.set_num_threads(1)
+            try:
+                result = fn(rank, world_size, *args)
+                buf = io.BytesIO()            # plain bytes: tensors outlive this process's shared memory
+                torch.save(result, buf)
+                results.put((rank, "ok", buf.getvalue()))
+            except BaseException:  # report every failure, including assertion errors, to the parent
+                results.put((rank, "error", traceback.format_exc()))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def run_distributed(fn, world_size: int, *args, timeout: float = 600, deepspeed: bool = False) -> list:
-    """Returns [result of rank 0, result of rank 1, ...]."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, deepspeed))
-             for r in range(world_size)]
-    for p in procs:
-        p.start()
-    results, errors = {}, []
-    try:
-        for _ in range(world_size):
-            rank, status, value = queue.get(timeout=timeout)
-            if status == "ok":
-                import torch
-                results[rank] = torch.load(io.BytesIO(value), weights_only=False)
-            else:
-                errors.append(f"rank {rank} failed:\n{value}")
-                break
-    finally:
-        for p in procs:
-            p.join(timeout=5 if errors else 60)
+class WorkerGroup:
+    """world_size spawned processes in one gloo process group, running jobs one at a time."""
+
+    def __init__(self, world_size: int, deepspeed: bool):
+        ctx = mp.get_context("spawn")
+        self.world_size = world_size
+        self.results = ctx.Queue()
+        self.jobs = [ctx.Queue() for _ in range(world_size)]
+        port = free_port()
+        self.procs = [ctx.Process(target=_serve, args=(r, world_size, port, self.jobs[r], self.results, deepspeed),
+                                  daemon=True) for r in range(world_size)]
+        for p in self.procs:
+            p.start()
+
+    def run(self, fn, args, timeout: float) -> list:
+        """[result of rank 0, ...]; raises AssertionError naming the first rank that failed."""
+        for q in self.jobs:
+            q.put((fn, args))
+        results, errors = {}, []
+        try:
+            for _ in range(self.world_size):
+                try:
+                    rank, status, value = self.results.get(timeout=timeout)
+                except queue_module.Empty:
+                    dead = [r for r, p in enumerate(self.procs) if not p.is_alive()]
+                    errors.append(f"no result within {timeout:.0f} s (ranks {sorted(results)} answered; "
+                                  f"dead ranks: {dead})")
+                    break
+                if status == "ok":
+                    import torch
+                    results[rank] = torch.load(io.BytesIO(value), weights_only=False)
+                else:
+                    errors.append(f"rank {rank} failed:\n{value}")
+                    break
+        except BaseException:
+            self.close(kill=True)
+            raise
+        if errors:
+            self.close(kill=True)    # the other ranks may be waiting in a collective
+            raise AssertionError("\n".join(errors))
+        return [results[r] for r in range(self.world_size)]
+
+    def alive(self) -> bool:
+        return all(p.is_alive() for p in self.procs)
+
+    def close(self, kill: bool = False) -> None:
+        if not kill:   # a few seconds to leave the process group; nothing else is left to do
+            import time
+            for q in self.jobs:
+                q.put(None)
+            deadline = time.time() + 5
+            for p in self.procs:
+                p.join(timeout=max(0.1, deadline - time.time()))
+        for p in self.procs:
             if p.is_alive():
                 p.kill()
-    if errors:
-        raise AssertionError("\n".join(errors))
-    return [results[r] for r in range(world_size)]
+                p.join(timeout=5)
+
+
+_groups: dict[tuple[int, bool], WorkerGroup] = {}
+
+
+def close_worker_groups() -> None:
+    while _groups:
+        _, group = _groups.popitem()
+        group.close()
+
+
+atexit.register(close_worker_groups)
+
+
+def run_distributed(fn, world_size: int, *args, timeout: float = 600, deepspeed: bool = False,
+                    fresh: bool = False) -> list:
+    """Returns [result of rank 0, result of rank 1, ...]."""
+    if fresh:
+        group = WorkerGroup(world_size, deepspeed)
+        try:
+            return group.run(fn, args, timeout)
+        finally:
+            group.close()
+    key = (world_size, deepspeed)
+    group = _groups.get(key)
+    if group is None or not group.alive():
+        if group is not None:
+            group.close(kill=True)
+        group = _groups[key] = WorkerGroup(world_size, deepspeed)
+    try:
+        return group.run(fn, args, timeout)
+    except BaseException:
+        if _groups.get(key) is group and not group.alive():
+            del _groups[key]
+        raise

@@ -1,7 +1,7 @@
 """Checks of the Triton GLU (pldr_dist.model.glu_kernel) run in Triton's CPU interpreter.
 
-TRITON_INTERPRET must be set before Triton is imported, so test_glu_kernel.py runs each check
-in its own process: `python tests/glu_kernel_checks.py NAME`.
+TRITON_INTERPRET must be set before Triton is imported, so test_glu_kernel.py runs them in a
+process of their own: `python tests/glu_kernel_checks.py NAME [NAME ...]` (subprocess_checks.py).
 """
 from __future__ import annotations
 
@@ -83,6 +83,13 @@ def fast_path_uses_kernel():
         calls[0] += 1
         return run(*args, **kwargs)
     glu_kernel._glu_fwd.run = counting
+    try:
+        _fast_path_uses_kernel(calls)
+    finally:   # the next check runs in this process (subprocess_checks.py)
+        glu_kernel._glu_fwd.run = run
+
+
+def _fast_path_uses_kernel(calls):
     torch.manual_seed(0)
     cfg = preset("tiny", head_dim=16, a_dff=40)
     base = PLDRModel(cfg)
@@ -125,4 +132,5 @@ def rejects_bad_head_dim():
 
 
 if __name__ == "__main__":
-    globals()[sys.argv[1]]()
+    from subprocess_checks import main
+    main(globals())

@@ -1,7 +1,7 @@
 """Checks of the fused head + loss (pldr_dist.model.head_loss) run in Triton's CPU interpreter.
 
-TRITON_INTERPRET must be set before Triton is imported, so test_head_loss.py runs each check
-in its own process: `python tests/head_loss_checks.py NAME`.
+TRITON_INTERPRET must be set before Triton is imported, so test_head_loss.py runs them in a
+process of their own: `python tests/head_loss_checks.py NAME [NAME ...]` (subprocess_checks.py).
 """
 from __future__ import annotations
 
@@ -50,10 +50,13 @@ def _fused(x, head, targets):
 
 
 def _assert_match(vocab, block, factor=1.0):
-    head_loss.BLOCK_V = block
+    default, head_loss.BLOCK_V = head_loss.BLOCK_V, block
     head, h, targets = _case(vocab)
     ref_loss, ref = _grads(_plain, head, h, targets, factor)
-    loss, got = _grads(_fused, head, h, targets, factor)
+    try:
+        loss, got = _grads(_fused, head, h, targets, factor)
+    finally:   # the next check runs in this process (subprocess_checks.py)
+        head_loss.BLOCK_V = default
     torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
     for name, g, r in zip(("h", "weight", "bias"), got, ref):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7, msg=f"{name} gradient, V={vocab}, block={block}")
@@ -99,7 +102,10 @@ def check_model_computes_its_loss_with_it():
     calls = []
     real = head_loss._HeadLoss.apply
     head_loss._HeadLoss.apply = lambda *a: calls.append(1) or real(*a)
-    loss = fast(tokens[:, :-1], targets=tokens[:, 1:])
+    try:
+        loss = fast(tokens[:, :-1], targets=tokens[:, 1:])
+    finally:   # the next check runs in this process (subprocess_checks.py)
+        del head_loss._HeadLoss.apply
     assert calls, "the fused op did not run"
     loss.backward()
     ref = lm_loss(eager(tokens[:, :-1]), tokens[:, 1:])
@@ -110,5 +116,5 @@ def check_model_computes_its_loss_with_it():
 
 
 if __name__ == "__main__":
-    globals()["check_" + sys.argv[1]]()
-    print("ok")
+    from subprocess_checks import main
+    main(globals(), prefix="check_")

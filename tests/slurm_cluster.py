@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -16,7 +17,12 @@ ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEM
 
 
 def ensure_slurm_cluster() -> None:
-    done = subprocess.run(["bash", CLUSTER_SCRIPT], capture_output=True, text=True, timeout=120)
+    """One caller at a time (pytest-xdist workers, or several test runs on one machine): two
+    scripts racing could each start a slurmctld."""
+    import fcntl
+    with open(os.path.join(tempfile.gettempdir(), "pldr-local-slurm-cluster.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = subprocess.run(["bash", CLUSTER_SCRIPT], capture_output=True, text=True, timeout=120)
     if done.returncode != 0:
         raise RuntimeError(f"{CLUSTER_SCRIPT} failed:\n{done.stdout}{done.stderr}")
 

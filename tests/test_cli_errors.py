@@ -174,6 +174,10 @@ def test_data_tools(folders, tmp_path, capsys):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
     one_line_error(capsys, plot_metrics, [str(tmp_path / "metrics.jsonl"), "--out", str(tmp_path / "m.png")],
                    "pldr-plot-metrics", "metrics.jsonl:2")
+    one_line_error(capsys, plot_metrics, [str(tmp_path / "metrics.jsonl"), "--out", str(tmp_path / "m.png"),
+                                          "--labels", "a", "b"], "pldr-plot-metrics", "2 labels for 1 metrics files")
+    one_line_error(capsys, plot_metrics, [str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "m.png")],
+                   "pldr-plot-metrics", "none.jsonl not found")
     nothing_written(tmp_path / "m.png")
 
 

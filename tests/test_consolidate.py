@@ -2,6 +2,7 @@
 import glob
 import os
 import re
+import shutil
 
 import pytest
 import torch
@@ -104,3 +105,57 @@ def test_incomplete_or_missing_checkpoint_is_refused(runs, tmp_path):
             os.link(os.path.join(tag_dir(run_dir), f), broken / f)
     with pytest.raises(CheckpointError, match="mp_rank_01_model_states.pt is missing"):
         consolidate(str(broken), str(tmp_path / "out"))
+
+
+def test_resume_skips_unfinished_or_corrupt_checkpoints_and_refuses_another_world_size(runs, tmp_path, monkeypatch):
+    """The checks behind the trainer's resume (train/checkpoint.py), on a real DP=2 checkpoint: a
+    tag without COMPLETE.json (its save did not finish) or with a file altered in place (same
+    size: only the sha256 tells) is skipped, with a warning naming the reason, for the previous
+    complete one; and a rank of a larger world refuses the checkpoint in one line naming pldr-reshard."""
+    from pldr_dist.train import checkpoint
+    from pldr_dist.train.checkpoint import CheckpointManager, verify_tag
+
+    source = os.path.join(runs["dp2_zero1"][0], "checkpoints")
+    newest = open(os.path.join(source, "latest")).read().strip()
+    older = "step_00000001"
+    ckpt = tmp_path / "checkpoints"
+
+    def fresh_copy():
+        shutil.rmtree(ckpt, ignore_errors=True)
+        shutil.copytree(source, ckpt)
+        shutil.copytree(ckpt / newest, ckpt / older)   # an older complete tag to fall back to
+        assert verify_tag(str(ckpt / newest)) is None and verify_tag(str(ckpt / older)) is None
+
+    # one process and no process group: rank 0's choice is the answer
+    monkeypatch.setattr(checkpoint.dist, "broadcast_object_list", lambda objects, src=0: None)
+
+    def choose():
+        warnings = []
+        tag = CheckpointManager(str(tmp_path), keep=2, rank=0, world_size=2, log=warnings.append).newest_valid()
+        return tag, warnings
+
+    fresh_copy()
+    assert choose() == (newest, [])
+
+    (ckpt / newest / "COMPLETE.json").unlink()
+    reason = f"{ckpt / newest} has no COMPLETE.json (the save did not finish)"
+    assert verify_tag(str(ckpt / newest)) == reason
+    assert choose() == (older, [f"WARNING: skipping checkpoint {newest}: {reason}; trying the previous one"])
+
+    fresh_copy()
+    victim = ckpt / newest / "mp_rank_00_model_states.pt"
+    raw = bytearray(victim.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF                          # one byte, in place
+    victim.write_bytes(bytes(raw))
+    assert victim.stat().st_size == len(raw)
+    reason = f"{victim} is corrupt (sha256 mismatch)"
+    assert verify_tag(str(ckpt / newest)) == reason
+    assert choose() == (older, [f"WARNING: skipping checkpoint {newest}: {reason}; trying the previous one"])
+
+    fresh_copy()
+    missing = ckpt / newest / "rank_00002.pt"
+    with pytest.raises(CheckpointError) as refused:
+        CheckpointManager(str(tmp_path), keep=2, rank=2, world_size=4).load(None, newest)
+    assert str(refused.value) == (f"{missing} is missing: checkpoint {newest} was written by a different number of "
+                                  f"processes; convert it with `pldr-reshard {ckpt / newest} NEW_RUN_DIR` or launch "
+                                  f"the same layout")

@@ -10,6 +10,7 @@ import json
 import os
 import time
 
+import pytest
 import torch
 from eval_helpers import ByteTokenizer, tiny_model
 from lm_eval.tasks import TaskManager
@@ -65,22 +66,34 @@ def test_local_task_accuracy_is_one_after_memorising_and_not_before(monkeypatch)
     assert "pldr_tiny_qa" in cached and "G-cache" in table
 
 
-def test_pldr_eval_harness_cli_loads_a_consolidated_folder_like_the_python_api(monkeypatch, tmp_path):
-    """`pldr-eval harness --model pldr --model_args pretrained=<folder>` (lm_eval's own command line)
-    gives the same accuracy as the Python API on the same folder (real SentencePiece tokenizer)."""
-    from pldr_dist.data.tokenizer import train_tokenizer
-    from pldr_dist.eval.cli import main as pldr_eval
+@pytest.fixture(scope="module")
+def consolidated(tmp_path_factory):
+    """A consolidated fp64 folder of an untrained tiny model with a SentencePiece tokenizer
+    trained on the task's questions."""
     from pldr_dist.convert.consolidated import save_consolidated
+    from pldr_dist.data.tokenizer import train_tokenizer
 
-    monkeypatch.chdir(ROOT)
+    tmp_path = tmp_path_factory.mktemp("consolidated")
     corpus = tmp_path / "corpus.txt"
     with open(os.path.join(TASK_DIR, "pldr_tiny_qa.jsonl")) as f:
         corpus.write_text("\n\n".join(json.loads(line)["question"] + " blue green red woof moo meow 3 4 5 6 7 8"
                                       for line in f) * 20)
     tok = train_tokenizer([str(corpus)], str(tmp_path / "tok.model"), vocab_size=290)
     folder = tmp_path / "consolidated"
-    save_consolidated(tiny_model(seed=5, dtype=torch.float64), str(folder), dtype="fp64", tokenizer=tok.path)
+    # The model's vocabulary is the tokenizer's (text generated from it decodes); with this seed its
+    # accuracy differs with and without the G-cache (0.25, 0.375), so swapped columns would show.
+    save_consolidated(tiny_model(seed=11, dtype=torch.float64, vocab_size=290), str(folder), dtype="fp64",
+                      tokenizer=tok.path)
+    return folder
 
+
+def test_pldr_eval_harness_cli_loads_a_consolidated_folder_like_the_python_api(consolidated, monkeypatch, tmp_path):
+    """`pldr-eval harness --model pldr --model_args pretrained=<folder>` (lm_eval's own command line)
+    gives the same accuracy as the Python API on the same folder (real SentencePiece tokenizer)."""
+    from pldr_dist.eval.cli import main as pldr_eval
+
+    monkeypatch.chdir(ROOT)
+    folder = consolidated
     want = run_tasks(PLDRLM(pretrained=str(folder), dtype="float64"), ["pldr_tiny_qa"],
                      TaskManager(include_path=TASK_DIR))["pldr_tiny_qa"]["acc"]
     out = tmp_path / "results"
@@ -90,3 +103,65 @@ def test_pldr_eval_harness_cli_loads_a_consolidated_folder_like_the_python_api(m
     (result_file,) = [os.path.join(d, f) for d, _, fs in os.walk(out) for f in fs if f.startswith("results")]
     with open(result_file) as f:
         assert json.load(f)["results"]["pldr_tiny_qa"]["acc,none"] == want
+
+
+def test_pldr_eval_compare_gcache_cli_prints_the_scores_with_and_without_the_g_cache(consolidated, monkeypatch,
+                                                                                     capsys):
+    """`pldr-eval compare-gcache` on a folder scores the model as it is, then the model with G_LM
+    fixed from the end-of-sequence prompt (its two harness runs are recorded here: same logits as
+    those two models built here), and prints one row per metric with both scores and their difference."""
+    from pldr_dist.convert.consolidated import load_consolidated
+    from pldr_dist.eval import compare
+    from pldr_dist.eval.cli import main as pldr_eval
+
+    monkeypatch.chdir(ROOT)
+    runs = []
+    real_run_tasks = compare.run_tasks
+    monkeypatch.setattr(compare, "run_tasks", lambda lm, *a, **k: runs.append((lm.model, real_run_tasks(lm, *a, **k)))
+                        or runs[-1][1])
+    capsys.readouterr()
+    assert pldr_eval(["compare-gcache", "--model", str(consolidated), "--tasks", "pldr_tiny_qa", "--include-path",
+                      TASK_DIR, "--batch-size", "4", "--dtype", "float64"]) == 0
+    out = capsys.readouterr().out.splitlines()
+
+    model = load_consolidated(consolidated).double().eval()
+    fixed = with_fixed_g(model, g_from_prompt(model, [model.cfg.eos_id]))
+    tokens = torch.randint(4, model.cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    assert len(runs) == 2
+    with torch.no_grad():
+        for (scored, _), want in zip(runs, (model, fixed)):
+            assert scored.cfg.mode == want.cfg.mode
+            assert torch.equal(scored(tokens), want(tokens))
+        assert not torch.equal(model(tokens), fixed(tokens))
+
+    assert out[0] == f"model {consolidated}; G-cache computed from the end-of-sequence prompt", out
+    assert out[1].split() == ["task", "metric", "no", "G-cache", "G-cache", "diff"], out
+    plain, cached = runs[0][1]["pldr_tiny_qa"], runs[1][1]["pldr_tiny_qa"]
+    printed = {row.split()[1]: [float(v) for v in row.split()[2:]] for row in out[2:] if row.startswith("pldr_tiny_qa")}
+    assert printed.keys() == plain.keys() and "acc" in printed, (out, plain)
+    assert plain["acc"] != cached["acc"]    # the fixture's model: the two columns differ
+    for metric, values in printed.items():
+        assert values == pytest.approx([plain[metric], cached[metric], cached[metric] - plain[metric]], abs=1e-4), \
+            (metric, values, plain, cached)
+
+
+def test_pldr_generate_encodes_text_prompts_and_decodes_with_the_folders_tokenizer(consolidated, tmp_path, capsys):
+    """pldr-generate with text prompts (no --token-ids): each prompt is encoded by the folder's
+    tokenizer.model, the greedy continuation decoded with it: `prompt<TAB>text` per line."""
+    import sentencepiece as spm
+
+    from pldr_dist.convert.consolidated import load_consolidated
+    from pldr_dist.infer import SamplingConfig, generate
+    from pldr_dist.infer.cli import generate_main
+
+    prompts = ["What colour is the sky?", "A cow says"]
+    (tmp_path / "prompts.txt").write_text("".join(p + "\n" for p in prompts))
+    sp = spm.SentencePieceProcessor(model_file=str(consolidated / "tokenizer.model"))
+    model = load_consolidated(consolidated)
+    tokens = generate(model, [sp.encode(p) for p in prompts], SamplingConfig(max_new_tokens=6)).tokens
+    assert all(len(t) > 0 for t in tokens)
+    capsys.readouterr()
+    generate_main([str(consolidated), "--prompts", str(tmp_path / "prompts.txt"), "--max-new-tokens", "6"])
+    captured = capsys.readouterr()
+    assert captured.out.splitlines() == [f"{p}\t{sp.decode(t)}" for p, t in zip(prompts, tokens)], captured
+    assert "2 prompts" in captured.err

@@ -56,6 +56,7 @@ def test_discover_reads_srun_environment_master_from_nodelist_port_from_job_id(c
     assert D.discover().master_port == 23456
 
 
+@pytest.mark.slurm
 def test_nodelist_parser_matches_scontrol_show_hostnames():
     ensure_slurm_cluster()   # scontrol needs a slurm.conf
     for nodelist in ["node[01-03,7],gpu5", "vm", "x[1-2]y[3-4]", "n[9-11]", "gpu[007-009,100],cpu1"]:
@@ -160,6 +161,7 @@ def job_logs(work: str, job: int) -> str:
     return "\n".join(f"--- {p}\n" + (open(p).read()[-3000:] if os.path.exists(p) else "(missing)") for p in paths)
 
 
+@pytest.mark.slurm
 def test_sbatch_signal_before_time_limit_checkpoints_requeues_and_matches_reference(tmp_path):
     """SLURM itself sends the warning: a 1-minute job with `--signal=B:USR1@20` is signalled
     (SLURM checks every ~30 s, so 10-45 s after start), checkpoints, requeues itself, and the

@@ -85,8 +85,11 @@ def test_tp_logits_loss_gradients_and_adamw_steps_match_single_process(tp, sp):
 def padded_ffn_tp_worker(rank, world, *args):
     """tp_worker with the FFN shards zero-padded as on CUDA (tiny's d_ff = 170: shards of 85 -> 128)."""
     from pldr_dist.parallel import layers
-    layers.PAD_ON_CPU = True
-    return tp_worker(rank, world, *args)
+    previous, layers.PAD_ON_CPU = layers.PAD_ON_CPU, True
+    try:
+        return tp_worker(rank, world, *args)
+    finally:   # the process runs other jobs after this one (distributed.py)
+        layers.PAD_ON_CPU = previous
 
 
 def test_tp2_with_the_ffn_shards_padded_as_on_cuda_matches_single_process():
@@ -125,8 +128,11 @@ def nccl_path_tp_worker(rank, world, tp, sp, dtype, steps, overrides):
 
     nccl = {name: getattr(dist, name) for name in dir(dist) if not name.startswith("__")}
     nccl.update(get_backend=lambda group=None: "nccl", reduce_scatter_tensor=reduce_scatter_tensor)
-    mappings.dist = types.SimpleNamespace(**nccl)
-    return tp_worker(rank, world, tp, sp, dtype, steps, overrides)
+    previous, mappings.dist = mappings.dist, types.SimpleNamespace(**nccl)
+    try:
+        return tp_worker(rank, world, tp, sp, dtype, steps, overrides)
+    finally:   # the process runs other jobs after this one (distributed.py)
+        mappings.dist = previous
 
 
 def test_tp2_sequence_parallel_through_the_nccl_branch_matches_single_process():

@@ -1,22 +1,41 @@
 """Run the real entry point (`python -m pldr_dist.train` under torchrun) from tests."""
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+_prepared = {}   # this process's prepared corpus, in a folder of its own that no test writes to
+
+
 def prepare_data(out_dir: str):
-    from pldr_dist.data.prepare import prepare_corpus
-    corpus = os.path.join(out_dir, "corpus.txt")
-    with open(os.path.join(ROOT, "data", "tinyshakespeare.txt")) as f:
-        text = f.read()[:300_000]
-    with open(corpus, "w") as f:
-        f.write(text)
-    return prepare_corpus(corpus, out_dir, vocab_size=512, seq_len=32, samples_per_shard=256, log=lambda *_: None)
+    """The tokenizer and shards of the first 300 kB of the bundled corpus, in out_dir. Prepared
+    once per process (training the tokenizer takes seconds), copied for each caller."""
+    from pldr_dist.data.prepare import Prepared, prepare_corpus
+    if "data" not in _prepared or not os.path.isfile(_prepared["data"].manifest):
+        cache = tempfile.mkdtemp(prefix="pldr-test-data-")
+        atexit.register(shutil.rmtree, cache, ignore_errors=True)
+        with open(os.path.join(ROOT, "data", "tinyshakespeare.txt")) as f:
+            text = f.read()[:300_000]
+        with open(os.path.join(cache, "corpus.txt"), "w") as f:
+            f.write(text)
+        _prepared["data"] = prepare_corpus(os.path.join(cache, "corpus.txt"), cache, vocab_size=512, seq_len=32,
+                                           samples_per_shard=256, log=lambda *_: None)
+    cached = _prepared["data"]
+    src = os.path.dirname(cached.tokenizer)
+    os.makedirs(out_dir, exist_ok=True)
+    for name in ("corpus.txt", "tokenizer.model"):
+        shutil.copyfile(os.path.join(src, name), os.path.join(out_dir, name))
+    shutil.copytree(os.path.dirname(cached.manifest), os.path.join(out_dir, "shards"), dirs_exist_ok=True)
+    return Prepared(os.path.join(out_dir, "tokenizer.model"), os.path.join(out_dir, "shards", "manifest.json"),
+                    cached.train_shards, cached.valid_shards)
 
 
 def command(data, run_dir: str, nproc: int, sets: list[str]) -> list[str]:
