@@ -173,6 +173,10 @@ def test_sbatch_signal_before_time_limit_checkpoints_requeues_and_matches_refere
     config = write_config(run_dir, steps, step_seconds=0.3)   # 72 s of steps: more than the limit
     options = [o for o in SBATCH_LOCAL if not o.startswith("--time")] + ["--time=1", "--signal=B:USR1@20"]
     job = sbatch(f"{LAUNCH}/slurm_train.sbatch", options, ["--config", config], cwd=str(work), env=launch_env())
+    deadline = time.time() + 600   # the node may still run another test run's jobs: the limit counts from the start
+    while job_info(job).get("JobState") == "PENDING":
+        assert time.time() < deadline, job_logs(work, job)
+        time.sleep(0.5)
     deadline = time.time() + 120
     while job_info(job).get("Restarts") != "1":   # (passing through COMPLETING / REQUEUED on the way)
         assert time.time() < deadline and job_info(job).get("JobState") not in ENDED, job_logs(work, job)
