@@ -196,6 +196,19 @@ def fast_path_uses_op():
     # (The whole model's gradients are not compared: at this size every bf16 path, eager
     # included, is O(1) away from fp32 in the learner's gradients; op_matches_fp64 checks them.)
     assert all(torch.isfinite(g).all() for g in grads)
+    # DeepSpeed's bf16: bf16 parameters, no autocast; A must come out bf16 as PyTorch's
+    # LayerNorm gives it (an fp32 A made q G_LM fp32 against bf16 k and v in SDPA)
+    base_fp32, base = base, copy.deepcopy(base).bfloat16()
+    pure, _, n = loss_and_grads(True, autocast=False)
+    assert n == cfg.num_layers, f"bf16 parameters: op ran {n} times"
+    pure_eager, _, _ = loss_and_grads(False, autocast=False)
+    assert abs(pure.item() - pure_eager.item()) / pure_eager.item() < 2e-2, (pure.item(), pure_eager.item())
+    learner = next(m for m in base.modules() if isinstance(m, MetricLearner))
+    fast = copy.deepcopy(learner)
+    fast.__class__, fast.use_fused_learner = FusedMetricLearner, True
+    a0 = torch.randn(4, DK, dtype=torch.bfloat16)
+    assert fast(a0).dtype == learner(a0).dtype == torch.bfloat16
+    base = base_fp32
     fp32, _, n = loss_and_grads(True, autocast=False)
     assert n == 0, "fp32 must not use the bf16 op"
     fp32_eager, _, _ = loss_and_grads(False, autocast=False)

@@ -17,13 +17,15 @@ def run_suite(tmp_path, capsys, *argv):
 
 
 def test_step_suite_times_plga_against_identity_g(tmp_path, capsys):
-    rows = run_suite(tmp_path, capsys, "step")
-    assert [(r["model"], r["attention"], r["micro_batch"]) for r in rows] == [("tiny", "plga", 2), ("tiny", "identity", 2)]
+    rows = run_suite(tmp_path, capsys, "step", "--metric-kernel", "glu,pytorch")
+    assert [(r["model"], r["attention"], r["metric_kernel"], r["micro_batch"]) for r in rows] == \
+        [("tiny", "plga", "glu", 2), ("tiny", "plga", "pytorch", 2), ("tiny", "identity", "", 2)]
     for r in rows:
         assert r["exit_code"] == 0 and r["path"] == "uncompiled"
         assert min(r["tokens_per_s"], r["step_ms"], r["tflops"], r["mfu"]) > 0
         assert r["tokens_per_s"] == pytest.approx(2 * 32 / (r["step_ms"] / 1e3))
-    assert rows[0]["plga_over_identity"] == pytest.approx(rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"])
+    for plga in rows[:2]:     # each PLGA row against the one G = I row
+        assert plga["plga_over_identity"] == pytest.approx(plga["tokens_per_s"] / rows[2]["tokens_per_s"])
 
 
 def test_decode_suite_times_every_cache_mode_and_checks_the_static_decoder(tmp_path, capsys):
@@ -46,6 +48,7 @@ def test_data_suite_measures_tokenizer_shards_and_loader(tmp_path, capsys):
 def test_bad_input_is_one_line(tmp_path, capsys):
     for argv, words in ((["step", "--model", "pldr-7b:8"], "--model 'pldr-7b:8'"),
                         (["step", "--model", "tiny:x"], "'x': give one integer"),
+                        (["step", "--metric-kernel", "glu,triton"], "--metric-kernel glu,triton"),
                         (["decode", "--model", "nope"], "--model 'nope'")):
         with pytest.raises(SystemExit) as e:
             main([*argv, "--out", str(tmp_path)])

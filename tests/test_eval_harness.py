@@ -165,3 +165,34 @@ def test_pldr_generate_encodes_text_prompts_and_decodes_with_the_folders_tokeniz
     captured = capsys.readouterr()
     assert captured.out.splitlines() == [f"{p}\t{sp.decode(t)}" for p, t in zip(prompts, tokens)], captured
     assert "2 prompts" in captured.err
+
+
+def test_pldr_generate_never_samples_ids_the_tokenizer_lacks(consolidated, tmp_path, capsys):
+    """A model whose vocabulary is larger than its tokenizer's (the trainer accepts that): the ids
+    past the tokenizer's pieces are never generated, though here their logits are the largest
+    (before, decoding one raised a raw IndexError)."""
+    import sentencepiece as spm
+
+    from pldr_dist.convert.consolidated import save_consolidated
+    from pldr_dist.infer import SamplingConfig, generate
+    from pldr_dist.infer.cli import generate_main
+
+    sp = spm.SentencePieceProcessor(model_file=str(consolidated / "tokenizer.model"))
+    pieces = sp.get_piece_size()
+    model = tiny_model(seed=11, dtype=torch.float64, vocab_size=pieces + 10)
+    with torch.no_grad():
+        model.head.bias[pieces:] = 1e3
+    prompts = ["A cow says", "What colour is the sky?"]
+    ids = [sp.encode(p) for p in prompts]
+    unlimited = generate(model, ids, SamplingConfig(max_new_tokens=4, stop_at_eos=False)).tokens
+    assert all(t >= pieces for gen in unlimited for t in gen)      # what the limit has to stop
+    sampled = generate(model, ids, SamplingConfig(max_new_tokens=4, temperature=1.0, seed=3, stop_at_eos=False,
+                                                  vocab_limit=pieces)).tokens
+    assert all(0 <= t < pieces for gen in sampled for t in gen)
+    limited = generate(model, ids, SamplingConfig(max_new_tokens=4, vocab_limit=pieces)).tokens
+    folder = save_consolidated(model, str(tmp_path / "wide"), dtype="fp64", tokenizer=consolidated / "tokenizer.model")
+    (tmp_path / "prompts.txt").write_text("".join(p + "\n" for p in prompts))
+    capsys.readouterr()
+    generate_main([str(folder), "--prompts", str(tmp_path / "prompts.txt"), "--max-new-tokens", "4"])
+    out = capsys.readouterr().out.splitlines()
+    assert out == [f"{p}\t{sp.decode(t)}" for p, t in zip(prompts, limited)], out

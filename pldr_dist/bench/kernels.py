@@ -167,9 +167,30 @@ def _errors(cfg, path: str, x0, dy, ref, bf16: bool) -> tuple:
     return err_out, err_dx, err_dw
 
 
-def bench_path(cfg, shape: str, path: str, n_rows: int, device, iters: int, ref, log) -> Row:
+def kernel_breakdown(fn, reset, calls: int = 3) -> str:
+    """'kernel ms, ...' per call of fn (eager, under torch.profiler): which kernel a path's
+    time goes to, largest first."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    reset()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    totals = {}
+    for e in prof.key_averages():
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0:
+            name = e.key.split("(")[0][:40]
+            totals[name] = totals.get(name, 0.0) + e.self_device_time_total / 1e3 / calls
+    top = sorted(totals.items(), key=lambda kv: -kv[1])[:6]
+    return "kernels ms/call: " + ", ".join(f"{k} {v:.3f}" for k, v in top)
+
+
+def bench_path(cfg, shape: str, path: str, n_rows: int, device, iters: int, ref, log,
+               breakdown: bool = False) -> Row:
     """One path at one shape: times, TFLOP/s and (given the fp32 reference) errors. bf16
-    autocast except for the eager path on a CPU (the smoke run)."""
+    autocast except for the eager path on a CPU (the smoke run). breakdown: the time per
+    kernel too (in the note)."""
     import torch
     row = Row(shape, path, n_rows)
     cuda = device.type == "cuda"
@@ -204,6 +225,8 @@ def bench_path(cfg, shape: str, path: str, n_rows: int, device, iters: int, ref,
             row.fwd_ms, note1 = _time_graph(forward, iters)
             row.fwd_bwd_ms, note2 = _time_graph(forward_backward, iters, drop_grads)
             row.note = "; ".join(n for n in (note1, note2) if n)
+            if breakdown:
+                row.note = "; ".join(n for n in (row.note, kernel_breakdown(forward_backward, drop_grads)) if n)
         else:
             row.fwd_ms = _time_cpu(forward, iters)
             row.fwd_bwd_ms = _time_cpu(forward_backward, iters)
@@ -326,6 +349,9 @@ def run(a, log=print) -> list:
     meta["wall_s"] = round(time.time() - t0, 1)
     rank = {f"{name} mb{mb}": i for i, (name, mb) in enumerate(shapes)}     # the table: shape by shape
     rows.sort(key=lambda r: (rank.get(r.shape, -1), (("matmul",) + PATHS).index(r.path)))
+    if a.sweep and cuda:
+        from .kernel_sweep import sweep
+        rows += sweep(shapes, device, iters, refs, log, lambda: write(a, rows, meta))
     write(a, rows, meta)
     log(table(rows, meta["device"]))
     log(f"kernel configs: {meta.get('kernel_configs')}; {meta['wall_s']} s")
@@ -338,5 +364,7 @@ def add_parser(sub) -> None:
     p.add_argument("--shapes", help=f"PRESET:MICRO_BATCH,... (default {SHAPES}; smoke {SMOKE_SHAPES})")
     p.add_argument("--iters", type=int, default=0, help="timed replays per measurement (default 20; smoke 2)")
     p.add_argument("--matmul-size", type=int, default=8192, help="N of the N^3 bf16 matmul roof")
+    p.add_argument("--sweep", action="store_true",
+                   help="then time the whole-learner op under each candidate kernel config (kernel_sweep.py)")
     report.add_common(p, "kernels")     # --out, --name, --smoke (CPU: the eager path at a small shape)
     p.set_defaults(func=run)

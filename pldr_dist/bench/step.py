@@ -7,7 +7,9 @@ what the deductive path costs). fp32 master weights, bf16 autocast, fused AdamW,
 tokens (no pads), loss `model(x, targets=y)`. Paths: `graphs` is the trainer's
 (`optimize_for_training`: Triton metric learner, each layer compiled and replayed as a CUDA
 graph, head and loss fused), `compiled` the same without CUDA graphs, `uncompiled` its parts
-without torch.compile, `eager` the plain model with `lm_loss` on the logits.
+without torch.compile, `eager` the plain model with `lm_loss` on the logits. `--metric-kernel`
+picks the fast path's metric learner as `train.metric_kernel` does (glu, learner, pytorch; a
+comma list times PLGA once per kernel against one G = I run).
 
 Reported per run: the median of timed steps after warm-up (CUDA events), its spread, tokens/s,
 TFLOP/s and MFU (model FLOPs of `model.flops` / --peak-tflops), peak memory, the warm-up's
@@ -23,6 +25,7 @@ from ..errors import InputError
 from . import report
 
 PATHS = ("graphs", "compiled", "uncompiled", "eager")
+METRIC_KERNELS = ("glu", "learner", "pytorch")
 ATTENTION = ("plga", "identity")
 
 
@@ -33,6 +36,7 @@ class Row:
     path: str
     micro_batch: int
     seq_len: int
+    metric_kernel: str = ""           # the learner's kernels on the fast path (PLGA rows)
     exit_code: int = 0
     tokens_per_s: float = 0.0
     step_ms: float = 0.0
@@ -55,7 +59,7 @@ def parse_model(text: str) -> tuple[str, list]:
     return name, report.int_list(batches)
 
 
-def build(name: str, attention: str, path: str, seq_len: int, device: str):
+def build(name: str, attention: str, path: str, seq_len: int, device: str, metric_kernel: str = "glu"):
     """(cfg, model, loss_of(tokens), optimizer) for one run."""
     import torch
     from ..model import PLDRModel, lm_loss, preset
@@ -70,7 +74,8 @@ def build(name: str, attention: str, path: str, seq_len: int, device: str):
     for layer in model.layers:
         layer.attn.skip_identity_g = attention == "identity"
     if path != "eager":
-        optimize_for_training(model, compile=path != "uncompiled", cuda_graphs=path == "graphs")
+        optimize_for_training(model, compile=path != "uncompiled", cuda_graphs=path == "graphs",
+                              triton_glu=metric_kernel != "pytorch", fused_learner=metric_kernel == "learner")
         loss_of = lambda t: model(t[:, :-1], targets=t[:, 1:])  # noqa: E731
     else:
         loss_of = lambda t: lm_loss(model(t[:, :-1]), t[:, 1:])  # noqa: E731
@@ -79,18 +84,18 @@ def build(name: str, attention: str, path: str, seq_len: int, device: str):
     return cfg, model, loss_of, opt
 
 
-def time_run(a, name: str, attention: str, batch: int, device: str, log) -> Row:
+def time_run(a, name: str, attention: str, batch: int, device: str, log, metric_kernel: str = "glu") -> Row:
     import torch
     from ..model.flops import flops_per_token
 
-    row = Row(name, attention, a.path, batch, a.seq_len)
+    row = Row(name, attention, a.path, batch, a.seq_len, metric_kernel if attention == "plga" else "")
     cuda = device == "cuda"
     if cuda:
         torch._dynamo.reset()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     try:
-        cfg, model, loss_of, opt = build(name, attention, a.path, a.seq_len, device)
+        cfg, model, loss_of, opt = build(name, attention, a.path, a.seq_len, device, metric_kernel)
         tokens = torch.randint(4, cfg.vocab_size, (batch, a.seq_len + 1), device=device)
 
         def step():
@@ -123,7 +128,7 @@ def time_run(a, name: str, attention: str, batch: int, device: str, log) -> Row:
                 times.append(time.perf_counter() - t)
     except Exception as e:   # out of memory, a compile failure: reported, the other runs go on
         row.exit_code, row.error = 1, f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-        log(f"  {name} {attention} mb {batch}: {row.error}")
+        log(f"  {name} {attention} {row.metric_kernel} mb {batch}: {row.error}")
         return row
     sec = statistics.median(times)
     row.step_ms, row.spread = 1e3 * sec, (max(times) - min(times)) / sec
@@ -131,7 +136,7 @@ def time_run(a, name: str, attention: str, batch: int, device: str, log) -> Row:
     row.tflops = row.tokens_per_s * flops_per_token(cfg, a.seq_len) / 1e12
     row.mfu = row.tflops / a.peak_tflops
     row.memory_mib = torch.cuda.max_memory_allocated() / 2**20 if cuda else 0.0
-    log(f"  {name} {attention:<8} mb {batch:>4}: {row.tokens_per_s:,.0f} tokens/s, {100 * row.mfu:.1f}% MFU, "
+    log(f"  {name} {attention:<8} {row.metric_kernel:<7} mb {batch:>4}: {row.tokens_per_s:,.0f} tokens/s, {100 * row.mfu:.1f}% MFU, "
         f"{row.step_ms:.1f} ms/step, warm-up {row.warmup_s:.0f} s")
     del model, opt
     return row
@@ -140,14 +145,14 @@ def time_run(a, name: str, attention: str, batch: int, device: str, log) -> Row:
 def table(rows: list, device: str, a) -> str:
     lines = [f"# {device}: stand-alone training step, path {a.path}, seq {a.seq_len}, "
              f"median of {a.iters} steps after {a.warmup}; MFU of {a.peak_tflops:g} TFLOP/s",
-             f"{'model':<10} {'attention':<9} {'mb':>4} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'step ms':>8} "
+             f"{'model':<10} {'attention':<9} {'learner':<7} {'mb':>4} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'step ms':>8} "
              f"{'spread':>6} {'mem MiB':>8} {'warm-up s':>9} {'PLGA/G=I':>8}"]
     for r in rows:
         if r.exit_code:
-            lines.append(f"{r.model:<10} {r.attention:<9} {r.micro_batch:>4} FAILED: {r.error}")
+            lines.append(f"{r.model:<10} {r.attention:<9} {r.metric_kernel:<7} {r.micro_batch:>4} FAILED: {r.error}")
             continue
         ratio = f"{r.plga_over_identity:8.3f}" if r.plga_over_identity else ""
-        lines.append(f"{r.model:<10} {r.attention:<9} {r.micro_batch:>4} {r.tokens_per_s:>10,.0f} {r.tflops:>8.1f} "
+        lines.append(f"{r.model:<10} {r.attention:<9} {r.metric_kernel:<7} {r.micro_batch:>4} {r.tokens_per_s:>10,.0f} {r.tflops:>8.1f} "
                      f"{100 * r.mfu:>5.1f}% {r.step_ms:>8.1f} {r.spread:>6.3f} {r.memory_mib:>8.0f} "
                      f"{r.warmup_s:>9.1f} {ratio:>8}")
     return "\n".join(lines)
@@ -163,6 +168,8 @@ def run(a, log=print) -> list:
         raise InputError("--iters and --seq-len must be positive, --warmup not negative")
     if not a.attention or set(a.attention) - set(ATTENTION):
         raise InputError(f"--attention {','.join(a.attention)}: give plga, identity or plga,identity")
+    if not a.metric_kernel or set(a.metric_kernel) - set(METRIC_KERNELS):
+        raise InputError(f"--metric-kernel {','.join(a.metric_kernel)}: give a comma list of {', '.join(METRIC_KERNELS)}")
     device = "cuda" if torch.cuda.is_available() and not a.smoke else "cpu"
     if device == "cpu" and a.path in ("graphs", "compiled") and not a.smoke:
         raise InputError(f"--path {a.path} needs a GPU; on the CPU use --path uncompiled or eager (or --smoke)")
@@ -170,10 +177,13 @@ def run(a, log=print) -> list:
     rows = []
     for model, batches in models:
         for batch in batches:
-            pair = {att: time_run(a, model, att, batch, device, log) for att in a.attention}
-            if pair.get("plga") and pair.get("identity") and pair["identity"].tokens_per_s:
-                pair["plga"].plga_over_identity = pair["plga"].tokens_per_s / pair["identity"].tokens_per_s
-            rows += pair.values()
+            plga = [time_run(a, model, "plga", batch, device, log, mk) for mk in a.metric_kernel] \
+                if "plga" in a.attention else []
+            identity = [time_run(a, model, "identity", batch, device, log)] if "identity" in a.attention else []
+            for row in plga:
+                if identity and identity[0].tokens_per_s:
+                    row.plga_over_identity = row.tokens_per_s / identity[0].tokens_per_s
+            rows += plga + identity
             report.write(a, rows, table(rows, name, a), name)   # after every pair: a time limit keeps the rest
     log(table(rows, name, a))
     return rows
@@ -188,6 +198,8 @@ def add_parser(sub) -> None:
     p.add_argument("--path", choices=PATHS, default="graphs", help="fast-path variant (default: the trainer's)")
     p.add_argument("--attention", type=lambda s: s.split(","), default=list(ATTENTION),
                    help="plga,identity (default both)")
+    p.add_argument("--metric-kernel", type=lambda s: s.split(","), default=["glu"],
+                   help="the PLGA rows' metric learner: glu, learner, pytorch or a comma list (default glu)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--peak-tflops", type=float, default=989.0, help="MFU denominator (H100/H200 dense bf16: 989)")

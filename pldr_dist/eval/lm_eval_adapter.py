@@ -153,7 +153,8 @@ class PLDRLM(TemplateLM):
         jobs.sort(key=lambda j: (len(j[1]), j[2]))
         out: list = [None] * len(jobs)
         for batch in batches_of(jobs, self.batch_size, key=lambda j: (len(j[1]), j[2])):
-            sampling = SamplingConfig(max_new_tokens=batch[0][2], temperature=0.0, stop_at_eos=True)
+            sampling = SamplingConfig(max_new_tokens=batch[0][2], temperature=0.0, stop_at_eos=True,
+                                      vocab_limit=self.tokenizer.vocab_size)
             gen = generate(self.model, [j[1] for j in batch], sampling, cache_mode="kv+g")
             for (i, _, _, until), tokens in zip(batch, gen.tokens):
                 tokens = [t for t in tokens if t != self.cfg.eos_id]

@@ -86,7 +86,8 @@ def generate_main(argv=None) -> None:
     prompts = _read_prompts(args.prompts)
     ids = _encode(prompts, tok, args.token_ids, args.prompts)
     model.to(args.device)
-    sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p, seed=args.seed)
+    sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p, seed=args.seed,
+                              vocab_limit=tok.vocab_size if tok is not None else 0)
     started, produced = time.perf_counter(), 0
     for start in range(0, len(ids), args.batch_size):
         batch = ids[start:start + args.batch_size]

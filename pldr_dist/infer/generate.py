@@ -25,6 +25,7 @@ class SamplingConfig:
     top_p: float = 1.0            # 1 = off
     stop_at_eos: bool = True
     seed: Optional[int] = None
+    vocab_limit: int = 0          # > 0: only ids below it (a tokenizer with fewer pieces than the model's vocab)
 
 
 @dataclass
@@ -46,7 +47,12 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device=None) -> torc
 
 
 def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator=None) -> torch.Tensor:
-    """Greedy, or temperature / top-k / top-p sampling from logits [B, V]."""
+    """Greedy, or temperature / top-k / top-p sampling from logits [B, V]. With cfg.vocab_limit
+    the ids a tokenizer cannot decode are never chosen: a model's vocabulary may be larger than
+    its tokenizer's (the trainer accepts that), and those rows of the head are untrained, not
+    absent."""
+    if 0 < cfg.vocab_limit < logits.shape[-1]:
+        logits = logits[..., :cfg.vocab_limit]
     if cfg.temperature <= 0:
         return logits.argmax(-1)
     logits = logits.float() / cfg.temperature

@@ -14,6 +14,7 @@ class PromptTokenizer:
     def __init__(self, path):
         self.tok = Tokenizer.from_file(str(path))
         self.eos_id = self.tok.eos_id
+        self.vocab_size = self.tok.vocab_size
 
     def encode(self, text: str) -> list:
         ids = self.tok.encode(text)

@@ -56,8 +56,13 @@ class FusedMetricLearner(MetricLearner):
         if (self.use_kernel and fused is not False and metric_kernel.available(a0) and (a0.is_cuda or fused)
                 and compute_dtype(self.u1_weight) == torch.bfloat16):
             # LayerNorm(A0) and all R units in one op; A0 goes in as it is (the first step
-            # is an fp32 LayerNorm), A comes out fp32 as autocast's LayerNorm gives it.
-            return metric_kernel.metric_learner(a0, *metric_kernel.learner_params(self), eps=self.eps)
+            # is an fp32 LayerNorm), A comes out fp32 as autocast's LayerNorm gives it. Without
+            # autocast (DeepSpeed's bf16: bf16 parameters) PyTorch's LayerNorm gives a0's dtype,
+            # and the attention downstream needs q G_LM in the dtype of k and v: cast to it.
+            a = metric_kernel.metric_learner(a0, *metric_kernel.learner_params(self), eps=self.eps)
+            if not torch.is_autocast_enabled(a0.device.type):
+                a = a.to(torch.promote_types(a0.dtype, self.norm_weight.dtype))
+            return a
         return super().forward(a0)
 
     def glu(self, y: torch.Tensor, r: int, j: int) -> torch.Tensor:

@@ -58,20 +58,22 @@ except ImportError:  # CPU-only installs: the PyTorch learner is used instead
 
 # Configs: (BM rows per block, BH hidden units per chunk, warps, pipeline stages). With
 # dk = 64 a [64, 64] fp32 tile costs 32 registers per thread at 4 warps; the chunk's gate, up,
-# hidden and their gradients are what fills the register file, hence BH = 32 where the
-# backward holds them all (an sm_90 compile of these configs spills little or nothing; with
-# BH = 64 the backward spilled). One pipeline stage: the weight tiles of a GLU are a few KB,
-# so several programs share an SM and hide each other's TMA latency (two stages would
-# double-buffer all of a GLU's tiles, ~150 KB of shared memory, one program per SM).
+# hidden and their gradients are what fills the register file, so wide chunks need 8 warps
+# (BH = 64 at 4 warps spilled in the backward). The first guesses (BH = 32, one stage: several
+# small programs per SM hiding each other's TMA latency) were not the fastest on an H200:
 # Forward: autotuned per shape (rows are independent: the choice changes speed, not values).
-FWD_CONFIGS = [(64, 64, 4, 1), (128, 64, 8, 1), (64, 32, 4, 1), (128, 32, 8, 1)]
+# `pldr-bench kernels --sweep` on an H200 (benchmarks/results/kernels/h200/kernels_sweep.txt)
+# put (128, 64, 8, 2) at 0.64 ms for pldr-110m mb128 against 0.89 for (64, 64, 4, 1).
+FWD_CONFIGS = [(128, 64, 8, 2), (64, 64, 4, 2), (64, 64, 4, 1), (128, 64, 8, 1), (64, 32, 4, 1)]
 # Backward: NOT timed. The first config that compiles is used and kept for the process: BM
 # and BH fix how the weight gradients are summed, so a config picked by timing could change
 # a run's bits from one process to the next. Later entries are fallbacks.
-BWD_ROWS_CONFIGS = [(64, 32, 4, 1), (128, 32, 8, 1), (32, 32, 4, 1)]
+# The same sweep: rows (128, 64, 8, 1) 1.95 ms against 2.41 for (64, 32, 4, 1) (pldr-110m mb128;
+# 0.56 against 0.66 at pldr-1b mb16); more programs per SM for the weight gradients 1.31 / 1.43.
+BWD_ROWS_CONFIGS = [(128, 64, 8, 1), (64, 32, 4, 1), (128, 32, 8, 1), (32, 32, 4, 1)]
 WGRAD_CONFIGS = [(32, 64, 4, 3), (32, 32, 4, 1)]
 INTERP_BM, INTERP_BH = 32, 16   # Triton's interpreter (tests): fewer, larger programs run faster
-PROGRAMS_PER_SM = 2  # weight-gradient programs: ~2 per SM over all (chunk, GLU) pairs
+PROGRAMS_PER_SM = 4  # weight-gradient programs: ~4 per SM over all (chunk, GLU) pairs
 SUM_BLOCK, SUM_ROWS = 64, 8   # partial-sum kernel: elements per program, partials per load
 # sigmoid through tanh.approx on the GPU (see glu_kernel.SIGMOID_TANH); read at each call.
 SIGMOID_TANH = True

@@ -68,7 +68,7 @@ class TrainSection:
     fp8_recipe: str = "tensorwise"   # with precision fp8: torchao's scaling, tensorwise | rowwise
     seed: int = 1234
     compile: bool = False            # GPU fast path (pldr_dist.model.fast): Triton metric-learner GLUs (CUDA, bf16), rotary table, padded FFN, and per-layer torch.compile + CUDA graphs where tp=pp=1 (TP/PP: the kernels without torch.compile)
-    metric_kernel: str = "glu"       # with compile: the metric learner as Triton kernels, one per GLU (glu), one op for the whole learner (learner: new, not yet measured on a GPU), or compiled PyTorch (pytorch; for A/B runs)
+    metric_kernel: str = "glu"       # with compile: the metric learner as Triton kernels, one per GLU (glu), one op for the whole learner (learner: measured level with glu, docs/performance.md), or compiled PyTorch (pytorch; for A/B runs)
     activation_checkpointing: str = "none"   # none | selective (recompute element-wise work) | full (recompute each decoder layer): pldr_dist/model/recompute.py
     max_nonfinite_in_row: int = 5
     inject_nonfinite_at: list = field(default_factory=list)   # testing aid: steps whose loss is made NaN

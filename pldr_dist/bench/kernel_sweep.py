@@ -1,0 +1,77 @@
+"""`pldr-bench kernels --sweep`: the whole-learner op under candidate kernel configs.
+
+Why: the op's backward configs are fixed (the first that compiles, so a run's bits do not
+depend on timing; metric_kernel.py), and its forward is autotuned over a short list. Which
+entries belong in those lists is a measurement: this times the op at each shape with one
+setting changed at a time from today's (forward config, backward row config, weight-gradient
+config, weight-gradient programs per SM), checks each against fp32 like every row of the
+suite, and notes the time per kernel, so a faster config can be put first in the code.
+"""
+from __future__ import annotations
+
+import contextlib
+import traceback
+
+# (BM, BH, warps, stages)
+FWD = [(64, 64, 4, 2), (128, 64, 8, 1), (128, 64, 8, 2), (64, 32, 4, 2), (128, 128, 8, 1), (256, 64, 8, 1)]
+ROWS = [(64, 32, 4, 2), (128, 32, 8, 1), (64, 64, 8, 1), (128, 64, 8, 1), (64, 16, 4, 1)]
+WGRAD = [(64, 64, 4, 3), (64, 64, 8, 2), (128, 64, 8, 2), (32, 32, 4, 3), (64, 32, 4, 2)]
+PER_SM = [1, 4, 8]
+
+
+@contextlib.contextmanager
+def configs(fwd=None, rows=None, wgrad=None, per_sm=None):
+    """metric_kernel with one setting replaced for the duration (and today's afterwards)."""
+    import triton
+    from ..model import metric_kernel as mk
+    saved = (mk._learner_fwd_tuned, mk.BWD_ROWS_CONFIGS, mk.WGRAD_CONFIGS, mk.PROGRAMS_PER_SM)
+    try:
+        if fwd:
+            bm, bh, w, s = fwd
+            mk._learner_fwd_tuned = triton.autotune(
+                [triton.Config({"BM": bm, "BH": bh}, num_warps=w, num_stages=s, pre_hook=mk._weight_blocks)],
+                key=["N", "A", "R", "NG", "DK"])(mk._learner_fwd)
+        mk.BWD_ROWS_CONFIGS = [rows] if rows else mk.BWD_ROWS_CONFIGS
+        mk.WGRAD_CONFIGS = [wgrad] if wgrad else mk.WGRAD_CONFIGS
+        mk.PROGRAMS_PER_SM = per_sm or mk.PROGRAMS_PER_SM
+        mk._chosen.clear()
+        mk._programs.cache_clear()
+        yield
+    finally:
+        mk._learner_fwd_tuned, mk.BWD_ROWS_CONFIGS, mk.WGRAD_CONFIGS, mk.PROGRAMS_PER_SM = saved
+        mk._chosen.clear()
+        mk._programs.cache_clear()
+
+
+def candidates() -> list:
+    """(label, settings): today's, then one setting changed at a time."""
+    out = [("today", {})]
+    out += [(f"fwd {c}", {"fwd": c}) for c in FWD]
+    out += [(f"bwd rows {c}", {"rows": c}) for c in ROWS]
+    out += [(f"wgrad {c}", {"wgrad": c}) for c in WGRAD]
+    out += [(f"wgrad {p}/SM", {"per_sm": p}) for p in PER_SM]
+    return out
+
+
+def sweep(shapes, device, iters: int, refs: dict, log, checkpoint) -> list:
+    """Rows of path 'fused' whose note names the config; a config that does not compile or
+    gives wrong numbers is a row with that status (not a failure of the suite)."""
+    from ..model.config import preset
+    from .kernels import bench_path
+    rows = []
+    for name, mb in shapes:
+        cfg = preset(name)
+        n_rows, shape = mb * cfg.num_heads * cfg.head_dim, f"{name} mb{mb}"
+        for label, settings in candidates():
+            try:
+                with configs(**settings):
+                    row = bench_path(cfg, shape, "fused", n_rows, device, iters, refs.get(shape), log, breakdown=True)
+            except Exception:   # noqa: BLE001 - e.g. a config Triton refuses at build time
+                traceback.print_exc()
+                continue
+            row.status = row.status if row.status == "ok" else f"config refused: {row.status}"
+            row.exit_code, row.note = 0, f"sweep {label}; {row.note}"
+            rows.append(row)
+            log(f"{shape} {label}: fwd {row.fwd_ms:.3f} ms, f+b {row.fwd_bwd_ms:.3f} ms; {row.note}")
+            checkpoint()
+    return rows
