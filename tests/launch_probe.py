@@ -11,18 +11,25 @@ Each rank also writes `<run_dir>/env-rank<R>.json` (what discover() found) for t
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import signal
-import sys
-import time
 
-import torch
-import torch.distributed as dist
-import yaml
+# The handlers go in before anything slow is imported: SLURM's warning signal may come while the
+# interpreter is still importing torch, and SIGUSR1's default action would end the task.
+RAISED: list = []
+for _sig in (signal.SIGUSR1, signal.SIGTERM):
+    signal.signal(_sig, lambda signum, frame: RAISED.append(signum))
 
-from pldr_dist.distributed import PREEMPTED_EXIT_CODE, barrier_and_destroy, init_distributed
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import yaml  # noqa: E402
+
+from pldr_dist.distributed import PREEMPTED_EXIT_CODE, barrier_and_destroy, init_distributed  # noqa: E402
 
 DIM = 8
 
@@ -61,9 +68,7 @@ def main(argv=None) -> int:
     cfg = load_config(args.config, args.overrides)
     run_dir, steps = cfg["run_dir"], int(cfg["train"]["steps"])
     seed, pause = int(cfg["train"].get("seed", 0)), float(cfg.get("probe", {}).get("step_seconds", 0.0))
-    raised = []
-    for sig in (signal.SIGUSR1, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: raised.append(signum))
+    raised = RAISED
 
     env = init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -154,7 +154,7 @@ class PLDRLM(TemplateLM):
         out: list = [None] * len(jobs)
         for batch in batches_of(jobs, self.batch_size, key=lambda j: (len(j[1]), j[2])):
             sampling = SamplingConfig(max_new_tokens=batch[0][2], temperature=0.0, stop_at_eos=True,
-                                      vocab_limit=self.tokenizer.vocab_size)
+                                      vocab_limit=getattr(self.tokenizer, "vocab_size", 0))   # (any encode/decode object)
             gen = generate(self.model, [j[1] for j in batch], sampling, cache_mode="kv+g")
             for (i, _, _, until), tokens in zip(batch, gen.tokens):
                 tokens = [t for t in tokens if t != self.cfg.eos_id]

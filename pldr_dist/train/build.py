@@ -250,6 +250,9 @@ def build_run(cfg: RunConfig) -> Run:
         fast_path += f", {t.activation_checkpointing} activation recompute"
     if fp8_products:
         fast_path += f", {fp8_products} products in FP8 ({t.fp8_recipe})"
+    sp_linears = sum(1 for m in model.modules() if getattr(m, "sequence_parallel", False))
+    if sp_linears:      # counted in the model, not read from the config: what the run really does
+        fast_path += f", sequence parallel ({sp_linears} linears gather / reduce-scatter the sequence)"
 
     manifest = load_manifest(cfg.data.shards)
     fingerprint = _tokenizer_fingerprint(cfg)
