@@ -1,0 +1,303 @@
+"""The Triton kernels of the whole-learner op (`metric_kernel.py`, which holds the algorithm,
+the configs and the launches; this file only the device code). Imported only where Triton is.
+
+Every function here runs on the GPU (or in Triton's CPU interpreter: INTERP keeps matmul
+operands fp32 holding bf16-rounded values there). TANH and DROP are constexpr switches read
+from metric_kernel.SIGMOID_TANH and metric_kernel.BREAK_DERIVATIVE at each launch.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _mm(t, INTERP: tl.constexpr):
+    """A matmul operand: bf16 for the tensor cores. Triton's CPU interpreter cannot multiply
+    bf16, so there it stays fp32 holding the bf16-rounded value (same products)."""
+    if INTERP:
+        return t.to(tl.bfloat16).to(tl.float32)
+    return t.to(tl.bfloat16)
+
+
+@triton.jit
+def _sigmoid(g, TANH: tl.constexpr):
+    if TANH:
+        t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [0.5 * g],
+                                      dtype=tl.float32, is_pure=True, pack=1)
+        return 0.5 + 0.5 * t
+    return tl.sigmoid(g)
+
+
+@triton.jit
+def _gate_grads(g, u, dh, TANH: tl.constexpr, DROP: tl.constexpr):
+    """d/dg and d/du of h = silu(g) * u given dh, and h itself."""
+    sg = _sigmoid(g, TANH)
+    silu = g * sg
+    if DROP == 2:
+        dsilu = sg                               # deliberately wrong (tests)
+    else:
+        dsilu = sg * (1.0 + g * (1.0 - sg))
+    return dh * u * dsilu, dh * silu, silu * u
+
+
+@triton.jit
+def _layer_norm(s, w_ptr, b_ptr, cols, eps, DK: tl.constexpr):
+    """LayerNorm of each row of s [BM, DK] (fp32) with weight/bias at w_ptr/b_ptr (fp32)."""
+    mean = tl.sum(s, axis=1) / DK
+    d = s - mean[:, None]
+    rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / DK + eps)
+    return d * rstd[:, None] * tl.load(w_ptr + cols)[None, :] + tl.load(b_ptr + cols)[None, :]
+
+
+@triton.jit
+def _layer_norm_bwd(s, dout, w_ptr, cols, eps, DK: tl.constexpr, DROP: tl.constexpr):
+    """(ds, this block's dweight, dbias) of out = LayerNorm(s); statistics recomputed from s.
+    Rows past N have s = 0 and dout = 0: they contribute nothing."""
+    mean = tl.sum(s, axis=1) / DK
+    d = s - mean[:, None]
+    rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / DK + eps)
+    xhat = d * rstd[:, None]
+    dxhat = dout * tl.load(w_ptr + cols)[None, :]
+    c1 = tl.sum(dxhat, axis=1) / DK
+    c2 = tl.sum(dxhat * xhat, axis=1) / DK
+    if DROP == 1:
+        ds = (dxhat - c1[:, None]) * rstd[:, None]   # deliberately wrong (tests)
+    else:
+        ds = (dxhat - c1[:, None] - xhat * c2[:, None]) * rstd[:, None]
+    return ds, tl.sum(dout * xhat, axis=0), tl.sum(dout, axis=0)
+
+
+@triton.jit
+def _tile(desc, gi, c, BH: tl.constexpr, DK: tl.constexpr, INTERP: tl.constexpr):
+    """Rows c*BH ... c*BH+BH-1 of GLU gi's [A, DK] bf16 weight, one TMA copy into shared
+    memory; rows >= A (the padding of a_dff up to whole chunks) arrive as zeros."""
+    return _mm(desc.load([gi, c * BH, 0]).reshape(BH, DK), INTERP)
+
+
+@triton.jit
+def _gate_up_weights(w1_desc, b1_ptr, w2_desc, b2_ptr, gi, c, A: tl.constexpr, BH: tl.constexpr,
+                     DK: tl.constexpr, INTERP: tl.constexpr):
+    """Hidden units j of chunk c of GLU gi: U1, U2 rows [BH, DK] (matmul operands) and c1,
+    c2 (fp32, zero past A)."""
+    j = c * BH + tl.arange(0, BH)
+    b1 = tl.load(b1_ptr + gi * A + j, mask=j < A, other=0.0).to(tl.float32)
+    b2 = tl.load(b2_ptr + gi * A + j, mask=j < A, other=0.0).to(tl.float32)
+    return _tile(w1_desc, gi, c, BH, DK, INTERP), b1, _tile(w2_desc, gi, c, BH, DK, INTERP), b2
+
+
+@triton.jit
+def _glu_rows(y, gi, w1_desc, b1_ptr, w2_desc, b2_ptr, w3_desc, b3_ptr, cols, A: tl.constexpr,
+              BM: tl.constexpr, DK: tl.constexpr, BH: tl.constexpr, INTERP: tl.constexpr, TANH: tl.constexpr):
+    """GLU gi, U3(silu(U1 y + c1) * (U2 y + c2)) + c3, of a row block y [BM, DK] (fp32):
+    fp32 [BM, DK]. w3_desc reads U3^T ([A, DK] per GLU)."""
+    yb = _mm(y, INTERP)
+    acc = tl.zeros((BM, DK), tl.float32)
+    for c in tl.static_range((A + BH - 1) // BH):
+        w1, b1, w2, b2 = _gate_up_weights(w1_desc, b1_ptr, w2_desc, b2_ptr, gi, c, A, BH, DK, INTERP)
+        g = tl.dot(yb, tl.trans(w1)) + b1[None, :]
+        u = tl.dot(yb, tl.trans(w2)) + b2[None, :]
+        h = g * _sigmoid(g, TANH) * u
+        acc += tl.dot(_mm(h, INTERP), _tile(w3_desc, gi, c, BH, DK, INTERP))
+    return acc + tl.load(b3_ptr + gi * DK + cols).to(tl.float32)[None, :]
+
+
+@triton.jit
+def _glu_rows_bwd(yb, dyb, gi, w1_desc, b1_ptr, w2_desc, b2_ptr, w3_desc, A: tl.constexpr,
+                  BM: tl.constexpr, DK: tl.constexpr, BH: tl.constexpr, INTERP: tl.constexpr,
+                  TANH: tl.constexpr, DROP: tl.constexpr):
+    """The input gradient of GLU gi for a row block: input yb, output gradient dyb
+    (matmul operands [BM, DK]); the hidden state is recomputed chunk by chunk."""
+    dx = tl.zeros((BM, DK), tl.float32)
+    for c in tl.static_range((A + BH - 1) // BH):
+        w1, b1, w2, b2 = _gate_up_weights(w1_desc, b1_ptr, w2_desc, b2_ptr, gi, c, A, BH, DK, INTERP)
+        g = tl.dot(yb, tl.trans(w1)) + b1[None, :]
+        u = tl.dot(yb, tl.trans(w2)) + b2[None, :]
+        w3t = _tile(w3_desc, gi, c, BH, DK, INTERP)
+        dg, du, _ = _gate_grads(g, u, tl.dot(dyb, tl.trans(w3t)), TANH, DROP)
+        dx += tl.dot(_mm(dg, INTERP), w1)
+        dx += tl.dot(_mm(du, INTERP), w2)
+    return dx
+
+
+@triton.jit
+def _learner_fwd(x_ptr, lnw_ptr, lnb_ptr, w1_desc, b1_ptr, w2_desc, b2_ptr, w3_desc, b3_ptr, out_ptr, z_ptr,
+                 N, eps, A: tl.constexpr, R: tl.constexpr, NG: tl.constexpr, DK: tl.constexpr,
+                 INTERP: tl.constexpr, TANH: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr):
+    """One row block through LN_0 and all R units; stores z_r (fp32) and the output (fp32).
+    lnw/lnb [R+1, DK] stack the input LayerNorm and the units' (fp32); the weights are
+    descriptors of [R*NG, A, DK] bf16 tensors (GLU g = r * NG + j; U3 transposed)."""
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    cols = tl.arange(0, DK)
+    rmask = (rows < N)[:, None]
+    offs = rows[:, None] * DK + cols[None, :]
+    a = _layer_norm(tl.load(x_ptr + offs, mask=rmask, other=0.0).to(tl.float32), lnw_ptr, lnb_ptr, cols, eps, DK)
+    for r in range(R):
+        y = a
+        for j in range(NG):
+            y = _glu_rows(y, r * NG + j, w1_desc, b1_ptr, w2_desc, b2_ptr, w3_desc, b3_ptr, cols,
+                          A, BM, DK, BH, INTERP, TANH)
+        z = y + a
+        tl.store(z_ptr + r * N * DK + offs, z, mask=rmask)
+        a = _layer_norm(z, lnw_ptr + (r + 1) * DK, lnb_ptr + (r + 1) * DK, cols, eps, DK)
+    tl.store(out_ptr + offs, a, mask=rmask)
+
+
+@triton.jit
+def _unit_input(x_desc, z_desc, r, row0, BM: tl.constexpr, DK: tl.constexpr):
+    """What unit r's LayerNorm-ed input comes from: x for r = 0, else z_{r-1} (fp32 [BM, DK])."""
+    if r == 0:
+        s = x_desc.load([row0, 0]).to(tl.float32)
+    else:
+        s = z_desc.load([r - 1, row0, 0]).reshape(BM, DK)
+    return s
+
+
+@triton.jit
+def _learner_bwd_rows(x_desc, z_desc, dout_desc, lnw_ptr, lnb_ptr, w1_desc, b1_ptr, w2_desc, b2_ptr, w3_desc,
+                      b3_ptr, dx_desc, ys_desc, dys_desc, lnpart_ptr, eps,
+                      A: tl.constexpr, R: tl.constexpr, NG: tl.constexpr, DK: tl.constexpr, BH: tl.constexpr,
+                      INTERP: tl.constexpr, TANH: tl.constexpr, DROP: tl.constexpr, BM: tl.constexpr):
+    """One row block back through all units: dx, the GLUs' inputs and output gradients
+    (bf16, for the weight gradients) and this block's LayerNorm-parameter partials
+    lnpart[block, k] = (dweight, dbias) of LN_k [2, DK].
+
+    Rows go in and out through TMA descriptors (rows past N load as zeros and are not
+    stored): no per-element addresses or masks stay in registers across the loops, which
+    the backward's live set (the gradient, a chunk's gate/up/hidden values and their
+    gradients) needs. GLU j's input is recomputed from the unit's input through GLUs
+    0..j-1 (for n = 2: GLU 0 once per unit, the minimum) rather than stored and re-read;
+    the last GLU's output is never needed (z_r is saved)."""
+    pid = tl.program_id(0)
+    row0 = pid * BM
+    cols = tl.arange(0, DK)
+    part = lnpart_ptr + pid * (R + 1) * 2 * DK
+    da = dout_desc.load([row0, 0]).to(tl.float32)     # d loss / d (output of unit r)
+    for rr in range(R):
+        r = R - 1 - rr
+        dz, dgam, dbet = _layer_norm_bwd(z_desc.load([r, row0, 0]).reshape(BM, DK), da,
+                                         lnw_ptr + (r + 1) * DK, cols, eps, DK, DROP)
+        tl.store(part + (r + 1) * 2 * DK + cols, dgam)
+        tl.store(part + (r + 1) * 2 * DK + DK + cols, dbet)
+        dy = dz                      # z_r = GLUs(a_r) + a_r: the last GLU's output gradient
+        for jj in range(NG):
+            j = NG - 1 - jj
+            gi = r * NG + j
+            y = _layer_norm(_unit_input(x_desc, z_desc, r, row0, BM, DK), lnw_ptr + r * DK, lnb_ptr + r * DK,
+                            cols, eps, DK)
+            for i in range(j):       # GLU j's input
+                y = _glu_rows(y, r * NG + i, w1_desc, b1_ptr, w2_desc, b2_ptr, w3_desc, b3_ptr, cols,
+                              A, BM, DK, BH, INTERP, TANH)
+            ys_desc.store([gi, row0, 0], y.to(tl.bfloat16).reshape(1, BM, DK))
+            dys_desc.store([gi, row0, 0], dy.to(tl.bfloat16).reshape(1, BM, DK))
+            dy = _glu_rows_bwd(_mm(y, INTERP), _mm(dy, INTERP), gi, w1_desc, b1_ptr, w2_desc, b2_ptr, w3_desc,
+                               A, BM, DK, BH, INTERP, TANH, DROP)
+        da = dz + dy                 # residual branch + GLU chain
+    dx, dgam, dbet = _layer_norm_bwd(x_desc.load([row0, 0]).to(tl.float32), da, lnw_ptr, cols, eps, DK, DROP)
+    tl.store(part + cols, dgam)
+    tl.store(part + DK + cols, dbet)
+    dx_desc.store([row0, 0], dx.to(dx_desc.dtype))
+
+
+@triton.jit
+def _wgrad_block(blk, ys_ptr, dys_ptr, w1t, b1, w2t, b2, w3, dw1t, dw2t, dw3, db1, db2, db3, N, cols,
+                 DK: tl.constexpr, INTERP: tl.constexpr, TANH: tl.constexpr, DROP: tl.constexpr,
+                 BM: tl.constexpr):
+    """One row block's share of one GLU chunk's weight gradients, added to the sums (the
+    dU1, dU2 sums transposed, [DK, BH], as in glu_kernel)."""
+    rows = blk * BM + tl.arange(0, BM)
+    rmask = (rows < N)[:, None]
+    offs = rows[:, None] * DK + cols[None, :]
+    y = _mm(tl.load(ys_ptr + offs, mask=rmask, other=0.0), INTERP)
+    dy = _mm(tl.load(dys_ptr + offs, mask=rmask, other=0.0), INTERP)
+    g = tl.dot(y, w1t) + b1[None, :]
+    u = tl.dot(y, w2t) + b2[None, :]
+    dg, du, h = _gate_grads(g, u, tl.dot(dy, w3), TANH, DROP)   # rows past N: dy = 0, no share
+    dw1t += tl.dot(tl.trans(y), _mm(dg, INTERP))
+    dw2t += tl.dot(tl.trans(y), _mm(du, INTERP))
+    dw3 += tl.dot(tl.trans(dy), _mm(h, INTERP))
+    db1 += tl.sum(dg, axis=0)
+    db2 += tl.sum(du, axis=0)
+    db3 += tl.sum(dy.to(tl.float32), axis=0)
+    return dw1t, dw2t, dw3, db1, db2, db3
+
+
+@triton.jit
+def _learner_bwd_weights(ys_ptr, dys_ptr, w1_desc, b1_ptr, w2_desc, b2_ptr, w3_desc, part_ptr, N, P,
+                         A: tl.constexpr, DK: tl.constexpr, INTERP: tl.constexpr, TANH: tl.constexpr,
+                         DROP: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr):
+    """Program (p, c, g): GLU g's hidden chunk c over row blocks p, p + P, p + 2P, ...;
+    writes part[g, p, c] = [dU1^T | dU2^T | dU3 (each [DK, BH]) | dc1 | dc2 | dc3]."""
+    p, c, gi = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NCHUNK: tl.constexpr = (A + BH - 1) // BH
+    cols = tl.arange(0, DK)
+    ys_ptr += gi * N * DK
+    dys_ptr += gi * N * DK
+    w1, b1, w2, b2 = _gate_up_weights(w1_desc, b1_ptr, w2_desc, b2_ptr, gi, c, A, BH, DK, INTERP)
+    w1t, w2t, w3 = tl.trans(w1), tl.trans(w2), tl.trans(_tile(w3_desc, gi, c, BH, DK, INTERP))
+    dw1t = tl.zeros((DK, BH), tl.float32)
+    dw2t = tl.zeros((DK, BH), tl.float32)
+    dw3 = tl.zeros((DK, BH), tl.float32)
+    db1 = tl.zeros((BH,), tl.float32)
+    db2 = tl.zeros((BH,), tl.float32)
+    db3 = tl.zeros((DK,), tl.float32)
+    nblocks = tl.cdiv(N, BM)
+    if INTERP:   # the interpreter fails on range() with runtime bounds (numpy 2)
+        blk = p
+        while blk < nblocks:
+            dw1t, dw2t, dw3, db1, db2, db3 = _wgrad_block(
+                blk, ys_ptr, dys_ptr, w1t, b1, w2t, b2, w3, dw1t, dw2t, dw3, db1, db2, db3, N, cols,
+                DK, INTERP, TANH, DROP, BM)
+            blk += P
+    else:
+        for blk in tl.range(p, nblocks, P):
+            dw1t, dw2t, dw3, db1, db2, db3 = _wgrad_block(
+                blk, ys_ptr, dys_ptr, w1t, b1, w2t, b2, w3, dw1t, dw2t, dw3, db1, db2, db3, N, cols,
+                DK, INTERP, TANH, DROP, BM)
+    hid = tl.arange(0, BH)
+    BD: tl.constexpr = BH * DK
+    tile = cols[:, None] * BH + hid[None, :]
+    out = part_ptr + ((gi * P + p) * NCHUNK + c) * (3 * BD + 2 * BH + DK)
+    tl.store(out + tile, dw1t)
+    tl.store(out + BD + tile, dw2t)
+    tl.store(out + 2 * BD + tile, dw3)
+    tl.store(out + 3 * BD + hid, db1)
+    tl.store(out + 3 * BD + BH + hid, db2)
+    tl.store(out + 3 * BD + 2 * BH + cols, db3)
+
+
+@triton.jit
+def _learner_sum_partials(part_ptr, dw1_ptr, db1_ptr, dw2_ptr, db2_ptr, dw3_ptr, db3_ptr, P,
+                          A: tl.constexpr, DK: tl.constexpr, BH: tl.constexpr, BLOCK: tl.constexpr,
+                          PB: tl.constexpr):
+    """Program (e, c, g): sums the P partials of GLU g, chunk c, elements e*BLOCK... in a
+    fixed order and writes them into the stacked gradients (parameter layout and dtype)."""
+    c, gi = tl.program_id(1), tl.program_id(2)
+    NCHUNK: tl.constexpr = (A + BH - 1) // BH
+    BD: tl.constexpr = BH * DK
+    RW: tl.constexpr = 3 * BD + 2 * BH + DK
+    e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    emask = e < RW
+    ps = tl.arange(0, PB)
+    acc = tl.zeros((PB, BLOCK), tl.float32)
+    p0 = 0
+    while p0 < P:
+        pmask = (p0 + ps) < P
+        acc += tl.load(part_ptr + ((gi * P + p0 + ps[:, None]) * NCHUNK + c) * RW + e[None, :],
+                       mask=pmask[:, None] & emask[None, :], other=0.0)
+        p0 += PB
+    acc = tl.sum(acc, axis=0)
+    seg = e // BD                    # 0, 1, 2: dU1^T, dU2^T, dU3 tiles [DK, BH]; 3: biases
+    k = e % BD
+    d, jj = k // BH, c * BH + k % BH
+    tmask = emask & (jj < A)
+    wofs = gi * A * DK
+    tl.store(dw1_ptr + wofs + jj * DK + d, acc.to(dw1_ptr.dtype.element_ty), mask=tmask & (seg == 0))
+    tl.store(dw2_ptr + wofs + jj * DK + d, acc.to(dw2_ptr.dtype.element_ty), mask=tmask & (seg == 1))
+    tl.store(dw3_ptr + wofs + d * A + jj, acc.to(dw3_ptr.dtype.element_ty), mask=tmask & (seg == 2))
+    b = e - 3 * BD                   # [dc1 (BH) | dc2 (BH) | dc3 (DK)] of this chunk
+    jb = c * BH + b % BH
+    bmask = emask & (b >= 0)
+    tl.store(db1_ptr + gi * A + jb, acc.to(db1_ptr.dtype.element_ty), mask=bmask & (b < BH) & (jb < A))
+    tl.store(db2_ptr + gi * A + jb, acc.to(db2_ptr.dtype.element_ty),
+             mask=bmask & (b >= BH) & (b < 2 * BH) & (jb < A))
+    if c == 0:   # dc3 is the same sum in every chunk
+        tl.store(db3_ptr + gi * DK + (b - 2 * BH), acc.to(db3_ptr.dtype.element_ty), mask=bmask & (b >= 2 * BH))
