@@ -27,7 +27,7 @@ def test_kernels_bench_smoke(tmp_path, capsys):
     from pldr_dist.bench.cli import main
 
     out = tmp_path / "out"
-    assert main(["kernels", "--smoke", "--out", str(out)]) == 0
+    assert main(["kernels", "--smoke", "--sweep", "--out", str(out)]) == 0     # (the sweep needs CUDA: no rows)
     doc = json.loads((out / "kernels.json").read_text())
     rows = {(r["shape"], r["path"]): r for r in doc["results"]}
     eager = [r for (shape, path), r in rows.items() if path == "eager"]
