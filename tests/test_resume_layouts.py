@@ -24,32 +24,32 @@ def checkpoint_files(run_dir: str, tag: str) -> dict:
     return {k: v["sha256"] for k, v in files.items() if k.endswith(".pt") and not os.path.basename(k).startswith("rank_")}
 
 
-# Each layout resumes from a checkpoint it wrote itself: a 6-step run checkpoints at 3 and 6; a
-# copy with step 6 removed resumes at 3 and must reproduce steps 4-6 and step 6's files exactly.
+# Each layout resumes from a checkpoint it wrote itself: a 4-step run checkpoints at 2 and 4; a
+# copy with step 4 removed resumes at 2 and must reproduce steps 3-4 and step 4's files exactly.
 @pytest.mark.parametrize("name,nproc,layout", [
     ("pp2", 2, ["parallel.pp=2"]),
     ("zero2", 2, ["parallel.zero_stage=2"]),
     ("zero3", 2, ["parallel.zero_stage=3"]),
     ("tp2pp2", 4, ["parallel.tp=2", "parallel.pp=2"])])
 def test_each_layout_resumes_from_its_own_checkpoint_bit_identically(data, tmp_path, name, nproc, layout):
-    sets = ["train.steps=6", "checkpoint.every=3", "checkpoint.keep=2"] + layout
+    sets = ["train.steps=4", "checkpoint.every=2", "checkpoint.keep=2"] + layout
     whole, resumed = str(tmp_path / "whole"), str(tmp_path / "resumed")
     result = train(data, whole, nproc, sets)
     assert result.returncode == 0, result.stdout + result.stderr
     shutil.copytree(whole, resumed)
     ckpt = os.path.join(resumed, "checkpoints")
-    shutil.rmtree(os.path.join(ckpt, "step_00000006"))
+    shutil.rmtree(os.path.join(ckpt, "step_00000004"))
     with open(os.path.join(ckpt, "latest"), "w") as f:
-        f.write("step_00000003")
+        f.write("step_00000002")
     os.remove(os.path.join(resumed, "metrics.jsonl"))
     result = train(data, resumed, nproc, sets)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "resumed from checkpoint step_00000003" in result.stdout
+    assert "resumed from checkpoint step_00000002" in result.stdout
     ref = losses(whole)
-    assert sorted(ref) == list(range(1, 7)) and ref[6] < ref[1]          # it trained
-    assert losses(resumed) == {s: ref[s] for s in (4, 5, 6)}             # bit-identical floats
-    files = checkpoint_files(whole, "step_00000006")
-    assert len(files) >= nproc and checkpoint_files(resumed, "step_00000006") == files
+    assert sorted(ref) == list(range(1, 5)) and ref[4] < ref[1]          # it trained
+    assert losses(resumed) == {s: ref[s] for s in (3, 4)}                # bit-identical floats
+    files = checkpoint_files(whole, "step_00000004")
+    assert len(files) >= nproc and checkpoint_files(resumed, "step_00000004") == files
 
 
 def grad_norms(run_dir: str) -> dict:
