@@ -1,17 +1,15 @@
 """Checks of the whole-learner Triton op (pldr_dist.model.metric_kernel) in Triton's CPU interpreter.
 
 TRITON_INTERPRET must be set before Triton is imported, and the interpreter is slow to start,
-so test_metric_kernel.py runs all checks in one process: `python tests/metric_kernel_checks.py`
-(or one check: `... metric_kernel_checks.py NAME`). Tiny shapes: 40 rows (blocks of 32, the
-last partial), head_dim 16, a_dff 24 in chunks of 16 (`metric_kernel.INTERP_BH`: a padded tail),
+so test_metric_kernel.py runs all checks in one process (subprocess_checks.py; one check by hand:
+`TRITON_INTERPRET=1 python tests/metric_kernel_checks.py NAME`). Tiny shapes: 40 rows (blocks of
+32, the last partial), head_dim 16, a_dff 24 in chunks of 16 (`metric_kernel.INTERP_BH`: a padded tail),
 R = 2 units of n = 2.
 """
 from __future__ import annotations
 
 import copy
 import os
-import sys
-import time
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
@@ -227,11 +225,6 @@ def rejects_bad_head_dim():
     raise AssertionError("head_dim 24 was accepted")
 
 
-CHECKS = (op_matches_fp64, broken_derivative_fails, deterministic, unaligned_input, opcheck, fast_path_uses_op,
-          rejects_bad_head_dim)
-
 if __name__ == "__main__":
-    for check in CHECKS if len(sys.argv) < 2 else [globals()[n] for n in sys.argv[1:]]:
-        t0, c0 = time.time(), time.process_time()
-        check()
-        print(f"  {check.__name__}: {time.time() - t0:.1f} s ({time.process_time() - c0:.1f} s CPU)", flush=True)
+    from subprocess_checks import main
+    main(globals())

@@ -1,26 +1,29 @@
-"""The whole-learner Triton op, run by Triton's CPU interpreter (checks in metric_kernel_checks.py),
-and the `kernels` benchmark suite's CPU smoke run.
+"""The whole-learner Triton op, run by Triton's CPU interpreter (checks in metric_kernel_checks.py,
+all in one process: subprocess_checks.py), and the `kernels` benchmark suite's CPU smoke run.
 
 On the GPU the op is timed and compared with fp32 by `pldr-bench kernels` (pldr_dist/bench/kernels.py).
 """
 import json
 import os
-import subprocess
-import sys
+
+import pytest
+
+from subprocess_checks import run_checks
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CHECKS = ("op_matches_fp64", "broken_derivative_fails", "deterministic", "unaligned_input", "opcheck",
-          "fast_path_uses_op", "rejects_bad_head_dim")
+CHECKS = ["op_matches_fp64", "broken_derivative_fails", "deterministic", "unaligned_input", "opcheck",
+          "fast_path_uses_op", "rejects_bad_head_dim"]
 
 
-def test_metric_kernel_in_interpreter():
-    """All checks in one process: the interpreter's start-up is paid once."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    done = subprocess.run([sys.executable, os.path.join(HERE, "metric_kernel_checks.py")],
-                          capture_output=True, text=True, timeout=900, env=env)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-4000:]
-    for check in CHECKS:
-        assert f"  {check}: " in done.stdout, (check, done.stdout[-3000:])
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory):
+    return run_checks(os.path.join(HERE, "metric_kernel_checks.py"), CHECKS, str(tmp_path_factory.mktemp("learner")))
+
+
+@pytest.mark.parametrize("check", CHECKS)
+def test_metric_kernel(outcomes, check):
+    ok, output = outcomes[check]
+    assert ok, output
 
 
 def test_kernels_bench_smoke(tmp_path, capsys):
