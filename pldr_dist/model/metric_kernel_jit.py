@@ -8,23 +8,7 @@ from metric_kernel.SIGMOID_TANH and metric_kernel.BREAK_DERIVATIVE at each launc
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _mm(t, INTERP: tl.constexpr):
-    """A matmul operand: bf16 for the tensor cores. Triton's CPU interpreter cannot multiply
-    bf16, so there it stays fp32 holding the bf16-rounded value (same products)."""
-    if INTERP:
-        return t.to(tl.bfloat16).to(tl.float32)
-    return t.to(tl.bfloat16)
-
-
-@triton.jit
-def _sigmoid(g, TANH: tl.constexpr):
-    if TANH:
-        t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [0.5 * g],
-                                      dtype=tl.float32, is_pure=True, pack=1)
-        return 0.5 + 0.5 * t
-    return tl.sigmoid(g)
+from .glu_kernel import _mm, _sigmoid   # the per-GLU kernels' operand cast and sigmoid, shared
 
 
 @triton.jit
