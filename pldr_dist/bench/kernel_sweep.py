@@ -22,15 +22,11 @@ PER_SM = [1, 4, 8]
 @contextlib.contextmanager
 def configs(fwd=None, rows=None, wgrad=None, per_sm=None):
     """metric_kernel with one setting replaced for the duration (and today's afterwards)."""
-    import triton
     from ..model import metric_kernel as mk
     saved = (mk._learner_fwd_tuned, mk.BWD_ROWS_CONFIGS, mk.WGRAD_CONFIGS, mk.PROGRAMS_PER_SM)
     try:
         if fwd:
-            bm, bh, w, s = fwd
-            mk._learner_fwd_tuned = triton.autotune(
-                [triton.Config({"BM": bm, "BH": bh}, num_warps=w, num_stages=s, pre_hook=mk._weight_blocks)],
-                key=["N", "A", "R", "NG", "DK"])(mk._learner_fwd)
+            mk._learner_fwd_tuned = mk.fwd_autotuned([fwd])
         mk.BWD_ROWS_CONFIGS = [rows] if rows else mk.BWD_ROWS_CONFIGS
         mk.WGRAD_CONFIGS = [wgrad] if wgrad else mk.WGRAD_CONFIGS
         mk.PROGRAMS_PER_SM = per_sm or mk.PROGRAMS_PER_SM

@@ -98,10 +98,14 @@ if triton is not None:
         for name in ("w1_desc", "w2_desc", "w3_desc"):
             nargs[name].block_shape = [1, nargs["BH"], nargs["DK"]]
 
-    _learner_fwd_tuned = triton.autotune(
-        [triton.Config({"BM": bm, "BH": bh}, num_warps=w, num_stages=s, pre_hook=_weight_blocks)
-         for bm, bh, w, s in ([(INTERP_BM, INTERP_BH, 1, 1)] if _INTERP else FWD_CONFIGS)],
-        key=["N", "A", "R", "NG", "DK"])(_learner_fwd)
+    def fwd_autotuned(configs: list):
+        """The forward kernel autotuned over (BM, BH, warps, stages) configs, per shape."""
+        return triton.autotune(
+            [triton.Config({"BM": bm, "BH": bh}, num_warps=w, num_stages=s, pre_hook=_weight_blocks)
+             for bm, bh, w, s in configs],
+            key=["N", "A", "R", "NG", "DK"])(_learner_fwd)
+
+    _learner_fwd_tuned = fwd_autotuned([(INTERP_BM, INTERP_BH, 1, 1)] if _INTERP else FWD_CONFIGS)
 
 
 def _tanh() -> bool:
