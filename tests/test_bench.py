@@ -18,3 +18,8 @@ def test_trainer_suite_runs_each_variant_and_reports_its_numbers(tmp_path, capsy
     table = (out / "smoke.txt").read_text()
     assert "z1             this" in table and "FAILED (exit 2)" in table
     assert "z1__this/metrics.jsonl" in __import__("tarfile").open(out / "smoke_logs.tar.gz").getnames()
+    # ... and its plots: the bars, and the loss curves (the failed variant left out of both).
+    for extra in ([], ["--losses"]):
+        png = out / f"plot{len(extra)}.png"
+        assert main(["plot", str(out / "smoke.json"), "--out", str(png)] + extra) == 0
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

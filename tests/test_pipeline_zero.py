@@ -74,7 +74,13 @@ def run_layout(tp, pp, zero, clip_norm, clip_value, accum, nan_step=None, checkp
     module = build_pipeline_module(model, grid, loss_fn) if pp > 1 else model
     config = make_ds_config(micro_batch_size=MICRO_BATCH, grad_accum_steps=accum, dp=grid.dp, pp=pp,
                             zero_stage=zero, clip_norm=clip_norm)
+    torch_linear = torch.nn.functional.linear
     engine = initialize(module, grid, config, make_optimizer(module, LR, clip_value, EPS))
+    # ZeRO-3 must leave torch's linear alone (its replacement gives zero gradients in compiled
+    # layers on GPUs: engine.zero3_whole_layers) and gather each decoder layer as one unit.
+    linear_replaced = torch.nn.functional.linear is not torch_linear
+    torch.nn.functional.linear = torch_linear      # (this worker runs other jobs next)
+    whole_layers = [bool(getattr(layer, "_z3_leaf", False)) for layer in model.layers] if pp == 1 else []
     losses, norms = [], []
     for step in range(STEPS):
         mine = micro_batches(step, grid.dp, accum)[grid.dp_rank]
@@ -123,7 +129,7 @@ def run_layout(tp, pp, zero, clip_norm, clip_value, accum, nan_step=None, checkp
     local = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
     adam_bytes = 2 * 4 * local  # exp_avg + exp_avg_sq in fp32 for this rank's model part, unsharded
     return dict(losses=losses, norms=norms, params=full, state_bytes=optimizer_state_bytes(engine.optimizer), skipped=skipped,
-                unsharded_state_bytes=adam_bytes)
+                unsharded_state_bytes=adam_bytes, linear_replaced=linear_replaced, whole_layers=whole_layers)
 
 
 def grad_norm(engine):
@@ -217,6 +223,9 @@ def test_pp2_and_dp2_zero123_match_single_process(tmp_path):
             continue
         check(mine, layout, name)
         assert all(r["skipped"] == 0 for r in mine)
+        assert not any(r["linear_replaced"] for r in mine), f"{name}: DeepSpeed replaced torch.nn.functional.linear"
+        if layout["pp"] == 1:
+            assert all(r["whole_layers"] == [layout["zero"] == 3] * len(r["whole_layers"]) for r in mine), name
         if layout["zero"]:
             check_zero_state(mine, layout["dp"], name)
 

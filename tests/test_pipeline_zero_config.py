@@ -59,3 +59,21 @@ def test_pipeline_stages_chained_equal_model_forward_with_dag_penalty():
     got = pipeline_loss(lm_loss, model.cfg.num_layers)(out, targets)
     torch.testing.assert_close(out[0], logits, rtol=0, atol=0)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
+
+
+def test_zero3_refuses_deepspeeds_linear_replacement_and_gathers_whole_layers():
+    """DeepSpeed's memory_efficient_linear gives zero gradients in compiled layers on GPUs
+    (docs/multi_gpu.md): a DeepSpeed JSON that turns it on is refused in one line; without the
+    key it is set off, and every decoder layer becomes one ZeRO-3 gathering unit."""
+    from pldr_dist.model import PLDRModel, preset
+    from pldr_dist.parallel.engine import zero3_whole_layers
+
+    model = PLDRModel(preset("pldr-110m", d_model=32, num_heads=2, head_dim=16, d_ff=48, a_dff=8,
+                             num_layers=2, vocab_size=64, num_residual_units=1))
+    with pytest.raises(UnsupportedLayout, match="memory_efficient_linear=true") as err:
+        zero3_whole_layers(model, {"zero_optimization": {"stage": 3, "memory_efficient_linear": True}})
+    assert "\n" not in str(err.value)
+    config = {"zero_optimization": {"stage": 3}}
+    zero3_whole_layers(model, config)
+    assert config["zero_optimization"]["memory_efficient_linear"] is False
+    assert [getattr(layer, "_z3_leaf", False) for layer in model.layers] == [True, True]

@@ -23,25 +23,43 @@ def test_compiled_trainer_follows_the_eager_losses(tmp_path):
         assert abs(compiled[step] - eager[step]) <= 2e-4 * eager[step], (step, compiled[step], eager[step])
 
 
-@pytest.mark.parametrize("layout", ["parallel.tp=2", "parallel.pp=2"])
+LAYOUTS = {"parallel.tp=2": "layers not compiled (tp/pp/cp > 1)", "parallel.pp=2": "layers not compiled (tp/pp/cp > 1)",
+           "parallel.zero_stage=3": "layers compiled (forwards only: ZeRO-3 gathers each layer's parameters around it)"}
+# What each layout's fast path is compared with: the same layout run eagerly; ZeRO-3's compiled
+# layers with ZeRO-1's (the same graphs: fp32 rounding of the compiled kernels cancels out).
+REFERENCE = {"parallel.zero_stage=3": ["parallel.zero_stage=1", "train.compile=true"]}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_fast_path_under_tensor_and_pipeline_parallelism_follows_the_eager_losses(tmp_path, layout):
     """TP and PP layers are not compiled, but train.compile=true still gives them the fast
-    path's modules (fused GLUs, rotary table; the Triton kernels on CUDA): same losses. ZeRO-3
-    takes the same path (its GPU losses: docs/multi_gpu.md)."""
+    path's modules (fused GLUs, rotary table; the Triton kernels on CUDA); ZeRO-3 (2 ranks)
+    compiles each layer's forward, its parameters gathered around it: same losses. (Its GPU
+    losses against ZeRO-1: docs/multi_gpu.md.)"""
     (tmp_path / "data").mkdir()
     data = prepare_data(str(tmp_path / "data"))
-    runs = {}
-    for name, sets in (("eager", []), ("fast", ["train.compile=true"])):
-        result = train(data, str(tmp_path / name), nproc=2, sets=["train.steps=3", layout] + sets)
+    runs, norms = {}, {}
+    for name, sets in (("eager", REFERENCE.get(layout, [layout])), ("fast", [layout, "train.compile=true"])):
+        result = train(data, str(tmp_path / name), nproc=2, sets=["train.steps=2"] + sets)
         assert result.returncode == 0, result.stdout + result.stderr
         runs[name] = losses(str(tmp_path / name))
-        expect = "fast path: 8 metric-learner GLUs fused, layers not compiled (tp/pp/cp > 1 or ZeRO-3)" if name == "fast" else "eager"
-        assert expect in result.stdout, result.stdout
+        norms[name] = grad_norms(str(tmp_path / name))
+        if name == "fast":
+            assert f"fast path: 8 metric-learner GLUs fused, {LAYOUTS[layout]}" in result.stdout, result.stdout
     eager, fast = runs["eager"], runs["fast"]
-    assert sorted(fast) == [1, 2, 3]
+    assert sorted(fast) == [1, 2]
+    # Step 1: the same function of the same weights, and its gradient (a lost or zeroed gradient
+    # anywhere moves the norm by percents). Step 2 carries Adam's amplification of fp32 rounding;
+    # later steps of this tiny model are chaotic (docs/testing.md), so they are not compared.
     assert abs(fast[1] - eager[1]) <= 1e-6 * eager[1]
-    for step in (2, 3):
-        assert abs(fast[step] - eager[step]) <= 2e-4 * eager[step], (step, fast[step], eager[step])
+    assert abs(norms["fast"][1] - norms["eager"][1]) <= 1e-5 * norms["eager"][1], norms
+    assert abs(fast[2] - eager[2]) <= 2e-4 * eager[2], (fast[2], eager[2])
+
+
+def grad_norms(run_dir):
+    import json
+    rows = [json.loads(line) for line in open(f"{run_dir}/metrics.jsonl")]
+    return {row["step"]: row["grad_norm"] for row in rows if "grad_norm" in row}
 
 
 def test_bf16_trainer_updates_every_parameter_on_the_first_step(tmp_path):

@@ -1,7 +1,9 @@
 """`pldr-bench plot`: trainer-suite results as bars, one panel per result file.
 
 Each bar is a run's tokens/s relative to the first variant of the same package (ZeRO-1 in the
-ZeRO comparisons), this package beside the baseline, with the absolute tokens/s on top.
+ZeRO comparisons), this package beside the baseline, with the absolute tokens/s on top. With
+`--losses`, each panel overlays the variants' loss curves instead, with each variant's distance
+from the first one below: a layout that trains differently shows there.
 """
 from __future__ import annotations
 
@@ -22,12 +24,14 @@ def _read_results(path: str) -> dict:
         raise InputError(f"{path}: not valid JSON ({e}); pass a .json written by `pldr-bench trainer --out`") from None
 
 
-def plot_trainer(paths: list, out: str, title: str = "") -> str:
+def plot_trainer(paths: list, out: str, title: str = "", losses: bool = False) -> str:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     docs = [_read_results(p) for p in paths]
+    if losses:
+        return _save(_loss_figure(plt, docs), out, title)
     fig, axes = plt.subplots(1, len(docs), figsize=(5.2 * len(docs), 3.8), squeeze=False)
     for ax, doc, path in zip(axes[0], docs, paths):
         results = doc["results"]
@@ -56,12 +60,40 @@ def plot_trainer(paths: list, out: str, title: str = "") -> str:
         ax.set_title(f"{a['config']}, micro-batch {results[0].get('micro_batch') or a['micro_batch']}, "
                      f"{a['nproc']} proc\n{doc['device']}", fontsize=9)
         ax.legend(fontsize=7, loc="upper right")
+    return _save(fig, out, title)
+
+
+def _save(fig, out: str, title: str) -> str:
     if title:
         fig.suptitle(title, fontsize=9, wrap=True)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     fig.savefig(out, dpi=120)
     return out
+
+
+def _loss_figure(plt, docs):
+    """Per result file: every run's loss per step (top) and its difference from the first run (bottom)."""
+    fig, axes = plt.subplots(2, len(docs), figsize=(5.2 * len(docs), 5.2), squeeze=False,
+                             gridspec_kw={"height_ratios": [2, 1]}, sharex="col")
+    for col, doc in enumerate(docs):
+        runs = [r for r in doc["results"] if r["exit_code"] == 0 and r.get("losses")]
+        top, bottom = axes[0][col], axes[1][col]
+        for r in runs:
+            label = r["variant"] if r["package"] == "this" else f"{r['variant']} ({r['package']})"
+            steps = range(1, len(r["losses"]) + 1)
+            top.plot(steps, r["losses"], lw=1, label=label)
+            if runs and r is not runs[0]:
+                bottom.plot(steps, [x - y for x, y in zip(r["losses"], runs[0]["losses"])], lw=0.8, label=label)
+        a = doc["args"]
+        top.set_title(f"{a['config']}, micro-batch {a['micro_batch']}, {a['nproc']} proc\n{doc['device']}", fontsize=9)
+        top.set_ylabel("training loss")
+        top.legend(fontsize=7)
+        bottom.axhline(0.0, color="black", lw=0.6)
+        bottom.set_ylabel(f"loss - {runs[0]['variant'] if runs else ''}")
+        bottom.set_xlabel("step")
+        bottom.legend(fontsize=7)
+    return fig
 
 
 def _sweep_panel(ax, doc) -> None:
@@ -106,8 +138,9 @@ def add_parser(sub) -> None:
     p.add_argument("results", nargs="+", help="<name>.json files written by `pldr-bench trainer --out`")
     p.add_argument("--out", required=True, help="PNG path")
     p.add_argument("--title", default="")
+    p.add_argument("--losses", action="store_true", help="the runs' loss curves overlaid, instead of tokens/s bars")
 
     def run(a, log=print):
-        log(f"wrote {plot_trainer(a.results, a.out, a.title)}")
+        log(f"wrote {plot_trainer(a.results, a.out, a.title, a.losses)}")
         return []
     p.set_defaults(func=run)

@@ -123,7 +123,7 @@ def fuse_metric_glus(model: PLDRModel, kernel: bool = True, fused_learner: bool 
 def optimize_for_training(model: PLDRModel, compile: bool = True, packed: bool = True,
                           cuda_graphs: bool = True, backend: str = "inductor",
                           triton_glu: bool = True, rope_cache: bool = True, pad_ffn: bool = True,
-                          fused_learner: bool = False) -> int:
+                          fused_learner: bool = False, hooks_outside: bool = False) -> int:
     """Make `model` train fast in place; its loss is `model(tokens, targets=targets)`. Returns
     the number of metric-learner GLUs switched to the fused forward.
 
@@ -135,7 +135,9 @@ def optimize_for_training(model: PLDRModel, compile: bool = True, packed: bool =
     learner's GLUs run as Triton kernels where they can (CUDA, bf16; see `glu_kernel`);
     fused_learner: as one op for the whole learner (`metric_kernel`) rather than per GLU.
     rope_cache, pad_ffn: the precomputed rotary table and the padded feed-forward (on by
-    default; off only to measure what each gives).
+    default; off only to measure what each gives). hooks_outside: compile each layer's forward
+    only, so the module's hooks run eagerly around the graph (ZeRO-3 gathers and releases the
+    layer's parameters in them; traced, they fail inside dynamo).
     """
     fused = fuse_metric_glus(model, triton_glu, fused_learner)
     device = next(model.parameters()).device
@@ -159,5 +161,8 @@ def optimize_for_training(model: PLDRModel, compile: bool = True, packed: bool =
     options = dict(fullgraph=True, dynamic=False, backend=backend)
     mode = {"mode": "reduce-overhead"} if cuda_graphs and backend == "inductor" else {}
     for layer in model.layers:
-        layer.compile(**options, **mode)
+        if hooks_outside:
+            layer.forward = torch.compile(layer.forward, **options, **mode)
+        else:
+            layer.compile(**options, **mode)
     return fused

@@ -98,6 +98,27 @@ def mark_tensor_parallel_parameters(module: nn.Module) -> None:
         param.tensor_model_parallel = tp_partition_dim(name) is not None
 
 
+def zero3_whole_layers(model: nn.Module, ds_config: dict) -> None:
+    """ZeRO-3 gathers each decoder layer's parameters in one hook (a "leaf module") rather than
+    one per submodule, so a layer's forward can be compiled as one graph with the gathering
+    outside it (model/fast.py), and the host runs 1 hook per layer instead of ~10.
+
+    DeepSpeed's `memory_efficient_linear` (on by default) replaces torch.nn.functional.linear,
+    process-wide, with an autograd.Function; traced by torch.compile on a GPU it passes zero
+    gradients through every linear layer (measured on an H200: zero weight gradients, the loss
+    fell half as fast; exact on the CPU). Without it the compiled layers' gradients equal those
+    of the model without DeepSpeed (docs/multi_gpu.md); the backward saves the parameters
+    themselves, released after the forward and gathered again before the backward."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    from ..model.model import DecoderLayer
+    zero = ds_config.setdefault("zero_optimization", {})
+    if zero.setdefault("memory_efficient_linear", False):
+        raise UnsupportedLayout("zero_optimization.memory_efficient_linear=true: DeepSpeed's replacement of torch's "
+                                "linear gives wrong gradients in compiled layers (remove it from the DeepSpeed config)")
+    set_z3_leaf_modules(model, [DecoderLayer])
+
+
 def initialize(model_or_pipe: nn.Module, grid, ds_config: dict, optimizer):
     """deepspeed.initialize for a PLDRModel (PP = 1) or PipelineModule (PP > 1) on `grid`.
 
@@ -116,6 +137,8 @@ def initialize(model_or_pipe: nn.Module, grid, ds_config: dict, optimizer):
         raise UnsupportedLayout("DeepSpeed config has no gradient_clipping: set it (0 = off); DeepSpeed's default clips at 1.0")
     if grid.tp > 1:
         mark_tensor_parallel_parameters(model_or_pipe)
+    if zero_stage == 3:
+        zero3_whole_layers(model_or_pipe, ds_config)
     engine, _, _, _ = deepspeed.initialize(model=model_or_pipe, optimizer=optimizer, config=ds_config,
                                            mpu=None if is_pipe else grid)
     use_contiguous_grads(engine.optimizer)

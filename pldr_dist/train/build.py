@@ -227,23 +227,27 @@ def build_run(cfg: RunConfig) -> Run:
     cuda_graphs = False
     if t.compile:   # same maths, fewer kernels (model/fast.py); packed shards hold no padding
         from ..model.fast import optimize_for_training
-        # torch.compile where tp = pp = cp = 1 and ZeRO < 3. Tensor-, pipeline- and context-parallel layers are
-        # not compiled (their collectives sit inside the layers), nor ZeRO-3's (its hooks gather
-        # parameters inside the layer; compiled with the layer as a ZeRO-3 leaf module it ran
-        # 0.83x of ZeRO-1 on one H200 but trained wrongly: docs/multi_gpu.md). They still get
-        # the fast path's kernels: the Triton GLUs replace most of the eager metric learner's
-        # many small launches.
-        whole = p.tp == 1 and p.pp == 1 and p.cp == 1 and p.zero_stage < 3
+        # torch.compile where tp = pp = cp = 1. Tensor-, pipeline- and context-parallel layers are
+        # not compiled (their collectives sit inside the layers); they still get the fast path's
+        # kernels: the Triton GLUs replace most of the eager metric learner's many small launches.
+        # Under ZeRO-3 each layer's forward is compiled and DeepSpeed gathers the layer's
+        # parameters around it (parallel/engine.zero3_whole_layers).
+        whole = p.tp == 1 and p.pp == 1 and p.cp == 1
+        zero3 = p.zero_stage == 3
         # CUDA graphs replay each layer's kernels without the host. Only where no .grad keeps the
         # graphs' gradient outputs, memory the next replay overwrites: ZeRO-1's gradients land in
         # contiguous_grads' buffer (autograd adds into it), and ZeRO-2's hooks copy each gradient
-        # into DeepSpeed's bucket during the backward and point .grad there.
+        # into DeepSpeed's bucket during the backward and point .grad there. (ZeRO-3's parameters
+        # change storage at every gather: a graph would read the released ones.)
         cuda_graphs = whole and torch.cuda.is_available() and (hasattr(engine.optimizer, "contiguous_grads")
                                                                or p.zero_stage == 2)
         fused = optimize_for_training(model, compile=whole, packed=True, cuda_graphs=cuda_graphs,
-                                     triton_glu=t.metric_kernel != "pytorch", fused_learner=t.metric_kernel == "learner")
+                                     triton_glu=t.metric_kernel != "pytorch", fused_learner=t.metric_kernel == "learner",
+                                     hooks_outside=zero3)
+        compiled = ("compiled with CUDA graphs" if cuda_graphs else
+                    "compiled (forwards only: ZeRO-3 gathers each layer's parameters around it)" if zero3 else "compiled")
         fast_path = (f"fast path: {fused} metric-learner GLUs fused, layers "
-                     + (f"compiled{' with CUDA graphs' if cuda_graphs else ''}" if whole else "not compiled (tp/pp/cp > 1 or ZeRO-3)"))
+                     + (compiled if whole else "not compiled (tp/pp/cp > 1)"))
     else:
         fast_path = "eager (train.compile=false)"
     if t.activation_checkpointing != "none":
