@@ -25,9 +25,10 @@ def test_compiled_trainer_follows_the_eager_losses(tmp_path):
 
 LAYOUTS = {"parallel.tp=2": "layers not compiled (tp/pp/cp > 1)", "parallel.pp=2": "layers not compiled (tp/pp/cp > 1)",
            "parallel.zero_stage=3": "layers compiled (forwards only: ZeRO-3 gathers each layer's parameters around it)"}
-# What each layout's fast path is compared with: the same layout run eagerly; ZeRO-3's compiled
-# layers with ZeRO-1's (the same graphs: fp32 rounding of the compiled kernels cancels out).
-REFERENCE = {"parallel.zero_stage=3": ["parallel.zero_stage=1", "train.compile=true"]}
+# What each layout's fast path is compared with (processes, settings): the same layout run
+# eagerly; ZeRO-3's compiled layers with ZeRO-1's (the same graphs: the compiled kernels' fp32
+# rounding cancels out).
+REFERENCE = {"parallel.zero_stage=3": (2, ["parallel.zero_stage=1", "train.compile=true"])}
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -39,8 +40,8 @@ def test_fast_path_under_tensor_and_pipeline_parallelism_follows_the_eager_losse
     (tmp_path / "data").mkdir()
     data = prepare_data(str(tmp_path / "data"))
     runs, norms = {}, {}
-    for name, sets in (("eager", REFERENCE.get(layout, [layout])), ("fast", [layout, "train.compile=true"])):
-        result = train(data, str(tmp_path / name), nproc=2, sets=["train.steps=2"] + sets)
+    for name, (nproc, sets) in (("eager", REFERENCE.get(layout, (2, [layout]))), ("fast", (2, [layout, "train.compile=true"]))):
+        result = train(data, str(tmp_path / name), nproc=nproc, sets=["train.steps=2"] + sets)
         assert result.returncode == 0, result.stdout + result.stderr
         runs[name] = losses(str(tmp_path / name))
         norms[name] = grad_norms(str(tmp_path / name))
@@ -49,10 +50,11 @@ def test_fast_path_under_tensor_and_pipeline_parallelism_follows_the_eager_losse
     eager, fast = runs["eager"], runs["fast"]
     assert sorted(fast) == [1, 2]
     # Step 1: the same function of the same weights, and its gradient (a lost or zeroed gradient
-    # anywhere moves the norm by percents). Step 2 carries Adam's amplification of fp32 rounding;
+    # anywhere moves the norm by percents; another summation order, e.g. TP's partial sums, by
+    # up to ~8e-5 in this tiny model's deductive path). Step 2 carries Adam's amplification of fp32 rounding;
     # later steps of this tiny model are chaotic (docs/testing.md), so they are not compared.
     assert abs(fast[1] - eager[1]) <= 1e-6 * eager[1]
-    assert abs(norms["fast"][1] - norms["eager"][1]) <= 1e-5 * norms["eager"][1], norms
+    assert abs(norms["fast"][1] - norms["eager"][1]) <= 2e-4 * norms["eager"][1], norms
     assert abs(fast[2] - eager[2]) <= 2e-4 * eager[2], (fast[2], eager[2])
 
 

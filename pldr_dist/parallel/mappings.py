@@ -28,7 +28,10 @@ COMM_BYTES: Counter = Counter()   # collective -> bytes of its full (unsplit) pa
 
 
 def _count(op: str, x: torch.Tensor, factor: int = 1) -> None:
-    COMM_BYTES[op] += x.numel() * x.element_size() * factor
+    # Not while torch.compile traces a layer: a global counter is a side effect dynamo refuses
+    # in an autograd.Function (docs/tensor_parallel.md, compiled TP layers).
+    if not torch.compiler.is_compiling():
+        COMM_BYTES[op] += x.numel() * x.element_size() * factor
 
 
 def _size(group) -> int:

@@ -227,11 +227,13 @@ def build_run(cfg: RunConfig) -> Run:
     cuda_graphs = False
     if t.compile:   # same maths, fewer kernels (model/fast.py); packed shards hold no padding
         from ..model.fast import optimize_for_training
-        # torch.compile where tp = pp = cp = 1. Tensor-, pipeline- and context-parallel layers are
-        # not compiled (their collectives sit inside the layers); they still get the fast path's
-        # kernels: the Triton GLUs replace most of the eager metric learner's many small launches.
-        # Under ZeRO-3 each layer's forward is compiled and DeepSpeed gathers the layer's
-        # parameters around it (parallel/engine.zero3_whole_layers).
+        # Each decoder layer compiled on its own where tp = pp = cp = 1. Under ZeRO-3 each layer's
+        # forward is compiled and DeepSpeed gathers the layer's parameters around it
+        # (parallel/engine.zero3_whole_layers). Tensor-, pipeline- and context-parallel layers are
+        # not compiled (their collectives sit inside the layers; compiled TP layers train
+        # correctly on the CPU but wait for a check on GPUs: docs/tensor_parallel.md); they still
+        # get the fast path's kernels (the Triton GLUs replace most of the eager metric learner's
+        # many small launches).
         whole = p.tp == 1 and p.pp == 1 and p.cp == 1
         zero3 = p.zero_stage == 3
         # CUDA graphs replay each layer's kernels without the host. Only where no .grad keeps the
