@@ -92,7 +92,8 @@ def _loss_figure(plt, docs):
         bottom.axhline(0.0, color="black", lw=0.6)
         bottom.set_ylabel(f"loss - {runs[0]['variant'] if runs else ''}")
         bottom.set_xlabel("step")
-        bottom.legend(fontsize=7)
+        if len(runs) > 1:
+            bottom.legend(fontsize=7)
     return fig
 
 
