@@ -23,3 +23,19 @@ def test_trainer_suite_runs_each_variant_and_reports_its_numbers(tmp_path, capsy
         png = out / f"plot{len(extra)}.png"
         assert main(["plot", str(out / "smoke.json"), "--out", str(png)] + extra) == 0
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_trainer_suite_runs_a_baseline_package_with_relative_paths(tmp_path, monkeypatch):
+    """--baseline runs an older copy of the package in its own folder; a relative --work made its
+    config point at shards that were not there (the baseline's run failed with exit 2)."""
+    import shutil
+
+    from pldr_dist.bench.trainer import ROOT
+    for part in ("pldr_dist", "configs"):
+        shutil.copytree(f"{ROOT}/{part}", tmp_path / "prev" / part, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.chdir(tmp_path)
+    code = main(["trainer", "--smoke", "--config", "tiny", "--seq-len", "32", "--micro-batch", "4", "--steps", "2",
+                 "--window", "1:2", "--baseline", "prev", "--work", "work", "--out", "out", "--name", "base"])
+    assert code == 0
+    doc = json.loads((tmp_path / "out" / "base.json").read_text())
+    assert [(r["package"], r["exit_code"]) for r in doc["results"]] == [("this", 0), ("prev", 0)]

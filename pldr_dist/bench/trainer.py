@@ -151,6 +151,7 @@ def table(results: list, device: str, a) -> str:
 
 def run(a, log=print) -> list:
     variants = [parse_variant(v) for v in (a.variant or ["default:"])]   # bad input refused before any work
+    a.work = os.path.abspath(a.work)   # a --baseline package runs in its own folder: paths must not be relative
     os.makedirs(a.work, exist_ok=True)
     packages = [ROOT] + ([os.path.abspath(a.baseline)] if a.baseline else [])
     device = "CPU"
