@@ -82,6 +82,42 @@ def test_tp_logits_loss_gradients_and_adamw_steps_match_single_process(tp, sp):
         assert_matches(ref, got, 1e-10)
 
 
+def compiled_tp_worker(rank, world, tp, sp):
+    """One forward and backward of TP layers compiled whole (fullgraph: the collectives traced as
+    functional ones), as the fast path compiles the single-GPU layers (docs/tensor_parallel.md)."""
+    import torch._dynamo
+
+    from pldr_dist.model.fast import optimize_for_training
+    from pldr_dist.parallel.cross_entropy import vocab_parallel_lm_loss
+    from pldr_dist.parallel.grid import ProcessGrid
+    from pldr_dist.parallel.mappings import gather_last_dim
+    from pldr_dist.parallel.tensor_parallel import gather_full_state_dict, parallelize
+    grid = ProcessGrid(tp=tp)
+    model = parallelize(make_model(torch.float64), grid, sequence_parallel=sp)
+    torch._dynamo.reset()
+    optimize_for_training(model, compile=True, packed=True, cuda_graphs=False, backend="aot_eager")
+    inputs, targets = batch(pad=False)
+    local = model(inputs)
+    loss = vocab_parallel_lm_loss(local, targets, grid.tp_group)
+    loss.backward()
+    grads = gather_full_state_dict({n: p.grad for n, p in model.named_parameters()}, grid.tp_group)
+    return gather_last_dim(local.detach(), grid.tp_group), loss.item(), grads
+
+
+@pytest.mark.parametrize("sp", [False, True])
+def test_tp2_layers_compiled_whole_match_single_process(sp):
+    model = make_model(torch.float64)
+    inputs, targets = batch(pad=False)
+    logits = model(inputs)
+    loss = lm_loss(logits, targets)
+    loss.backward()
+    for got_logits, got_loss, got_grads in run_distributed(compiled_tp_worker, 2, 2, sp):
+        assert (got_logits - logits).abs().max() <= 1e-10
+        assert abs(got_loss - loss.item()) <= 1e-10 * loss.item()
+        for name, p in model.named_parameters():
+            assert (got_grads[name] - p.grad).norm() <= 1e-10 * max(1e-3, p.grad.norm()), name
+
+
 def padded_ffn_tp_worker(rank, world, *args):
     """tp_worker with the FFN shards zero-padded as on CUDA (tiny's d_ff = 170: shards of 85 -> 128)."""
     from pldr_dist.parallel import layers
