@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from train_helpers import losses, prepare_data, train
+from train_helpers import losses, metric, prepare_data, train
 
 
 @pytest.fixture(scope="module")
@@ -52,11 +52,6 @@ def test_each_layout_resumes_from_its_own_checkpoint_bit_identically(data, tmp_p
     assert len(files) >= nproc and checkpoint_files(resumed, "step_00000004") == files
 
 
-def grad_norms(run_dir: str) -> dict:
-    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
-    return {r["step"]: r["grad_norm"] for r in rows if "grad_norm" in r}
-
-
 def test_sequence_parallel_trains_as_plain_tp_through_the_trainer(data, tmp_path):
     """TP=2 with sequence parallelism (the norms work on sequence slices: all-gather before and
     reduce-scatter after the parallel linears, the norms' gradients summed over the TP ranks)
@@ -74,5 +69,5 @@ def test_sequence_parallel_trains_as_plain_tp_through_the_trainer(data, tmp_path
     want, got = losses(plain), losses(sp)
     assert sorted(got) == sorted(want) == [1, 2] and want[2] < want[1]
     assert all(abs(got[s] - want[s]) <= 1e-6 * want[s] for s in (1, 2)), (got, want)
-    gn_want, gn_got = grad_norms(plain), grad_norms(sp)
+    gn_want, gn_got = metric(plain, "grad_norm"), metric(sp, "grad_norm")
     assert abs(gn_got[1] - gn_want[1]) <= 1e-6 * gn_want[1], (gn_got, gn_want)

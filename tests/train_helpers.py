@@ -58,15 +58,20 @@ def train(data, run_dir, nproc=2, sets=(), timeout=300):
                           timeout=timeout)
 
 
-def losses(run_dir: str) -> dict:
+def metric(run_dir: str, key: str) -> dict:
+    """{step: value} of one training metric (loss, grad_norm, ...) from a run's metrics.jsonl."""
     out = {}
     path = os.path.join(run_dir, "metrics.jsonl")
     if os.path.isfile(path):
         for line in open(path):
             row = json.loads(line)
-            if "loss" in row:
-                out[row["step"]] = row["loss"]
+            if key in row and "step" in row:
+                out[row["step"]] = row[key]
     return out
+
+
+def losses(run_dir: str) -> dict:
+    return metric(run_dir, "loss")
 
 
 def train_with_fault(data, run_dir, nproc, sets, fault: str, timeout=300):
