@@ -83,7 +83,7 @@ def _loss_figure(plt, docs):
             label = r["variant"] if r["package"] == "this" else f"{r['variant']} ({r['package']})"
             steps = range(1, len(r["losses"]) + 1)
             top.plot(steps, r["losses"], lw=1, label=label)
-            if runs and r is not runs[0]:
+            if r is not runs[0]:
                 bottom.plot(steps, [x - y for x, y in zip(r["losses"], runs[0]["losses"])], lw=0.8, label=label)
         a = doc["args"]
         top.set_title(f"{a['config']}, micro-batch {a['micro_batch']}, {a['nproc']} proc\n{doc['device']}", fontsize=9)

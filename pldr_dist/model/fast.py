@@ -4,10 +4,10 @@
 - each metric-learner GLU runs as one Triton kernel on CUDA in bf16 (`glu_kernel`: the hidden
   state stays on the chip, the backward recomputes it), or, with fused_learner=True, the whole
   learner as one Triton op (`metric_kernel`: a block of rows stays on the chip from the first
-  unit to the last; opt-in: on an H200 level with the per-GLU kernels in a compiled step); elsewhere U1 and U2 run as
-  one matrix product, with the hidden width (a_dff = 170 in the presets) zero-padded to a
-  multiple of 8 so bf16 rows stay 16-byte aligned; the padding adds exact zeros. The
-  parameters keep their names.
+  unit to the last; opt-in: on an H200 level with the per-GLU kernels in a compiled step);
+  elsewhere U1 and U2 run as one matrix product, with the hidden width (a_dff = 170 in the
+  presets) zero-padded to a multiple of 8 so bf16 rows stay 16-byte aligned; the padding adds
+  exact zeros. The parameters keep their names.
 - each decoder layer is compiled on its own (regional compilation: one graph reused by
   every layer, short compile times) with no graph breaks, so the metric learner, power
   law, rotary and norms become a few fused kernels, and attention on q~G_LM stays in the
