@@ -1,6 +1,7 @@
-"""Contiguous bf16 gradients (parallel/contiguous_grads.py) change no update: on real gloo
-processes each bf16 layout trains once with DeepSpeed's per-parameter gradient handling and
-once with the contiguous buffer; losses and weights must be bit-identical, and the global
+"""Contiguous bf16 gradients (parallel/contiguous_grads.py), reduced over the data-parallel
+group in buckets while the backward runs (parallel/grad_reduce.py), change no update: on real
+gloo processes each bf16 layout trains once with DeepSpeed's per-parameter gradient handling and
+reduction, and once with the contiguous buffer; losses and weights must be bit-identical, and the global
 gradient norm equal to rounding: it is summed in another order, and fp32 sums of ~3e5 squares
 on the CPU differ by ~1e-5 relative between orders. Counting a parameter twice or not at all
 (the TP-replicated ones on TP rank 1) would move it by far more.
@@ -10,6 +11,7 @@ import torch
 
 from distributed import run_distributed
 from pldr_dist.model import PLDRModel, lm_loss, preset
+from pldr_dist.parallel.engine import make_ds_config
 
 STEPS, MICRO_BATCH, SEQ, LR = 4, 2, 8, 1e-3
 
@@ -22,6 +24,7 @@ def batches(step, dp, accum):
 
 def train(tp, pp, accum, clip_norm, contiguous, drop_grads):
     import pldr_dist.parallel.engine as engine_module
+    import pldr_dist.parallel.grad_reduce as grad_reduce
     from pldr_dist.parallel.cross_entropy import vocab_parallel_lm_loss
     from pldr_dist.parallel.grid import ProcessGrid
     from pldr_dist.parallel.optim import make_optimizer
@@ -38,11 +41,13 @@ def train(tp, pp, accum, clip_norm, contiguous, drop_grads):
     install = engine_module.use_contiguous_grads
     if not contiguous:
         engine_module.use_contiguous_grads = lambda optimizer: None
+    bucket, grad_reduce.BUCKET_ELEMENTS = grad_reduce.BUCKET_ELEMENTS, 5000   # tiny: dozens of buckets, cut inside layers
     try:
         # eps = 1 keeps Adam's first steps linear in the gradient, so the norm clip shows in them
         engine = engine_module.initialize(module, grid, config, make_optimizer(module, LR, eps=1.0 if clip_norm else 1e-5))
     finally:
         engine_module.use_contiguous_grads = install
+        grad_reduce.BUCKET_ELEMENTS = bucket   # the worker processes run other tests next
     assert hasattr(engine.optimizer, "contiguous_grads") == contiguous
     losses, norms = [], []
     for step in range(STEPS):
@@ -55,6 +60,9 @@ def train(tp, pp, accum, clip_norm, contiguous, drop_grads):
                     engine.module.zero_grad(set_to_none=True)
                 engine.backward(loss_fn(engine(inputs), targets))
                 engine.step()
+            if contiguous:   # dp > 1: every bucket went out from the hooks, before the backward ended
+                reducer = engine.optimizer.contiguous_grads.overlap
+                assert reducer.sent_in_backward == len(reducer.buckets) > 10, reducer.sent_in_backward
             losses.append(loss_fn(engine(inputs), targets).item())
         norms.append(float(engine.get_global_grad_norm()))
     state = stage_state_dict(engine.module) if pp > 1 else dict(engine.module.named_parameters())
@@ -86,3 +94,34 @@ def test_contiguous_grads_give_deepspeeds_updates(name):
         assert contiguous["losses"] == own["losses"], name
         for n, p in own["params"].items():
             assert torch.equal(contiguous["params"][n], p), f"{name}: {n} differs"
+
+
+def reduced_gradients(rank, world):
+    """After the backward that ends a step, each fp32 gradient must be the data-parallel mean of
+    the ranks' fp32 sums over their micro-batches, to the bit: reduced in fp32, not rounded to
+    bf16 on the way (DeepSpeed's default communication dtype for bf16 did that, at any dp)."""
+    from pldr_dist.parallel.engine import initialize
+    from pldr_dist.parallel.grid import ProcessGrid
+    from pldr_dist.parallel.optim import make_optimizer
+
+    grid = ProcessGrid(tp=1, pp=1)
+    torch.manual_seed(0)
+    model = PLDRModel(preset("tiny"))
+    config = make_ds_config(micro_batch_size=MICRO_BATCH, grad_accum_steps=2, dp=world, zero_stage=1, precision="bf16")
+    engine = initialize(model, grid, config, make_optimizer(model, LR))
+    grads = engine.optimizer.contiguous_grads
+    sums = [torch.zeros_like(hp) for hp in engine.optimizer.fp32_groups_gradients_flat]
+    for i, (inputs, targets) in enumerate(batches(0, world, 2)[rank]):
+        engine.backward(lm_loss(engine(inputs), targets))
+        for total, lp in zip(sums, grads.lp_flat):
+            total.add_(lp.float())     # this micro-batch's bf16 gradients, as the optimizer adds them
+        if i == 0:
+            engine.step()              # counts the micro-batch (the optimizer steps after the second)
+    for total, hp in zip(sums, engine.optimizer.fp32_groups_gradients_flat):
+        torch.distributed.all_reduce(total)
+        assert torch.equal(hp, total.mul_(0.5)), (hp - total).abs().max()
+    return grads.overlap.sent_in_backward
+
+
+def test_bf16_gradients_are_reduced_in_fp32():
+    assert run_distributed(reduced_gradients, 2, deepspeed=True) == [1, 1]   # one bucket: the tiny model

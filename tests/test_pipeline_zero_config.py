@@ -25,6 +25,10 @@ def test_generated_config_sets_clipping_and_batch_sizes_explicitly():
     assert config["gradient_clipping"] == 0.0  # DeepSpeed would clip at 1.0 otherwise
     assert config["train_batch_size"] == 2 * 8 * 4
     assert config["bf16"]["enabled"] and config["zero_optimization"]["stage"] == 1
+    # fp32 accumulation is reduced in fp32 (DeepSpeed's default for bf16 would round it to bf16)
+    assert config["data_types"]["grad_accum_dtype"] == config["communication_data_type"] == "fp32"
+    zero2 = make_ds_config(micro_batch_size=2, grad_accum_steps=8, dp=4, zero_stage=2, precision="bf16")
+    assert zero2["zero_optimization"]["overlap_comm"] is True    # off by default for stage 2
 
 
 def test_shipped_ds_configs_are_supported_layouts():
@@ -37,6 +41,8 @@ def test_shipped_ds_configs_are_supported_layouts():
         pp = 2 if "pipeline" in config else 1
         precision = "bf16" if config["bf16"]["enabled"] else "fp32"
         check_supported(pp, config["zero_optimization"]["stage"], precision)
+        if config.get("data_types", {}).get("grad_accum_dtype") == "fp32" and precision == "bf16":
+            assert config.get("communication_data_type") == "fp32", f"{path}: reduces the fp32 gradients in bf16"
 
 
 def test_pipeline_stages_chained_equal_model_forward_with_dag_penalty():

@@ -23,20 +23,22 @@ def test_compiled_trainer_follows_the_eager_losses(tmp_path):
         assert abs(compiled[step] - eager[step]) <= 2e-4 * eager[step], (step, compiled[step], eager[step])
 
 
-LAYOUTS = {"parallel.tp=2": "layers not compiled (tp/pp/cp > 1)", "parallel.pp=2": "layers not compiled (tp/pp/cp > 1)",
+LAYOUTS = {"parallel.tp=2": "layers not compiled (tp/cp > 1)", "parallel.pp=2": "layers compiled",
            "parallel.zero_stage=3": "layers compiled (forwards only: ZeRO-3 gathers each layer's parameters around it)"}
 # What each layout's fast path is compared with (processes, settings): by default the same
-# layout run eagerly; ZeRO-3's compiled layers with ZeRO-1's (the same graphs: the compiled kernels' fp32
-# rounding cancels out).
-REFERENCE = {"parallel.zero_stage=3": (2, ["parallel.zero_stage=1", "train.compile=true"])}
+# layout run eagerly; compiled layers with the same graphs elsewhere (the compiled kernels' fp32
+# rounding moves this tiny model's step-1 gradient norm by ~3e-4 from eager, and cancels out):
+# ZeRO-3's with ZeRO-1's, the pipeline's stages with one process.
+REFERENCE = {"parallel.zero_stage=3": (2, ["parallel.zero_stage=1", "train.compile=true"]),
+             "parallel.pp=2": (1, ["train.compile=true"])}
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_fast_path_under_each_parallel_layout_follows_its_reference(tmp_path, layout):
-    """TP and PP layers are not compiled, but train.compile=true still gives them the fast
-    path's modules (fused GLUs, rotary table; the Triton kernels on CUDA); ZeRO-3 (2 ranks)
-    compiles each layer's forward, its parameters gathered around it: same losses. (Its GPU
-    losses against ZeRO-1: docs/multi_gpu.md.)"""
+    """TP layers are not compiled, but train.compile=true still gives them the fast path's
+    modules (fused GLUs, rotary table; the Triton kernels on CUDA); each pipeline stage compiles
+    its layers; ZeRO-3 (2 ranks) compiles each layer's forward, its parameters gathered around
+    it: same losses. (Its GPU losses against ZeRO-1: docs/multi_gpu.md.)"""
     (tmp_path / "data").mkdir()
     data = prepare_data(str(tmp_path / "data"))
     runs, norms = {}, {}

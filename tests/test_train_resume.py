@@ -179,14 +179,19 @@ def test_bf16_nonfinite_steps_are_skipped_on_every_rank(data, tmp_path, zero):
 def test_bf16_checkpoint_of_deepspeeds_zero1_optimizer_resumes_with_fp32_accumulation(data, tmp_path):
     """Runs before fp32 gradient accumulation used DeepSpeed's ZeRO-1 optimizer for bf16; their
     checkpoints resume under BF16_Optimizer (today's bf16 ZeRO-1) with the losses of a run
-    that never stopped (the first step after resuming accumulates one micro-batch: same sums)."""
+    that never stopped (the first step after resuming accumulates one micro-batch: same sums).
+    Both reduce over the two ranks in bf16, as those runs did (today's configs reduce in fp32;
+    this also runs the overlapped reduction's bf16 path, parallel/grad_reduce.py)."""
     from pldr_dist.parallel.engine import make_ds_config
-    old = make_ds_config(micro_batch_size=4, grad_accum_steps=1, dp=2, zero_stage=1, precision="bf16")
-    del old["data_types"]
-    (tmp_path / "old.json").write_text(json.dumps(old))
+    new = make_ds_config(micro_batch_size=4, grad_accum_steps=1, dp=2, zero_stage=1, precision="bf16")
+    new["communication_data_type"] = "bf16"
+    old = {k: v for k, v in new.items() if k not in ("data_types", "communication_data_type")}
+    for name, config in (("old", old), ("new", new)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(config))
     bf16 = ["checkpoint.every=2", "train.precision=bf16"]
     first = train(data, str(tmp_path / "run"), sets=bf16 + ["train.steps=2", f"deepspeed_config={tmp_path / 'old.json'}"])
     assert first.returncode == 0, first.stdout + first.stderr
+    bf16.append(f"deepspeed_config={tmp_path / 'new.json'}")
     resumed = train(data, str(tmp_path / "run"), sets=bf16 + ["train.steps=4"])
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "resumed from checkpoint step_00000002" in resumed.stdout

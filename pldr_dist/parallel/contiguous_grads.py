@@ -51,6 +51,7 @@ class ContiguousGrads:
                 param._hp_grad = hp          # what DeepSpeed sets on each accumulation
             self.views.append(views)
         self.attach()
+        self.overlap = None     # grad_reduce.OverlappedReduce, where the engine has one
         self.norm_slices = [self._counted_runs(i) for i in range(len(self.lp_flat))]
 
     def _counted_runs(self, i: int) -> list:
@@ -82,8 +83,10 @@ class ContiguousGrads:
     @torch.no_grad()
     def update_hp_grads(self, clear_lp_grads: bool = False) -> None:
         self.attach()
+        overlapped = self.overlap is not None and self.overlap.accumulate_rest()   # grad_reduce.py
         for i, (lp, hp) in enumerate(zip(self.lp_flat, self.opt.fp32_groups_gradients_flat)):
-            hp.add_(lp.to(hp.dtype))
+            if not overlapped:
+                hp.add_(lp.to(hp.dtype))
             self.opt.fp32_groups_has_gradients[i] = [True] * len(self.opt.bf16_groups[i])
             if clear_lp_grads:
                 lp.zero_()

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..errors import PLDRError
 from .contiguous_grads import use_contiguous_grads
+from .grad_reduce import BUCKET_ELEMENTS, overlap_grad_reduction
 from .pipeline import model_parameter_name
 from .tensor_parallel import tp_partition_dim
 
@@ -72,7 +73,16 @@ def make_ds_config(*, micro_batch_size: int, grad_accum_steps: int, dp: int, pp:
     if precision == "bf16" and zero_stage == 1:
         # Accumulate and reduce gradients in fp32 (as Megatron does for bf16), which also selects
         # DeepSpeed's BF16_Optimizer, whose gradients contiguous_grads.py keeps in one buffer.
+        # The reduction's dtype must be named: DeepSpeed's default for bf16 is bf16, which
+        # rounded the fp32 sums to bf16 before every optimizer step, at any dp (one rank too).
         config["data_types"] = {"grad_accum_dtype": "fp32"}
+        config["communication_data_type"] = "fp32"
+    if zero_stage == 2:
+        # Reduce-scatter the gradients in buckets on a side stream while the backward runs (off
+        # by default for stage 2; DeepSpeed's default bucket of 5e8 elements would hold all of
+        # pldr-110m, and so could only go out after the whole backward). Same buckets as ZeRO-1's
+        # (grad_reduce.py).
+        config["zero_optimization"].update(overlap_comm=True, reduce_bucket_size=BUCKET_ELEMENTS)
     if zero_stage == 3:
         # Gather parameters on save so checkpoints also hold a consolidated fp32/bf16 copy.
         config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
@@ -125,7 +135,8 @@ def initialize(model_or_pipe: nn.Module, grid, ds_config: dict, optimizer):
     With PP = 1 the grid is DeepSpeed's `mpu`, so ZeRO shards over the data-parallel group
     only; a PipelineModule carries the same topology (grid.topology) and DeepSpeed builds the
     groups from it. With bf16 and ZeRO-1 (fp32 gradient accumulation, make_ds_config) the
-    gradients live in one contiguous buffer (contiguous_grads.py). Returns the engine (a PipelineEngine when PP > 1).
+    gradients live in one contiguous buffer (contiguous_grads.py), reduced over the data-parallel
+    group while the backward runs (grad_reduce.py). Returns the engine (a PipelineEngine when PP > 1).
     """
     zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
     precision = "bf16" if ds_config.get("bf16", {}).get("enabled") else "fp32"
@@ -142,6 +153,7 @@ def initialize(model_or_pipe: nn.Module, grid, ds_config: dict, optimizer):
     engine, _, _, _ = deepspeed.initialize(model=model_or_pipe, optimizer=optimizer, config=ds_config,
                                            mpu=None if is_pipe else grid)
     use_contiguous_grads(engine.optimizer)
+    overlap_grad_reduction(engine)
     if isinstance(engine.optimizer, BF16_Optimizer):
         engine.optimizer.optimizer.check_finite = False   # it checks the global norm itself (optim.py)
     return engine

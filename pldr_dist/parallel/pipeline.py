@@ -43,10 +43,12 @@ class DecoderStage(nn.Module):
     def __init__(self, layer: nn.Module, pad_id: int, carries_penalty: bool):
         super().__init__()
         self.layer, self.pad_id, self.carries_penalty = layer, pad_id, carries_penalty
+        self.assume_unpadded = False     # set by assume_unpadded(pipe) for packed data
 
     def forward(self, inputs):
         h, tokens = inputs[0], inputs[1]
-        bias = attention_bias(tokens.eq(self.pad_id), 0, tokens.shape[1], h.dtype)
+        key_pad = None if self.assume_unpadded else tokens.eq(self.pad_id)
+        bias = attention_bias(key_pad, 0, tokens.shape[1], h.dtype)
         out, penalty = self.layer(h, 0, bias)
         if not self.carries_penalty:
             return out, tokens
@@ -105,6 +107,15 @@ def build_pipeline_module(model: PLDRModel, grid, loss_fn: Callable, partition_m
                           loss_fn=pipeline_loss(loss_fn, model.cfg.num_layers),
                           partition_method=partition_method,
                           activation_checkpoint_interval=activation_checkpoint_interval)
+
+
+def assume_unpadded(pipe: PipelineModule) -> None:
+    """Packed shards hold no padding: the decoder stages skip the padding check, which reads a
+    device value on the host (`attention_bias`): a GPU sync in every layer's forward, for every
+    micro-batch, where the non-pipelined model (`PLDRModel.assume_unpadded`) has none."""
+    for module in pipe.modules():
+        if isinstance(module, DecoderStage):
+            module.assume_unpadded = True
 
 
 def model_parameter_name(pipe: PipelineModule, name: str) -> str:

@@ -176,7 +176,7 @@ def build_run(cfg: RunConfig) -> Run:
     from ..parallel.engine import initialize, load_ds_config, make_ds_config
     from ..parallel.grid import ProcessGrid
     from ..parallel.optim import make_optimizer
-    from ..parallel.pipeline import build_pipeline_module
+    from ..parallel.pipeline import assume_unpadded, build_pipeline_module
     from ..parallel.tensor_parallel import parallelize
 
     p, t = cfg.parallel, cfg.train
@@ -227,29 +227,33 @@ def build_run(cfg: RunConfig) -> Run:
     cuda_graphs = False
     if t.compile:   # same maths, fewer kernels (model/fast.py); packed shards hold no padding
         from ..model.fast import optimize_for_training
-        # Each decoder layer compiled on its own where tp = pp = cp = 1. Under ZeRO-3 each layer's
-        # forward is compiled and DeepSpeed gathers the layer's parameters around it
-        # (parallel/engine.zero3_whole_layers). Tensor-, pipeline- and context-parallel layers are
-        # not compiled (their collectives sit inside the layers; compiled TP layers train
-        # correctly on the CPU but wait for a check on GPUs: docs/tensor_parallel.md); they still
-        # get the fast path's kernels (the Triton GLUs replace most of the eager metric learner's
-        # many small launches).
-        whole = p.tp == 1 and p.pp == 1 and p.cp == 1
+        # Each decoder layer compiled on its own where tp = cp = 1: one process's layers, or a
+        # pipeline stage's (the stages exchange activations outside the layers). Under ZeRO-3 each
+        # layer's forward is compiled and DeepSpeed gathers the layer's parameters around it
+        # (parallel/engine.zero3_whole_layers). Tensor- and context-parallel layers are not
+        # compiled (their collectives sit inside the layers; compiled TP layers train correctly
+        # on the CPU but wait for a check on GPUs: docs/tensor_parallel.md); they still get the
+        # fast path's kernels (the Triton GLUs replace most of the eager metric learner's many
+        # small launches).
+        whole = p.tp == 1 and p.cp == 1
         zero3 = p.zero_stage == 3
         # CUDA graphs replay each layer's kernels without the host. Only where no .grad keeps the
         # graphs' gradient outputs, memory the next replay overwrites: ZeRO-1's gradients land in
         # contiguous_grads' buffer (autograd adds into it), and ZeRO-2's hooks copy each gradient
         # into DeepSpeed's bucket during the backward and point .grad there. (ZeRO-3's parameters
-        # change storage at every gather: a graph would read the released ones.)
-        cuda_graphs = whole and torch.cuda.is_available() and (hasattr(engine.optimizer, "contiguous_grads")
-                                                               or p.zero_stage == 2)
+        # change storage at every gather: a graph would read the released ones. A pipeline keeps
+        # several micro-batches' activations alive across forwards, which a replay overwrites.)
+        cuda_graphs = whole and p.pp == 1 and torch.cuda.is_available() and (
+            hasattr(engine.optimizer, "contiguous_grads") or p.zero_stage == 2)
         fused = optimize_for_training(model, compile=whole, packed=True, cuda_graphs=cuda_graphs,
                                      triton_glu=t.metric_kernel != "pytorch", fused_learner=t.metric_kernel == "learner",
                                      hooks_outside=zero3)
+        if p.pp > 1:
+            assume_unpadded(module)   # packed shards, as packed=True above: no host sync per layer
         compiled = ("compiled with CUDA graphs" if cuda_graphs else
                     "compiled (forwards only: ZeRO-3 gathers each layer's parameters around it)" if zero3 else "compiled")
         fast_path = (f"fast path: {fused} metric-learner GLUs fused, layers "
-                     + (compiled if whole else "not compiled (tp/pp/cp > 1)"))
+                     + (compiled if whole else "not compiled (tp/cp > 1)"))
     else:
         fast_path = "eager (train.compile=false)"
     if t.activation_checkpointing != "none":
