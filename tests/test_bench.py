@@ -8,15 +8,18 @@ def test_trainer_suite_runs_each_variant_and_reports_its_numbers(tmp_path, capsy
     out = tmp_path / "out"
     code = main(["trainer", "--smoke", "--config", "tiny", "--seq-len", "32", "--micro-batch", "4", "--steps", "3",
                  "--window", "2:3", "--variant", "z1:parallel.zero_stage=1", "--variant", "bad:train.steps=-1",
+                 "--variant", "dp2@2:train.micro_batch_size=2",   # 2 processes, the same global batch
                  "--work", str(tmp_path / "work"), "--out", str(out), "--name", "smoke"])
     assert code == 1                                    # one variant failed: the command says so
     doc = json.loads((out / "smoke.json").read_text())
-    good, bad = doc["results"]
-    assert (good["variant"], good["exit_code"], len(good["losses"])) == ("z1", 0, 3)
+    good, bad, dp2 = doc["results"]
+    assert (good["variant"], good["exit_code"], len(good["losses"]), good["nproc"]) == ("z1", 0, 3, 1)
     assert good["tokens_per_s"] > 0 and good["relative"] == 1.0 and good["fast_path"].startswith("eager")
     assert bad["exit_code"] == 2 and bad["losses"] == []
+    assert (dp2["exit_code"], dp2["nproc"]) == (0, 2) and "dp=2" in open(tmp_path / "work/dp2__this/stdout.log").read()
+    assert dp2["per_gpu"] == dp2["relative"] / 2 > 0     # data-parallel scaling against one process
     table = (out / "smoke.txt").read_text()
-    assert "z1             this" in table and "FAILED (exit 2)" in table
+    assert "z1             this           1" in table and "FAILED (exit 2)" in table
     assert "z1__this/metrics.jsonl" in __import__("tarfile").open(out / "smoke_logs.tar.gz").getnames()
     # ... and its plots: the bars, and the loss curves (the failed variant left out of both).
     for extra in ([], ["--losses"]):

@@ -27,8 +27,10 @@ def test_generated_config_sets_clipping_and_batch_sizes_explicitly():
     assert config["bf16"]["enabled"] and config["zero_optimization"]["stage"] == 1
     # fp32 accumulation is reduced in fp32 (DeepSpeed's default for bf16 would round it to bf16)
     assert config["data_types"]["grad_accum_dtype"] == config["communication_data_type"] == "fp32"
-    zero2 = make_ds_config(micro_batch_size=2, grad_accum_steps=8, dp=4, zero_stage=2, precision="bf16")
-    assert zero2["zero_optimization"]["overlap_comm"] is True    # off by default for stage 2
+    for stage in (2, 3):   # reductions in buckets during the backward (overlap_comm is off by default for stage 2)
+        zero = make_ds_config(micro_batch_size=2, grad_accum_steps=8, dp=4, zero_stage=stage, precision="bf16")
+        assert zero["zero_optimization"]["overlap_comm"] is True
+        assert zero["zero_optimization"]["reduce_bucket_size"] < 100_000_000   # DeepSpeed's 5e8 holds a whole model
 
 
 def test_shipped_ds_configs_are_supported_layouts():

@@ -53,14 +53,22 @@ def plot_trainer(paths: list, out: str, title: str = "", losses: bool = False) -
                 ax.text(x, max(r["relative"], 0.02) + 0.02, "failed" if failed else f"{r['tokens_per_s'] / 1e3:,.0f}k",
                         ha="center", fontsize=7, rotation=90 if len(packages) > 1 else 0)
         ax.axhline(1.0, color="black", lw=0.6)
-        ax.set_xticks(range(len(variants)), variants)
-        ax.set_ylim(0, 1.25)
+        procs = {v: next(r.get("nproc", 1) for r in results if r["variant"] == v) for v in variants}
+        several = len(set(procs.values())) > 1
+        ax.set_xticks(range(len(variants)), [f"{v}\n{procs[v]} GPUs" if several else v for v in variants])
+        ax.set_ylim(0, max([1.25] + [1.1 * r["relative"] for r in results]))
         ax.set_ylabel("tokens/s relative to the first variant")
         a = doc["args"]
         ax.set_title(f"{a['config']}, micro-batch {results[0].get('micro_batch') or a['micro_batch']}, "
-                     f"{a['nproc']} proc\n{doc['device']}", fontsize=9)
+                     f"{_procs(doc)}\n{doc['device']}", fontsize=9)
         ax.legend(fontsize=7, loc="upper right")
     return _save(fig, out, title)
+
+
+def _procs(doc) -> str:
+    """'2 proc', or '1-2 proc' where variants ran on different process counts (NAME@N)."""
+    counts = sorted({r.get("nproc", doc["args"]["nproc"]) for r in doc["results"]})
+    return f"{counts[0]} proc" if len(counts) == 1 else f"{counts[0]}-{counts[-1]} proc"
 
 
 def _save(fig, out: str, title: str) -> str:
@@ -86,7 +94,7 @@ def _loss_figure(plt, docs):
             if r is not runs[0]:
                 bottom.plot(steps, [x - y for x, y in zip(r["losses"], runs[0]["losses"])], lw=0.8, label=label)
         a = doc["args"]
-        top.set_title(f"{a['config']}, micro-batch {a['micro_batch']}, {a['nproc']} proc\n{doc['device']}", fontsize=9)
+        top.set_title(f"{a['config']}, micro-batch {a['micro_batch']}, {_procs(doc)}\n{doc['device']}", fontsize=9)
         top.set_ylabel("training loss")
         top.legend(fontsize=7)
         bottom.axhline(0.0, color="black", lw=0.6)
@@ -130,7 +138,7 @@ def _sweep_panel(ax, doc) -> None:
     ax.set_ylabel("tokens/s (thousands)")
     ax.set_ylim(bottom=0)
     a = doc["args"]
-    ax.set_title(f"{a['config']}, {a['nproc']} proc\n{doc['device']}", fontsize=9)
+    ax.set_title(f"{a['config']}, {_procs(doc)}\n{doc['device']}", fontsize=9)
     ax.legend(fontsize=7)
 
 

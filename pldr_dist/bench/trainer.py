@@ -7,10 +7,15 @@ tokenised with the paper's tokenizer), with the same steps and micro-batch, one 
 also runs from an older copy of the package (`git archive <commit> pldr_dist configs | tar -x
 -C DIR`), alternating with this one, so before and after come from the same machine.
 
+A variant named NAME@N runs on N processes (GPUs) instead of --nproc, so one call compares a
+layout with one GPU: `--variant 1gpu@1:train.grad_accum_steps=2 --variant dp2@2:` keeps the
+global batch and reports DP=2's scaling.
+
 Reported per run: the median tokens/s, MFU, step time of the logged steps in the window,
-peak memory, the last loss, tokens/s relative to the first variant of the same package, and the
-longest stall of the step loop for a checkpoint (`checkpoint_stall_s`; runs save none unless a
-variant sets checkpoint.every).
+peak memory, the last loss, tokens/s relative to the first variant of the same package (the
+whole job's), the same per GPU (`per_gpu`: data-parallel scaling when the first variant is one
+GPU), and the longest stall of the step loop for a checkpoint (`checkpoint_stall_s`; runs save
+none unless a variant sets checkpoint.every).
 """
 from __future__ import annotations
 
@@ -45,17 +50,21 @@ class Result:
     losses: list = field(default_factory=list)
     fast_path: str = ""
     relative: float = 0.0
+    per_gpu: float = 0.0              # relative, per process: the first variant's tokens/s per GPU = 1
+    nproc: int = 1
     seq_len: int = 0
     micro_batch: int = 0
     checkpoint_stall_s: float = 0.0   # the longest, over the run's checkpoints
 
 
-def parse_variant(text: str) -> tuple[str, list]:
-    """'z2:parallel.zero_stage=2 log.profile_steps=[20,21]' -> ('z2', [...]); 'name:' has no overrides."""
+def parse_variant(text: str) -> tuple[str, list, int | None]:
+    """'z2:parallel.zero_stage=2 log.profile_steps=[20,21]' -> ('z2', [...], None); 'name:' has no
+    overrides; 'dp2@2:...' runs on 2 processes (None: --nproc)."""
     name, _, sets = text.partition(":")
-    if not name:
-        raise InputError(f"--variant {text!r}: give NAME:key=value[ key=value...]")
-    return name, sets.split()
+    name, at, count = name.partition("@")
+    if not name or (at and not (count.isdigit() and int(count) > 0)):
+        raise InputError(f"--variant {text!r}: give NAME[@PROCESSES]:key=value[ key=value...]")
+    return name, sets.split(), int(count) if at else None
 
 
 def prepare_shards(work: str, seq_len: int, smoke: bool, log) -> tuple[str, str]:
@@ -93,7 +102,7 @@ def int_list(text: str) -> list:
     return values
 
 
-def run_variant(a, name: str, sets: list, package: str, manifest: str, tokenizer: str, log,
+def run_variant(a, name: str, sets: list, nproc: int, package: str, manifest: str, tokenizer: str, log,
                 seq_len: int, micro_batch: int) -> Result:
     label = "this" if package == ROOT else os.path.basename(os.path.normpath(package))
     run_dir = os.path.join(a.work, f"{name}__{label}")
@@ -104,18 +113,18 @@ def run_variant(a, name: str, sets: list, package: str, manifest: str, tokenizer
                  f"train.compile={'false' if a.smoke else 'true'}", *a.set, *sets]
     if a.smoke or seq_len > 1024:       # the presets' context is 1024: longer sequences widen it
         overrides.insert(0, f"model.overrides.context_length={seq_len}")
-    launcher = [sys.executable, "-m", "pldr_dist.train"] if a.nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={a.nproc}", "-m", "pldr_dist.train"]
+    launcher = [sys.executable, "-m", "pldr_dist.train"] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "pldr_dist.train"]
     cmd = launcher + ["--config", os.path.join(package, "configs", f"{a.config}.yaml")]
     for item in overrides:
         cmd += ["--set", item]
     env = {**os.environ, "PYTHONPATH": package + os.pathsep + os.environ.get("PYTHONPATH", ""), "PYTHONUNBUFFERED": "1"}
-    log(f"[{name} / {label}] {' '.join(sets) or '(defaults)'}")
+    log(f"[{name} / {label}, {nproc} process(es)] {' '.join(sets) or '(defaults)'}")
     t0 = time.time()
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "stdout.log"), "w") as out:
         code = subprocess.run(cmd, cwd=package, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
-    result = Result(name, label, code, seq_len=seq_len, micro_batch=micro_batch)
+    result = Result(name, label, code, seq_len=seq_len, micro_batch=micro_batch, nproc=nproc)
     rows = []
     metrics = os.path.join(run_dir, "metrics.jsonl")
     if os.path.isfile(metrics):
@@ -137,13 +146,13 @@ def run_variant(a, name: str, sets: list, package: str, manifest: str, tokenizer
 
 
 def table(results: list, device: str, a) -> str:
-    lines = [f"# {device}: pldr-train {a.config}, {a.nproc} process(es), median of steps {a.window[0]}-{a.window[1]}",
-             f"{'variant':<14} {'package':<10} {'seq':>6} {'mb':>4} {'tokens/s':>10} {'vs first':>8} {'MFU':>6} "
-             f"{'step ms':>8} {'mem MiB':>8} {'last loss':>9} {'ckpt s':>6}  fast path"]
+    lines = [f"# {device}: pldr-train {a.config}, median of steps {a.window[0]}-{a.window[1]}",
+             f"{'variant':<14} {'package':<10} {'procs':>5} {'seq':>6} {'mb':>4} {'tokens/s':>10} {'vs first':>8} "
+             f"{'per GPU':>7} {'MFU':>6} {'step ms':>8} {'mem MiB':>8} {'last loss':>9} {'ckpt s':>6}  fast path"]
     for r in results:
         mfu = f"{100 * r.mfu:5.1f}%" if r.mfu else "    -"
-        lines.append(f"{r.variant:<14} {r.package:<10} {r.seq_len:>6} {r.micro_batch:>4} {r.tokens_per_s:>10,.0f} "
-                     f"{r.relative:>8.3f} {mfu:>6} "
+        lines.append(f"{r.variant:<14} {r.package:<10} {r.nproc:>5} {r.seq_len:>6} {r.micro_batch:>4} "
+                     f"{r.tokens_per_s:>10,.0f} {r.relative:>8.3f} {r.per_gpu:>7.3f} {mfu:>6} "
                      f"{r.step_ms:>8.1f} {r.memory_mib:>8.0f} {r.last_loss:>9.4f} {r.checkpoint_stall_s:>6.2f}  "
                      + (r.fast_path if r.exit_code == 0 else f"FAILED (exit {r.exit_code})"))
     return "\n".join(lines)
@@ -168,10 +177,11 @@ def run(a, log=print) -> list:
         os.makedirs(work, exist_ok=True)
         manifest, tokenizer = prepare_shards(work, seq_len, a.smoke, log)
         micro_batch = max(1, a.micro_tokens // seq_len) if a.micro_tokens else a.micro_batch
-        for name, sets in variants:
+        for name, sets, nproc in variants:
             for pkg in packages:
                 label = f"{name}@{seq_len}" if sweep else name
-                results.append(run_variant(a, label, sets, pkg, manifest, tokenizer, log, seq_len, micro_batch))
+                results.append(run_variant(a, label, sets, nproc or a.nproc, pkg, manifest, tokenizer, log, seq_len,
+                                           micro_batch))
                 write(a, results, device)    # after every run: a time limit still leaves the finished ones
     log(table(results, device, a))
     return results
@@ -182,6 +192,7 @@ def write(a, results: list, device: str) -> None:
         mine = [r for r in results if r.package == label]
         for r in mine:
             r.relative = r.tokens_per_s / mine[0].tokens_per_s if mine[0].tokens_per_s else 0.0
+            r.per_gpu = r.relative * mine[0].nproc / r.nproc
     if not a.out:
         return
     os.makedirs(a.out, exist_ok=True)
@@ -203,7 +214,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("trainer", help="pldr-train throughput per layout / ZeRO stage / package version",
                        description=__doc__.splitlines()[0])
     p.add_argument("--config", default="pldr-110m", help="configs/<name>.yaml (pldr-110m, pldr-1b, tiny)")
-    p.add_argument("--variant", action="append", help="'NAME:key=value key=value' (repeat; default: one run of the config)")
+    p.add_argument("--variant", action="append",
+                   help="'NAME[@PROCESSES]:key=value key=value' (repeat; default: one run of the config)")
     p.add_argument("--set", action="append", default=[], help="key=value for every variant")
     p.add_argument("--micro-batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=30)
@@ -213,7 +225,7 @@ def add_parser(sub) -> None:
                    help="sequence length, or a comma-separated sweep (every variant at each length)")
     p.add_argument("--micro-tokens", type=int, default=0,
                    help="micro-batch = max(1, N // seq-len) at each length, instead of --micro-batch")
-    p.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per run")
+    p.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per run (a variant NAME@N: N)")
     p.add_argument("--workers", type=int, default=2, help="data-loader workers per process")
     p.add_argument("--baseline", help="a folder holding an older pldr_dist and configs/ to run each variant with too")
     p.add_argument("--work", default="bench_work", help="scratch folder (shards, run dirs)")

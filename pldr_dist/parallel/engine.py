@@ -77,11 +77,11 @@ def make_ds_config(*, micro_batch_size: int, grad_accum_steps: int, dp: int, pp:
         # rounded the fp32 sums to bf16 before every optimizer step, at any dp (one rank too).
         config["data_types"] = {"grad_accum_dtype": "fp32"}
         config["communication_data_type"] = "fp32"
-    if zero_stage == 2:
-        # Reduce-scatter the gradients in buckets on a side stream while the backward runs (off
-        # by default for stage 2; DeepSpeed's default bucket of 5e8 elements would hold all of
-        # pldr-110m, and so could only go out after the whole backward). Same buckets as ZeRO-1's
-        # (grad_reduce.py).
+    if zero_stage in (2, 3):
+        # Reduce-scatter the gradients in buckets on a side stream while the backward runs
+        # (`overlap_comm`, off by default for stage 2). DeepSpeed's default bucket of 5e8 elements
+        # would hold all of pldr-110m, and so could only go out after the whole backward. Same
+        # buckets as ZeRO-1's (grad_reduce.py).
         config["zero_optimization"].update(overlap_comm=True, reduce_bucket_size=BUCKET_ELEMENTS)
     if zero_stage == 3:
         # Gather parameters on save so checkpoints also hold a consolidated fp32/bf16 copy.
