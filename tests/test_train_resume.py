@@ -195,6 +195,7 @@ def test_bf16_checkpoint_of_deepspeeds_zero1_optimizer_resumes_with_fp32_accumul
     resumed = train(data, str(tmp_path / "run"), sets=bf16 + ["train.steps=4"])
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "resumed from checkpoint step_00000002" in resumed.stdout
+    assert "data-parallel gradients reduced in bfloat16 during the backward (1 bucket)" in resumed.stdout
     reference = train(data, str(tmp_path / "ref"), sets=bf16 + ["train.steps=4"])
     assert reference.returncode == 0, reference.stdout + reference.stderr
     assert losses(str(tmp_path / "run")) == losses(str(tmp_path / "ref"))

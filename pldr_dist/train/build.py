@@ -260,6 +260,10 @@ def build_run(cfg: RunConfig) -> Run:
         fast_path += f", {t.activation_checkpointing} activation recompute"
     if fp8_products:
         fast_path += f", {fp8_products} products in FP8 ({t.fp8_recipe})"
+    overlap = getattr(getattr(engine.optimizer, "contiguous_grads", None), "overlap", None)
+    if overlap is not None:     # parallel/grad_reduce.py
+        fast_path += (f", data-parallel gradients reduced in {str(overlap.dtype).removeprefix('torch.')} "
+                      f"during the backward ({len(overlap.buckets)} bucket{'s' * (len(overlap.buckets) > 1)})")
     sp_linears = sum(1 for m in model.modules() if getattr(m, "sequence_parallel", False))
     if sp_linears:      # counted in the model, not read from the config: what the run really does
         fast_path += f", sequence parallel ({sp_linears} linears gather / reduce-scatter the sequence)"
