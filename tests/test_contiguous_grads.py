@@ -1,7 +1,8 @@
 """Contiguous bf16 gradients (parallel/contiguous_grads.py), reduced over the data-parallel
-group in buckets while the backward runs (parallel/grad_reduce.py), change no update: on real
-gloo processes each bf16 layout trains once with DeepSpeed's per-parameter gradient handling and
-reduction, and once with the contiguous buffer; losses and weights must be bit-identical, and the global
+group in buckets while the backward runs (parallel/grad_reduce.py), and the optimizer step that
+decides clipping and skipping on the device (parallel/device_skip.py) change no update: on real
+gloo processes each bf16 layout trains once with DeepSpeed's per-parameter gradient handling,
+reduction and step, and once with ours; losses and weights must be bit-identical, and the global
 gradient norm equal to rounding: it is summed in another order, and fp32 sums of ~3e5 squares
 on the CPU differ by ~1e-5 relative between orders. Counting a parameter twice or not at all
 (the TP-replicated ones on TP rank 1) would move it by far more.
@@ -38,17 +39,17 @@ def train(tp, pp, accum, clip_norm, contiguous, drop_grads):
     module = build_pipeline_module(model, grid, loss_fn) if pp > 1 else model
     config = engine_module.make_ds_config(micro_batch_size=MICRO_BATCH, grad_accum_steps=accum, dp=grid.dp, pp=pp,
                                           zero_stage=1, precision="bf16", clip_norm=clip_norm)
-    install = engine_module.use_contiguous_grads
-    if not contiguous:
-        engine_module.use_contiguous_grads = lambda optimizer: None
+    install = engine_module.use_contiguous_grads, engine_module.skip_on_device
+    if not contiguous:   # DeepSpeed's own gradient handling, reduction and optimizer step
+        engine_module.use_contiguous_grads = engine_module.skip_on_device = lambda optimizer: None
     bucket, grad_reduce.BUCKET_ELEMENTS = grad_reduce.BUCKET_ELEMENTS, 5000   # tiny: dozens of buckets, cut inside layers
     try:
         # eps = 1 keeps Adam's first steps linear in the gradient, so the norm clip shows in them
         engine = engine_module.initialize(module, grid, config, make_optimizer(module, LR, eps=1.0 if clip_norm else 1e-5))
     finally:
-        engine_module.use_contiguous_grads = install
+        engine_module.use_contiguous_grads, engine_module.skip_on_device = install
         grad_reduce.BUCKET_ELEMENTS = bucket   # the worker processes run other tests next
-    assert hasattr(engine.optimizer, "contiguous_grads") == contiguous
+    assert hasattr(engine.optimizer, "contiguous_grads") == hasattr(engine.optimizer, "device_skip") == contiguous
     losses, norms = [], []
     for step in range(STEPS):
         mine = batches(step, grid.dp, accum)[grid.dp_rank]

@@ -141,8 +141,10 @@ def test_nonfinite_loss_is_skipped_and_a_persistent_one_stops_the_run(data, tmp_
     assert result.returncode == 0, result.stdout + result.stderr
     assert "step 3: non-finite loss or gradient, update skipped (1 in a row, 1 in total)" in result.stdout
     persistent = str(tmp_path / "persistent")
+    # log.every=4: a step that is not logged has its skip read a step later (train/trainer.py),
+    # so step 5's is read at step 6, before that step's checkpoint
     result = train(data, persistent, sets=["train.steps=8", "checkpoint.every=2", "train.max_nonfinite_in_row=3",
-                                           "train.inject_nonfinite_at=[3,4,5,6,7,8]"])
+                                           "train.inject_nonfinite_at=[3,4,5,6,7,8]", "log.every=4"])
     assert_trainer_exited_with(result, NONFINITE)
     assert "stopping: 3 non-finite steps in a row (train.max_nonfinite_in_row=3)" in result.stderr + result.stdout
     # the skipped steps 3 and 4 left the weights exactly as step 2 made them, and that is what step 4 saved
@@ -156,13 +158,15 @@ def test_nonfinite_loss_is_skipped_and_a_persistent_one_stops_the_run(data, tmp_
 @pytest.mark.parametrize("zero", [1, 2])
 def test_bf16_nonfinite_steps_are_skipped_on_every_rank(data, tmp_path, zero):
     """bf16 runs turn off DeepSpeed's per-tensor overflow check (engine.make_ds_config). ZeRO-1
-    runs BF16_Optimizer, whose global-norm check alone must skip the step (ours is off there, to
-    save a host sync); ZeRO-2 relies on the optimizer's one check of the flat partition. Either
-    way every rank skips, leaving the bf16 weights and the fp32 master partitions bit-identical."""
+    runs BF16_Optimizer, whose global-norm check alone must skip the step, made on the device
+    (parallel/device_skip.py: fused AdamW's found_inf); ZeRO-2 relies on the optimizer's one
+    check of the flat partition. Either way every rank skips, leaving the bf16 weights and the
+    fp32 master partitions bit-identical."""
     run_dir = str(tmp_path / "bf16")
     result = train(data, run_dir, sets=["train.steps=4", "checkpoint.every=2", "train.precision=bf16",
-                                        f"parallel.zero_stage={zero}", "train.inject_nonfinite_at=[3,4]"])
+                                        f"parallel.zero_stage={zero}", "train.inject_nonfinite_at=[3,4]", "log.every=5"])
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "step 3: non-finite loss or gradient, update skipped (1 in a row, 1 in total)" in result.stdout
     assert "step 4: non-finite loss or gradient, update skipped (2 in a row, 2 in total)" in result.stdout
     ckpt = os.path.join(run_dir, "checkpoints")
     load = lambda tag, name: torch.load(os.path.join(ckpt, tag, name), weights_only=False)  # noqa: E731

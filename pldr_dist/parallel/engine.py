@@ -16,6 +16,7 @@ from torch import nn
 
 from ..errors import PLDRError
 from .contiguous_grads import use_contiguous_grads
+from .device_skip import skip_on_device
 from .grad_reduce import BUCKET_ELEMENTS, overlap_grad_reduction
 from .pipeline import model_parameter_name
 from .tensor_parallel import tp_partition_dim
@@ -136,7 +137,8 @@ def initialize(model_or_pipe: nn.Module, grid, ds_config: dict, optimizer):
     only; a PipelineModule carries the same topology (grid.topology) and DeepSpeed builds the
     groups from it. With bf16 and ZeRO-1 (fp32 gradient accumulation, make_ds_config) the
     gradients live in one contiguous buffer (contiguous_grads.py), reduced over the data-parallel
-    group while the backward runs (grad_reduce.py). Returns the engine (a PipelineEngine when PP > 1).
+    group while the backward runs (grad_reduce.py), and the optimizer step skips non-finite steps
+    without a host sync (device_skip.py). Returns the engine (a PipelineEngine when PP > 1).
     """
     zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
     precision = "bf16" if ds_config.get("bf16", {}).get("enabled") else "fp32"
@@ -154,6 +156,7 @@ def initialize(model_or_pipe: nn.Module, grid, ds_config: dict, optimizer):
                                            mpu=None if is_pipe else grid)
     use_contiguous_grads(engine.optimizer)
     overlap_grad_reduction(engine)
+    skip_on_device(engine.optimizer)
     if isinstance(engine.optimizer, BF16_Optimizer):
         engine.optimizer.optimizer.check_finite = False   # it checks the global norm itself (optim.py)
     return engine

@@ -31,8 +31,8 @@ WEIGHT_DECAY = 0.1
 class ClippedAdamW(torch.optim.AdamW):
     def __init__(self, params, lr: float, clip_value: float = 0.0, betas=BETAS, eps: float = EPS,
                  weight_decay: float = WEIGHT_DECAY, fused: bool = False):
-        """clip_value > 0 clamps every gradient element to [-clip_value, clip_value]. fused=True
-        (GPU): torch's one-kernel AdamW; the multi-tensor path makes ~10 passes over the state."""
+        """clip_value > 0 clamps every gradient element to [-clip_value, clip_value]. fused=True:
+        torch's one-kernel AdamW (the multi-tensor path makes ~10 passes over the state)."""
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused or None)
         self.clip_value = clip_value
         self.skipped_steps = 0
@@ -70,11 +70,11 @@ def make_optimizer(model: torch.nn.Module, lr: float, clip_value: float = 0.0, e
     and turn each parameter into a view of it. Sizes that are multiples of 8 elements go first,
     so all of those start 16-byte aligned (what compiled GPU kernels load vectors from); the
     odd sizes (biases of width d_ff = 2389, a_dff = 170) follow. AdamW is element-wise: the
-    order changes no number. On the GPU it runs fused (one kernel over the flat partition).
+    order changes no number. It runs fused (on the GPU one kernel over the flat partition), which
+    can also skip a non-finite step on the device (`found_inf`: parallel/device_skip.py).
     """
     params = sorted((p for p in model.parameters() if p.requires_grad), key=lambda p: p.numel() % 8 != 0)
-    fused = all(p.is_cuda for p in params)
-    return ClippedAdamW(params, lr=lr, clip_value=clip_value, eps=eps, fused=fused)
+    return ClippedAdamW(params, lr=lr, clip_value=clip_value, eps=eps, fused=True)
 
 
 def optimizer_state_bytes(optimizer) -> int:

@@ -111,7 +111,9 @@ class Run:
     def train_step(self, batches, inject_nonfinite: bool):
         """batches: a data.loader.BatchesAhead. Returns (mean loss over the step's micro-batches
         and data-parallel ranks, skipped). The loss stays a 0-dim device tensor: reading it
-        waits for the GPU to finish the step, so the trainer reads it only when it logs."""
+        waits for the GPU to finish the step, so the trainer reads it only when it logs.
+        `skipped` is a bool, or under bf16 ZeRO-1 a device_skip.SkipFlag: truth-testing it waits
+        for this step's optimizer, so the trainer tests it a step later."""
         self.inject[0] = inject_nonfinite
         skipped_before = self.skipped_steps()
         if self.grid.pp > 1:
@@ -134,6 +136,9 @@ class Run:
             if self.grid.replicas > 1:     # dp x cp: context-parallel ranks hold slices of the sequences
                 dist.all_reduce(loss, group=self.grid.replica_group)
                 loss = loss / self.grid.replicas
+        device_skip = getattr(self.engine.optimizer, "device_skip", None)
+        if device_skip is not None:
+            return loss, device_skip.flag
         return loss, self.skipped_steps() > skipped_before
 
     def skipped_steps(self) -> int:

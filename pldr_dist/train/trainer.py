@@ -147,6 +147,7 @@ class Trainer:
         self.batches = BatchesAhead(self.job.train_loader)
         self.nonfinite_total = 0
         self.nonfinite_in_row = 0
+        self.unread_skips = []     # (step, skipped) of steps whose skip flag is not read yet
         self.signals = SignalFlag()
         peak = cfg.log.peak_tflops * 1e12 or (989e12 if torch.cuda.is_available() else 0.0)
         self.peak_flops = peak
@@ -166,6 +167,7 @@ class Trainer:
         """Logs how long the step loop stalled for the checkpoint (`checkpoint_stall_s`): all of the
         save when synchronous; waiting for the previous write, the barrier and the copy to host
         memory when asynchronous."""
+        self.read_skips(self.step)   # the checkpoint holds the non-finite counts
         t0 = time.time()
         tag = self.ckpt.save(self.job.engine, self.step, self.extra_state(), self.cfg.to_dict(),
                              self.cfg.checkpoint.tokenizer)
@@ -234,22 +236,15 @@ class Trainer:
             self.tokens += run.tokens_per_step
             interval_steps += 1
             dt = time.time() - t0
-            if skipped:
-                self.nonfinite_total += 1
-                self.nonfinite_in_row += 1
-                self.log(f"step {self.step}: non-finite loss or gradient, update skipped "
-                         f"({self.nonfinite_in_row} in a row, {self.nonfinite_total} in total)")
-                if self.nonfinite_in_row >= cfg.train.max_nonfinite_in_row:
-                    raise StopTraining(
-                        f"stopping: {self.nonfinite_in_row} non-finite steps in a row (train.max_nonfinite_in_row="
-                        f"{cfg.train.max_nonfinite_in_row}); the last good checkpoint is intact in "
-                        f"{self.ckpt.dir} (lower optim.lr or check the data)", EXIT_NONFINITE)
-            else:
-                self.nonfinite_in_row = 0
+            self.unread_skips.append((self.step, skipped))
+            # A step whose loss is read anyway (or the last) has its skip flag read now; others a
+            # step later, once the next step is queued, so the host never waits for a step in flight.
             values = {}
             if want_g:
                 values.update(self.gstats.collect())
-            if self.step % cfg.log.every == 0 or self.step == cfg.train.steps or values:
+            logged = self.step % cfg.log.every == 0 or self.step == cfg.train.steps or bool(values)
+            self.read_skips(self.step if logged else self.step - 1)
+            if logged:
                 loss_value = float(loss)   # waits for this step's GPU work
                 now = time.time()
                 values.update(self.step_metrics(loss_value, lr, (now - interval_start) / interval_steps))
@@ -279,11 +274,31 @@ class Trainer:
                 last_saved = self.step
             if evaluated or last_saved == self.step:
                 interval_start, interval_steps = time.time(), 0   # not training time
+        self.read_skips(self.step)
         if cfg.eval.every and self.step % cfg.eval.every:
             self.validate()
         if last_saved != self.step and cfg.checkpoint.at_end:
             self.save()
         self.last_loss = float(loss)
+
+    def read_skips(self, upto: int) -> None:
+        """Counts and reports the skipped steps up to step `upto`, in order; stops the run after
+        train.max_nonfinite_in_row in a row."""
+        while self.unread_skips and self.unread_skips[0][0] <= upto:
+            step, skipped = self.unread_skips.pop(0)
+            if not skipped:
+                self.nonfinite_in_row = 0
+                continue
+            self.nonfinite_total += 1
+            self.nonfinite_in_row += 1
+            self.log(f"step {step}: non-finite loss or gradient, update skipped "
+                     f"({self.nonfinite_in_row} in a row, {self.nonfinite_total} in total)")
+            limit = self.cfg.train.max_nonfinite_in_row
+            if self.nonfinite_in_row >= limit:
+                raise StopTraining(
+                    f"stopping: {self.nonfinite_in_row} non-finite steps in a row (train.max_nonfinite_in_row="
+                    f"{limit}); the last good checkpoint is intact in {self.ckpt.dir} (lower optim.lr or check the "
+                    f"data)", EXIT_NONFINITE)
 
     def fault_injection(self) -> None:
         """Testing aid: PLDR_FAULT=kill:K makes every rank SIGKILL itself after step K (a crash);

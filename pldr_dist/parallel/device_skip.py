@@ -1,0 +1,86 @@
+"""The bf16 optimizer's step without a host sync: non-finite steps are skipped on the device.
+
+Why: every step, DeepSpeed's `BF16_Optimizer` (bf16 ZeRO-1, any TP x PP layout) reads the global
+gradient norm on the host twice: once to decide whether to skip the step (`is_invalid_grad_norm`)
+and once to decide whether to clip (`clip_tensors_by_global_norm`). Each read waits for the whole
+backward, and then the GPU idles while the host launches the optimizer and the next forward.
+On an H100 that was ~4.6 ms of each pldr-110m step (docs/performance.md): a fixed cost per
+optimizer step, which also keeps small per-GPU batches from scaling over data parallelism.
+
+Here the same decisions are made on the device:
+- the clip factor is min(1, clip / (norm + 1e-6)). Where DeepSpeed does not clip, the factor is
+  exactly 1, so the numbers are the same;
+- the skip is torch's fused AdamW `found_inf`: the kernel leaves parameters, moments and step
+  counts untouched, as a skipped step must;
+- the fp32 master weights are copied to the bf16 parameters either way. After a skipped step
+  these are the same values.
+
+The host learns whether a step was skipped from a pinned copy of the flag (`SkipFlag`). The
+trainer reads it one step later, so it does not wait for the step in flight (train/trainer.py).
+"""
+from __future__ import annotations
+
+import torch
+from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+from deepspeed.runtime.utils import get_global_norm_of_tensors
+
+
+class SkipFlag:
+    """Whether one optimizer step was skipped. Reading it waits for that step only."""
+
+    def __init__(self, bad: torch.Tensor):
+        self.event = None
+        if bad.is_cuda:
+            self.host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            self.host.copy_(bad, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = bad
+
+    def __bool__(self) -> bool:
+        if self.event is not None:
+            self.event.synchronize()
+        return bool(self.host)
+
+
+class DeviceSkip:
+    def __init__(self, optimizer: BF16_Optimizer):
+        self.opt = optimizer
+        self.flag = SkipFlag(torch.zeros((), dtype=torch.bool))   # no step taken yet
+
+    @torch.no_grad()
+    def step(self, closure=None) -> None:
+        """BF16_Optimizer.step, its two host reads of the norm made on the device."""
+        opt = self.opt
+        if closure is not None:
+            raise NotImplementedError(f"{type(opt).__name__} does not support closure")
+        opt.overflow = False           # DeepSpeed's engine would count a skip from this (a host read)
+        grads, _ = opt.get_grads_for_norm()
+        norm = get_global_norm_of_tensors(input_tensors=grads, mpu=opt.mpu, norm_type=opt.norm_type)
+        bad = norm < 0                 # DeepSpeed marks a non-finite norm -1 (is_invalid_grad_norm)
+        opt._global_grad_norm = torch.where(bad, torch.full_like(norm, float("inf")), norm)
+        if opt.clip_grad > 0.0:
+            factor = torch.clamp(opt.clip_grad / (norm + 1e-6), max=1.0)
+            torch._foreach_mul_(opt.get_grads_for_norm(for_clipping=True), factor)
+        for param, grad in zip(opt.fp32_groups_flat_partition, opt.fp32_groups_gradient_flat_partition):
+            param.grad = grad          # fp32 gradient accumulation (make_ds_config): no cast
+        opt.optimizer.found_inf = bad.float()
+        opt.optimizer.step()
+        opt._lazy_init_hp_params_optimizer_state()
+        opt.update_lp_params()
+        opt.clear_hp_grads()
+        self.flag = SkipFlag(bad)
+
+
+def skip_on_device(optimizer) -> DeviceSkip | None:
+    """Install the sync-free step on DeepSpeed's bf16 optimizer with fp32 gradients over a fused
+    torch optimizer (parallel/optim.make_optimizer); others keep their step, and None is returned."""
+    base = getattr(optimizer, "optimizer", None)
+    if (type(optimizer) is not BF16_Optimizer or optimizer.grad_acc_dtype is not torch.float32 or
+            not getattr(base, "defaults", {}).get("fused") or optimizer.has_moe_layers):
+        return None
+    skip = DeviceSkip(optimizer)
+    optimizer.step = skip.step
+    optimizer.device_skip = skip
+    return skip
