@@ -97,7 +97,7 @@ def test_contiguous_grads_give_deepspeeds_updates(name):
             assert torch.equal(contiguous["params"][n], p), f"{name}: {n} differs"
 
 
-def reduced_gradients(rank, world):
+def reduced_gradients(rank, world, own_config=False):
     """After the backward that ends a step, each fp32 gradient must be the data-parallel mean of
     the ranks' fp32 sums over their micro-batches, to the bit: reduced in fp32, not rounded to
     bf16 on the way (DeepSpeed's default communication dtype for bf16 did that, at any dp)."""
@@ -109,6 +109,8 @@ def reduced_gradients(rank, world):
     torch.manual_seed(0)
     model = PLDRModel(preset("tiny"))
     config = make_ds_config(micro_batch_size=MICRO_BATCH, grad_accum_steps=2, dp=world, zero_stage=1, precision="bf16")
+    if own_config:   # a DeepSpeed JSON that names no communication dtype: initialize makes it fp32
+        del config["communication_data_type"]
     engine = initialize(model, grid, config, make_optimizer(model, LR))
     grads = engine.optimizer.contiguous_grads
     sums = [torch.zeros_like(hp) for hp in engine.optimizer.fp32_groups_gradients_flat]
@@ -126,4 +128,4 @@ def reduced_gradients(rank, world):
 
 def test_bf16_gradients_are_reduced_in_fp32():
     assert run_distributed(reduced_gradients, 2, deepspeed=True) == [1, 1]   # one bucket: the tiny model
-    assert run_distributed(reduced_gradients, 1, deepspeed=True) == [None]   # one replica: nothing to reduce
+    assert run_distributed(reduced_gradients, 1, True, deepspeed=True) == [None]   # one replica: nothing to reduce

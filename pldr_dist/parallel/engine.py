@@ -152,6 +152,8 @@ def initialize(model_or_pipe: nn.Module, grid, ds_config: dict, optimizer):
         mark_tensor_parallel_parameters(model_or_pipe)
     if zero_stage == 3:
         zero3_whole_layers(model_or_pipe, ds_config)
+    if precision == "bf16" and ds_config.get("data_types", {}).get("grad_accum_dtype") == "fp32":
+        ds_config.setdefault("communication_data_type", "fp32")   # a DeepSpeed JSON of one's own too: make_ds_config
     engine, _, _, _ = deepspeed.initialize(model=model_or_pipe, optimizer=optimizer, config=ds_config,
                                            mpu=None if is_pipe else grid)
     use_contiguous_grads(engine.optimizer)
