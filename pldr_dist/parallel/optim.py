@@ -9,11 +9,11 @@ rank holds:
 - clipping by value (the reference's `clip_grad_value_(1.0)`) is element-wise, so it commutes
   with partitioning and gives the same update as on the full gradient;
 - a non-finite gradient on any rank skips the update on every rank (one all-reduce over the
-  whole world), so replicas and shards never diverge; `skipped_steps` counts them. Under
-  DeepSpeed's BF16_Optimizer (bf16 with ZeRO-1) the check is off (`check_finite`, set by
-  engine.initialize): that optimizer already returns before calling step() when the global
-  gradient norm is not finite, the same on every rank, counted in `engine.skipped_steps`; a
-  second check would only add a host sync per step.
+  whole world), so replicas and shards never diverge. The skip is decided on the device (fused
+  AdamW's `found_inf`), so the host does not wait for the backward; `flag` tells the trainer
+  a step later, `skipped_steps` counts them. Under DeepSpeed's BF16_Optimizer (bf16 with
+  ZeRO-1) the check is off (`check_finite`, set by engine.initialize): that optimizer's step
+  decides from the global gradient norm, the same on every rank (device_skip.py).
 Global-norm clipping is DeepSpeed's `gradient_clipping` (engine.make_ds_config), applied
 before step() is called.
 """
@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
+
+from .device_skip import SkipFlag
 
 BETAS = (0.9, 0.95)
 EPS = 1e-5
@@ -35,8 +37,14 @@ class ClippedAdamW(torch.optim.AdamW):
         torch's one-kernel AdamW (the multi-tensor path makes ~10 passes over the state)."""
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused or None)
         self.clip_value = clip_value
-        self.skipped_steps = 0
         self.check_finite = True
+        self.flag = None        # device_skip.SkipFlag of the last step (check_finite): the trainer reads it
+        self._skipped = None    # how many steps were skipped, on the device
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped as non-finite (reading it waits for the GPU)."""
+        return 0 if self._skipped is None else int(self._skipped)
 
     def _grads(self):
         return [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
@@ -44,23 +52,27 @@ class ClippedAdamW(torch.optim.AdamW):
     @torch.no_grad()
     def step(self, closure=None):
         grads = self._grads()
-        if self.check_finite and self._any_nonfinite(grads):
-            self.skipped_steps += 1
-            return None
+        if self.check_finite:
+            # The skip is decided on the device: fused AdamW's found_inf leaves weights, moments and
+            # step counts as they were, and the host never waits here for the backward to finish.
+            bad = self._nonfinite(grads)
+            self.found_inf = bad
+            self._skipped = bad if self._skipped is None else self._skipped + bad
+            self.flag = SkipFlag(bad > 0)
         if self.clip_value > 0:
             for g in grads:
                 g.clamp_(-self.clip_value, self.clip_value)
         return super().step(closure)
 
     @staticmethod
-    def _any_nonfinite(grads) -> bool:
-        """Over every rank; computed on the device and read once, after the all-reduce."""
-        bad = torch.zeros(1, device=get_accelerator().current_device_name())
+    def _nonfinite(grads) -> torch.Tensor:
+        """1.0 where any gradient on any rank is not finite, else 0.0 (a 0-dim device tensor)."""
+        bad = torch.zeros((), device=get_accelerator().current_device_name())
         for g in grads:
             bad = torch.maximum(bad, (~torch.isfinite(g).all()).float().to(bad.device))
         if dist.is_initialized():
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        return bad.item() > 0
+        return bad
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, clip_value: float = 0.0, eps: float = EPS) -> ClippedAdamW:

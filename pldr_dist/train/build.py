@@ -112,10 +112,11 @@ class Run:
         """batches: a data.loader.BatchesAhead. Returns (mean loss over the step's micro-batches
         and data-parallel ranks, skipped). The loss stays a 0-dim device tensor: reading it
         waits for the GPU to finish the step, so the trainer reads it only when it logs.
-        `skipped` is a bool, or under bf16 ZeRO-1 a device_skip.SkipFlag: truth-testing it waits
-        for this step's optimizer, so the trainer tests it a step later."""
+        `skipped` is a bool or a device_skip.SkipFlag: truth-testing a flag waits for this step's
+        optimizer, so the trainer tests it a step later."""
         self.inject[0] = inject_nonfinite
-        skipped_before = self.skipped_steps()
+        deepspeed_skips = self.deepspeed_skips()
+        self.optimizer.flag = None
         if self.grid.pp > 1:
             loss = self.engine.train_batch(data_iter=_pipe_batches(batches)).detach().float()
         else:
@@ -137,13 +138,16 @@ class Run:
                 dist.all_reduce(loss, group=self.grid.replica_group)
                 loss = loss / self.grid.replicas
         device_skip = getattr(self.engine.optimizer, "device_skip", None)
-        if device_skip is not None:
+        if device_skip is not None:     # bf16 ZeRO-1: parallel/device_skip.py
             return loss, device_skip.flag
-        return loss, self.skipped_steps() > skipped_before
+        if self.deepspeed_skips() > deepspeed_skips:
+            return loss, True
+        flag = self.optimizer.flag     # ClippedAdamW's own check (parallel/optim.py); not truth-tested here
+        return loss, False if flag is None else flag
 
-    def skipped_steps(self) -> int:
-        """Non-finite steps skipped: by our optimizer (ZeRO-0, pipelines) or by DeepSpeed's ZeRO."""
-        return self.optimizer.skipped_steps + int(getattr(self.engine, "skipped_steps", 0) or 0)
+    def deepspeed_skips(self) -> int:
+        """Steps DeepSpeed itself skipped (its overflow checks, where a config turns them on)."""
+        return int(getattr(self.engine, "skipped_steps", 0) or 0)
 
     @torch.no_grad()
     def eval_loss(self, num_batches: int) -> float:
