@@ -87,6 +87,11 @@ def make_ds_config(*, micro_batch_size: int, grad_accum_steps: int, dp: int, pp:
     if zero_stage == 3:
         # Gather parameters on save so checkpoints also hold a consolidated fp32/bf16 copy.
         config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+        # One optimizer step over the whole partition: DeepSpeed steps each sub-group of
+        # sub_group_size (default 1e9) elements separately, and ClippedAdamW's non-finite check
+        # would then skip only the sub-group holding the bad gradient (a pldr-1b partition at
+        # dp = 1 has two). Sub-groups matter for offloading, which pldr_dist does not use.
+        config["zero_optimization"]["sub_group_size"] = 10**12
     if pp > 1:
         # Send whole activations between stages (TP ranks hold identical copies); DeepSpeed's
         # partitioned sends allow only one grad-carrying tensor, and we may send two.
