@@ -53,8 +53,8 @@ class DeviceSkip:
     def step(self, closure=None) -> None:
         """BF16_Optimizer.step, its two host reads of the norm made on the device."""
         opt = self.opt
-        if closure is not None:
-            raise NotImplementedError(f"{type(opt).__name__} does not support closure")
+        if closure is not None:   # DeepSpeed's engines never pass one; BF16_Optimizer refuses it too
+            raise TypeError(f"{type(opt).__name__}.step takes no closure")
         opt.overflow = False           # DeepSpeed's engine would count a skip from this (a host read)
         grads, _ = opt.get_grads_for_norm()
         norm = get_global_norm_of_tensors(input_tensors=grads, mpu=opt.mpu, norm_type=opt.norm_type)

@@ -32,10 +32,11 @@ WEIGHT_DECAY = 0.1
 
 class ClippedAdamW(torch.optim.AdamW):
     def __init__(self, params, lr: float, clip_value: float = 0.0, betas=BETAS, eps: float = EPS,
-                 weight_decay: float = WEIGHT_DECAY, fused: bool = False):
-        """clip_value > 0 clamps every gradient element to [-clip_value, clip_value]. fused=True:
-        torch's one-kernel AdamW (the multi-tensor path makes ~10 passes over the state)."""
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused or None)
+                 weight_decay: float = WEIGHT_DECAY):
+        """clip_value > 0 clamps every gradient element to [-clip_value, clip_value]. Always
+        torch's fused AdamW: one kernel (the multi-tensor path makes ~10 passes over the state),
+        and the only one that takes `found_inf`, which the device-side skip needs."""
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
         self.clip_value = clip_value
         self.check_finite = True
         self.flag = None        # device_skip.SkipFlag of the last step (check_finite): the trainer reads it
@@ -86,7 +87,7 @@ def make_optimizer(model: torch.nn.Module, lr: float, clip_value: float = 0.0, e
     can also skip a non-finite step on the device (`found_inf`: parallel/device_skip.py).
     """
     params = sorted((p for p in model.parameters() if p.requires_grad), key=lambda p: p.numel() % 8 != 0)
-    return ClippedAdamW(params, lr=lr, clip_value=clip_value, eps=eps, fused=True)
+    return ClippedAdamW(params, lr=lr, clip_value=clip_value, eps=eps)
 
 
 def optimizer_state_bytes(optimizer) -> int:
