@@ -32,10 +32,15 @@ def checkpoint_files(run_dir: str, tag: str) -> dict:
     ("zero3", 2, ["parallel.zero_stage=3"]),
     ("tp2pp2", 4, ["parallel.tp=2", "parallel.pp=2"])])
 def test_each_layout_resumes_from_its_own_checkpoint_bit_identically(data, tmp_path, name, nproc, layout):
+    """Also: no layout reads a tensor value on the host inside a step (log.profile_steps, step 3
+    on rank 0; on a GPU each read is a sync). The one read there is CPU-only: the CPU kernel of
+    fused AdamW reads each tensor's step count on the host, where CUDA's reads it on the device."""
     sets = ["train.steps=4", "checkpoint.every=2", "checkpoint.keep=2"] + layout
     whole, resumed = str(tmp_path / "whole"), str(tmp_path / "resumed")
-    result = train(data, whole, nproc, sets)
+    result = train(data, whole, nproc, sets + ["log.profile_steps=[3,3]"])
     assert result.returncode == 0, result.stdout + result.stderr
+    reads = metric(whole, "host_reads")[3]
+    assert reads and all(key.endswith(" aten::_fused_adamw_") for key in reads), reads
     shutil.copytree(whole, resumed)
     ckpt = os.path.join(resumed, "checkpoints")
     shutil.rmtree(os.path.join(ckpt, "step_00000004"))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pldr_dist.train.checkpoint import verify_tag
-from train_helpers import final_weights, losses, prepare_data, train, train_with_fault
+from train_helpers import final_weights, losses, metric, prepare_data, train, train_with_fault
 
 STEPS = ["train.steps=24", "checkpoint.every=5", "checkpoint.keep=2"]
 PREEMPTED, NONFINITE = 75, 3   # pldr_dist.distributed.PREEMPTED_EXIT_CODE, pldr_dist.train.trainer.EXIT_NONFINITE
@@ -43,7 +43,8 @@ def reference(data, tmp_path_factory):
         assert result.returncode == 0, result.stdout + result.stderr
         runs[name] = run_dir
     profile = open(os.path.join(runs["dp2"], "profile.txt")).read()
-    assert profile.startswith("# steps 3-4, sorted by self_cpu_time_total") and "aten::mm" in profile
+    assert profile.startswith("# steps 3-4: host reads of tensor values inside the step: ") and "aten::mm" in profile
+    assert "# steps 3-4, sorted by self_cpu_time_total" in profile
     assert os.path.getsize(os.path.join(runs["dp2"], "profile_trace.json")) > 0
     return runs
 
@@ -155,29 +156,39 @@ def test_nonfinite_loss_is_skipped_and_a_persistent_one_stops_the_run(data, tmp_
     assert all(torch.equal(at2[k], at4[k]) for k in at2)
 
 
-@pytest.mark.parametrize("zero", [1, 2])
-def test_bf16_nonfinite_steps_are_skipped_on_every_rank(data, tmp_path, zero):
+@pytest.mark.parametrize("zero", [1, 2, 3])
+def test_bf16_nonfinite_steps_are_skipped_on_every_rank_without_a_host_read(data, tmp_path, zero):
     """bf16 runs turn off DeepSpeed's per-tensor overflow check (engine.make_ds_config). ZeRO-1
     runs BF16_Optimizer, whose global-norm check alone must skip the step, made on the device
-    (parallel/device_skip.py: fused AdamW's found_inf); ZeRO-2 relies on the optimizer's one
-    check of the flat partition. Either way every rank skips, leaving the bf16 weights and the
-    fp32 master partitions bit-identical."""
+    (parallel/device_skip.py: fused AdamW's found_inf); ZeRO-2/3 leave the decision to the
+    optimizer's one check of the flat partition (device_skip.defer_norm_check). Either way every
+    rank skips, leaving the fp32 master partitions and Adam's moments and step counts (and under
+    ZeRO-1/2 the bf16 weights) bit-identical, and the host reads no tensor value in the step
+    (log.profile_steps of the poisoned step 3: DeepSpeed's norm checks read it there)."""
     run_dir = str(tmp_path / "bf16")
     result = train(data, run_dir, sets=["train.steps=4", "checkpoint.every=2", "train.precision=bf16",
-                                        f"parallel.zero_stage={zero}", "train.inject_nonfinite_at=[3,4]", "log.every=5"])
+                                        f"parallel.zero_stage={zero}", "train.inject_nonfinite_at=[3,4]", "log.every=5",
+                                        "log.profile_steps=[3,3]", "optim.clip=norm", "optim.clip_value=1.0"])
     assert result.returncode == 0, result.stdout + result.stderr
     assert "step 3: non-finite loss or gradient, update skipped (1 in a row, 1 in total)" in result.stdout
     assert "step 4: non-finite loss or gradient, update skipped (2 in a row, 2 in total)" in result.stdout
+    assert metric(run_dir, "host_reads") == {3: {}}, metric(run_dir, "host_reads")
     ckpt = os.path.join(run_dir, "checkpoints")
     load = lambda tag, name: torch.load(os.path.join(ckpt, tag, name), weights_only=False)  # noqa: E731
-    at2, at4 = (load(t, "mp_rank_00_model_states.pt")["module"] for t in ("step_00000002", "step_00000004"))
-    assert next(iter(at2.values())).dtype == torch.bfloat16
-    assert all(torch.equal(at2[k], at4[k]) for k in at2)
+    if zero < 3:    # ZeRO-3 saves the weights as its partitions, compared as the fp32 masters below
+        at2, at4 = (load(t, "mp_rank_00_model_states.pt")["module"] for t in ("step_00000002", "step_00000004"))
+        assert next(iter(at2.values())).dtype == torch.bfloat16
+        assert all(torch.equal(at2[k], at4[k]) for k in at2)
+    master = "fp32_flat_groups" if zero == 3 else "single_partition_of_fp32_groups"
     for rank in range(2):
         name = f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
-        m2, m4 = (load(t, name)["optimizer_state_dict"]["single_partition_of_fp32_groups"]
-                  for t in ("step_00000002", "step_00000004"))
-        assert all(torch.equal(a, b) for a, b in zip(m2, m4))
+        s2, s4 = (load(t, name)["optimizer_state_dict"] for t in ("step_00000002", "step_00000004"))
+        assert all(torch.equal(a, b) for a, b in zip(s2[master], s4[master]))
+        base = "optimizer_state_dict" if zero == 3 else "base_optimizer_state"
+        moments2, moments4 = (s[base]["state"] for s in (s2, s4))
+        assert moments2.keys() == moments4.keys() and moments2
+        for key in moments2:
+            assert all(torch.equal(moments2[key][k], moments4[key][k]) for k in ("exp_avg", "exp_avg_sq", "step"))
 
 
 def test_bf16_checkpoint_of_deepspeeds_zero1_optimizer_resumes_with_fp32_accumulation(data, tmp_path):

@@ -17,9 +17,22 @@ Here the same decisions are made on the device:
 
 The host learns whether a step was skipped from a pinned copy of the flag (`SkipFlag`). The
 trainer reads it one step later, so it does not wait for the step in flight (train/trainer.py).
+
+DeepSpeed's ZeRO-2/3 optimizers (and ZeRO-1 in fp32) read the norm on the host for the same
+reason, to skip a non-finite step (`is_invalid_grad_norm`; ZeRO-3 in bf16 too, ZeRO-1/2 when
+not bf16). There the base optimizer is ClippedAdamW (parallel/optim.py), which already skips a
+non-finite step on the device, on every rank alike: `defer_norm_check` leaves the decision to it.
+Every ZeRO optimizer also marks a non-finite norm with a fill that reads a device value
+(`sync_free_norm_mask`). The trainer's `log.profile_steps` counts what still reads inside a step
+(train/metrics.host_reads).
 """
 from __future__ import annotations
 
+import contextvars
+
+import deepspeed.runtime.utils as ds_utils
+import deepspeed.runtime.zero.stage3 as ds_stage3
+import deepspeed.runtime.zero.stage_1_and_2 as ds_stage12
 import torch
 from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 from deepspeed.runtime.utils import get_global_norm_of_tensors
@@ -84,3 +97,58 @@ def skip_on_device(optimizer) -> DeviceSkip | None:
     optimizer.step = skip.step
     optimizer.device_skip = skip
     return skip
+
+
+def _mask_nonfinite(input: torch.Tensor, device=None, val: float = -1.0) -> None:
+    """DeepSpeed's `mask_nan_or_inf_with_val_inplace`, which every ZeRO optimizer applies to the
+    gradient norm, with a Python number as the fill value. DeepSpeed's passes a 0-dim device
+    tensor, and CUDA's masked_fill_ reads a tensor fill value with `.item()`: a host sync in
+    every optimizer step, even where nothing else reads the norm."""
+    input.masked_fill_(~torch.isfinite(input), val)
+
+
+def sync_free_norm_mask() -> None:
+    """Installs `_mask_nonfinite` where DeepSpeed's modules look the function up (same values)."""
+    for module in (ds_utils, ds_stage12, ds_stage3):
+        module.mask_nan_or_inf_with_val_inplace = _mask_nonfinite
+
+
+_DEFERRED = contextvars.ContextVar("pldr_norm_check_deferred", default=False)
+
+
+def _is_invalid_grad_norm(norm) -> bool:
+    """DeepSpeed's check, but False for a device norm inside a deferred step (`defer_norm_check`).
+    A non-finite norm then reaches the clip factor, which leaves the non-finite gradients
+    non-finite (the factor is clamped to >= 1, or NaN), and the base optimizer skips the step."""
+    if _DEFERRED.get() and torch.is_tensor(norm):
+        return False
+    return ds_utils.is_invalid_grad_norm(norm)
+
+
+def defer_norm_check(optimizer) -> bool:
+    """ZeRO-1/2 and ZeRO-3 optimizers whose base optimizer checks for non-finite gradients
+    itself (ClippedAdamW.check_finite) step without reading the gradient norm on the host.
+    fp16 loss scaling needs DeepSpeed's own overflow handling, so fp16 keeps it. Returns
+    whether the step was wrapped."""
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+    base = getattr(optimizer, "optimizer", None)
+    if (not isinstance(optimizer, (DeepSpeedZeroOptimizer, DeepSpeedZeroOptimizer_Stage3))
+            or not getattr(base, "check_finite", False) or getattr(optimizer, "dtype", None) is torch.float16):
+        return False
+    ds_stage3.is_invalid_grad_norm = ds_stage12.is_invalid_grad_norm = _is_invalid_grad_norm   # scoped by _DEFERRED
+    step = optimizer.step
+
+    def deferred_step(*args, **kwargs):
+        token = _DEFERRED.set(True)
+        try:
+            step(*args, **kwargs)
+        finally:
+            _DEFERRED.reset(token)
+        norm = optimizer._global_grad_norm     # DeepSpeed reports a skipped step's norm as inf
+        if torch.is_tensor(norm):
+            optimizer._global_grad_norm = torch.where(torch.isfinite(norm) & (norm >= 0), norm,
+                                                      torch.full_like(norm, float("inf")))
+
+    optimizer.step = deferred_step
+    return True

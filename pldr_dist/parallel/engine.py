@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import PLDRError
 from .contiguous_grads import use_contiguous_grads
-from .device_skip import skip_on_device
+from .device_skip import defer_norm_check, skip_on_device, sync_free_norm_mask
 from .grad_reduce import BUCKET_ELEMENTS, overlap_grad_reduction
 from .pipeline import model_parameter_name
 from .tensor_parallel import tp_partition_dim
@@ -142,8 +142,8 @@ def initialize(model_or_pipe: nn.Module, grid, ds_config: dict, optimizer):
     only; a PipelineModule carries the same topology (grid.topology) and DeepSpeed builds the
     groups from it. With bf16 and ZeRO-1 (fp32 gradient accumulation, make_ds_config) the
     gradients live in one contiguous buffer (contiguous_grads.py), reduced over the data-parallel
-    group while the backward runs (grad_reduce.py), and the optimizer step skips non-finite steps
-    without a host sync (device_skip.py). Returns the engine (a PipelineEngine when PP > 1).
+    group while the backward runs (grad_reduce.py). In every layout the optimizer step skips
+    non-finite steps without a host sync (device_skip.py). Returns the engine (a PipelineEngine when PP > 1).
     """
     zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
     precision = "bf16" if ds_config.get("bf16", {}).get("enabled") else "fp32"
@@ -159,11 +159,13 @@ def initialize(model_or_pipe: nn.Module, grid, ds_config: dict, optimizer):
         zero3_whole_layers(model_or_pipe, ds_config)
     if precision == "bf16" and ds_config.get("data_types", {}).get("grad_accum_dtype") == "fp32":
         ds_config.setdefault("communication_data_type", "fp32")   # a DeepSpeed JSON of one's own too: make_ds_config
+    sync_free_norm_mask()
     engine, _, _, _ = deepspeed.initialize(model=model_or_pipe, optimizer=optimizer, config=ds_config,
                                            mpu=None if is_pipe else grid)
     use_contiguous_grads(engine.optimizer)
     overlap_grad_reduction(engine)
     skip_on_device(engine.optimizer)
+    defer_norm_check(engine.optimizer)
     if isinstance(engine.optimizer, BF16_Optimizer):
         engine.optimizer.optimizer.check_finite = False   # it checks the global norm itself (optim.py)
     return engine

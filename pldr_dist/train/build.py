@@ -118,7 +118,8 @@ class Run:
         deepspeed_skips = self.deepspeed_skips()
         self.optimizer.flag = None
         if self.grid.pp > 1:
-            loss = self.engine.train_batch(data_iter=_pipe_batches(batches)).detach().float()
+            with record_function("pldr:pipeline_schedule"):   # forwards, backwards and the optimizer step
+                loss = self.engine.train_batch(data_iter=_pipe_batches(batches)).detach().float()
         else:
             total = 0.0
             for _ in range(self.engine.gradient_accumulation_steps()):
@@ -257,14 +258,18 @@ def build_run(cfg: RunConfig) -> Run:
         fused = optimize_for_training(model, compile=whole, packed=True, cuda_graphs=cuda_graphs,
                                      triton_glu=t.metric_kernel != "pytorch", fused_learner=t.metric_kernel == "learner",
                                      hooks_outside=zero3)
-        if p.pp > 1:
-            assume_unpadded(module)   # packed shards, as packed=True above: no host sync per layer
         compiled = ("compiled with CUDA graphs" if cuda_graphs else
                     "compiled (forwards only: ZeRO-3 gathers each layer's parameters around it)" if zero3 else "compiled")
         fast_path = (f"fast path: {fused} metric-learner GLUs fused, layers "
                      + (compiled if whole else "not compiled (tp/cp > 1)"))
     else:
         fast_path = "eager (train.compile=false)"
+    # The shards are packed (data/shard_writer.py: no padding), so no layer checks the tokens for
+    # it: that check reads a device value on the host, a GPU sync per micro-batch (and per layer
+    # in a pipeline stage) that would make the GPU wait while the host launches what follows.
+    model.assume_unpadded = True
+    if p.pp > 1:
+        assume_unpadded(module)
     if t.activation_checkpointing != "none":
         fast_path += f", {t.activation_checkpointing} activation recompute"
     if fp8_products:

@@ -106,10 +106,42 @@ class GStats:
         return out
 
 
+HOST_READ_OPS = ("aten::_local_scalar_dense", "aten::nonzero")   # .item()/bool()/float(); boolean indexing
+STEP_RANGE = "pldr:train_step"      # trainer.py: one optimizer step, every phase of it
+
+
+def host_reads(events) -> dict:
+    """{"<phase> <op>": count} of the ops inside training steps that read a tensor's value on the
+    host. On a GPU each one waits for every kernel queued before it, and the GPU then idles
+    while the host launches what follows; a step without any lets the host run ahead. <phase> is
+    the innermost `pldr:` range (train/build.py), <op> the outermost op inside it that reads (a
+    direct `.item()` is `aten::item`; `aten::masked_fill_` reads a tensor-valued fill value).
+    The trainer's own reads between steps are not counted: the loss when it logs, and the
+    previous step's skip flag (trainer.py), which is already on the host."""
+    counts: dict = {}
+    for event in events:
+        if event.name not in HOST_READ_OPS:
+            continue
+        chain, parent = [], event.cpu_parent
+        while parent is not None:
+            chain.append(parent.name)
+            parent = parent.cpu_parent
+        if STEP_RANGE not in chain:
+            continue
+        inner = chain[:chain.index(STEP_RANGE) + 1]      # innermost first
+        phase = next(name for name in inner if name.startswith("pldr:"))
+        ops = [name for name in inner[:inner.index(phase)] if name.startswith("aten::")]
+        key = f"{phase} {ops[-1] if ops else event.name}"
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
 class StepProfiler:
     """torch.profiler over steps [first, last] (rank 0): the top kernels and ops by device time,
     then by host time (what keeps the CPU from launching the next kernels), go to
-    run_dir/profile.txt, the timeline to run_dir/profile_trace.json (chrome://tracing, Perfetto)."""
+    run_dir/profile.txt, the timeline to run_dir/profile_trace.json (chrome://tracing, Perfetto),
+    and the host reads of tensor values per step (`host_reads`) to the log and to metrics.jsonl:
+    what makes the GPU wait for the host inside a step."""
 
     def __init__(self, steps: list, run_dir: str, log):
         self.first, self.last = steps if steps else (0, 0)
@@ -122,16 +154,24 @@ class StepProfiler:
             self.prof = profile(activities=activities)
             self.prof.__enter__()
 
-    def after(self, step: int) -> None:
+    def after(self, step: int) -> Optional[dict]:
+        """At the last profiled step: writes the reports, returns the host reads per step
+        (`host_reads`, divided by the number of steps)."""
         if self.prof is None or step != self.last:
-            return
+            return None
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.prof.__exit__(None, None, None)
         key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
         averages = self.prof.key_averages()
+        steps = self.last - self.first + 1
+        reads = {k: n / steps for k, n in host_reads(self.prof.events()).items()}
+        where = ", ".join(f"{n:g} in {k}" for k, n in sorted(reads.items(), key=lambda kv: -kv[1]))
+        summary = (f"host reads of tensor values inside the step: {sum(reads.values()):g} per step"
+                   + (f" ({where})" if where else ""))
         path = os.path.join(self.run_dir, "profile.txt")
         with open(path + ".tmp", "w") as f:      # temporary names, renamed: never half a report
+            f.write(f"# steps {self.first}-{self.last}: {summary}\n")
             f.write(f"# steps {self.first}-{self.last}, sorted by {key}\n{averages.table(sort_by=key, row_limit=30)}\n")
             if key != "self_cpu_time_total":
                 f.write(f"\n# the same steps, sorted by cpu_time_total (host time, children included)\n"
@@ -140,5 +180,6 @@ class StepProfiler:
         trace = os.path.join(self.run_dir, "profile_trace.json")
         self.prof.export_chrome_trace(trace + ".tmp.json")
         os.replace(trace + ".tmp.json", trace)
-        self.log(f"profile of steps {self.first}-{self.last} written to {path}")
+        self.log(f"profile of steps {self.first}-{self.last} written to {path}; {summary}")
         self.prof = None
+        return reads
