@@ -18,7 +18,7 @@ from ..errors import PLDRError
 from .contiguous_grads import use_contiguous_grads
 from .device_skip import defer_norm_check, skip_on_device, sync_free_norm_mask
 from .grad_reduce import BUCKET_ELEMENTS, overlap_grad_reduction
-from .pipeline import model_parameter_name
+from .pipeline import drop_batch_timings, model_parameter_name
 from .tensor_parallel import tp_partition_dim
 
 PRECISIONS = ("fp32", "bf16")
@@ -162,6 +162,8 @@ def initialize(model_or_pipe: nn.Module, grid, ds_config: dict, optimizer):
     sync_free_norm_mask()
     engine, _, _, _ = deepspeed.initialize(model=model_or_pipe, optimizer=optimizer, config=ds_config,
                                            mpu=None if is_pipe else grid)
+    if is_pipe:
+        drop_batch_timings(engine)
     use_contiguous_grads(engine.optimizer)
     overlap_grad_reduction(engine)
     skip_on_device(engine.optimizer)
