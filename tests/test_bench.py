@@ -7,7 +7,7 @@ from pldr_dist.bench.cli import main
 def test_trainer_suite_runs_each_variant_and_reports_its_numbers(tmp_path, capsys):
     out = tmp_path / "out"
     code = main(["trainer", "--smoke", "--config", "tiny", "--seq-len", "32", "--micro-batch", "4", "--steps", "3",
-                 "--window", "2:3", "--variant", "z1:parallel.zero_stage=1", "--variant", "bad:train.steps=-1",
+                 "--window", "2:3", "--variant", "z1:parallel.zero_stage=1 log.profile_steps=[2,2]", "--variant", "bad:train.steps=-1",
                  "--variant", "dp2@2:train.micro_batch_size=2",   # 2 processes, the same global batch
                  "--work", str(tmp_path / "work"), "--out", str(out), "--name", "smoke"])
     assert code == 1                                    # one variant failed: the command says so
@@ -16,6 +16,9 @@ def test_trainer_suite_runs_each_variant_and_reports_its_numbers(tmp_path, capsy
     assert (good["variant"], good["exit_code"], len(good["losses"]), good["nproc"]) == ("z1", 0, 3, 1)
     assert good["tokens_per_s"] > 0 and good["relative"] == 1.0 and good["fast_path"].startswith("eager")
     assert bad["exit_code"] == 2 and bad["losses"] == []
+    # the profiled variant's host reads inside a step: on the CPU only fused AdamW's (metrics.host_reads)
+    assert good["host_reads"] and all(k.endswith("aten::_fused_adamw_") for k in good["host_reads"])
+    assert dp2["host_reads"] is None
     assert (dp2["exit_code"], dp2["nproc"]) == (0, 2) and "dp=2" in open(tmp_path / "work/dp2__this/stdout.log").read()
     assert dp2["per_gpu"] == dp2["relative"] / 2 > 0     # data-parallel scaling against one process
     table = (out / "smoke.txt").read_text()

@@ -28,6 +28,7 @@ import sys
 import tarfile
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Optional
 
 from ..errors import InputError
 
@@ -55,6 +56,7 @@ class Result:
     seq_len: int = 0
     micro_batch: int = 0
     checkpoint_stall_s: float = 0.0   # the longest, over the run's checkpoints
+    host_reads: Optional[dict] = None  # per step, by phase and op, where a variant sets log.profile_steps
 
 
 def parse_variant(text: str) -> tuple[str, list, int | None]:
@@ -135,6 +137,7 @@ def run_variant(a, name: str, sets: list, nproc: int, package: str, manifest: st
         result.tokens_per_s, result.mfu, result.step_ms = med("tokens_per_s"), med("mfu"), 1000 * med("step_time_s")
         result.memory_mib = max(r.get("memory_mib", 0) for r in steady)
     result.checkpoint_stall_s = max((r["checkpoint_stall_s"] for r in rows if "checkpoint_stall_s" in r), default=0.0)
+    result.host_reads = next((r["host_reads"] for r in rows if "host_reads" in r), None)
     losses = [r["loss"] for r in rows if "loss" in r]
     result.losses, result.last_loss = losses, losses[-1] if losses else float("nan")
     log_text = open(os.path.join(run_dir, "stdout.log")).read()
@@ -148,12 +151,14 @@ def run_variant(a, name: str, sets: list, nproc: int, package: str, manifest: st
 def table(results: list, device: str, a) -> str:
     lines = [f"# {device}: pldr-train {a.config}, median of steps {a.window[0]}-{a.window[1]}",
              f"{'variant':<14} {'package':<10} {'procs':>5} {'seq':>6} {'mb':>4} {'tokens/s':>10} {'vs first':>8} "
-             f"{'per GPU':>7} {'MFU':>6} {'step ms':>8} {'mem MiB':>8} {'last loss':>9} {'ckpt s':>6}  fast path"]
+             f"{'per GPU':>7} {'MFU':>6} {'step ms':>8} {'mem MiB':>8} {'last loss':>9} {'ckpt s':>6} {'reads':>5}  "
+             f"fast path"]
     for r in results:
         mfu = f"{100 * r.mfu:5.1f}%" if r.mfu else "    -"
+        reads = "-" if r.host_reads is None else f"{sum(r.host_reads.values()):g}"   # host reads a step (profiled)
         lines.append(f"{r.variant:<14} {r.package:<10} {r.nproc:>5} {r.seq_len:>6} {r.micro_batch:>4} "
                      f"{r.tokens_per_s:>10,.0f} {r.relative:>8.3f} {r.per_gpu:>7.3f} {mfu:>6} "
-                     f"{r.step_ms:>8.1f} {r.memory_mib:>8.0f} {r.last_loss:>9.4f} {r.checkpoint_stall_s:>6.2f}  "
+                     f"{r.step_ms:>8.1f} {r.memory_mib:>8.0f} {r.last_loss:>9.4f} {r.checkpoint_stall_s:>6.2f} {reads:>5}  "
                      + (r.fast_path if r.exit_code == 0 else f"FAILED (exit {r.exit_code})"))
     return "\n".join(lines)
 

@@ -82,8 +82,10 @@ def make_ds_config(*, micro_batch_size: int, grad_accum_steps: int, dp: int, pp:
         # Reduce-scatter the gradients in buckets on a side stream while the backward runs
         # (`overlap_comm`, off by default for stage 2). DeepSpeed's default bucket of 5e8 elements
         # would hold all of pldr-110m, and so could only go out after the whole backward. Same
-        # buckets as ZeRO-1's (grad_reduce.py).
-        config["zero_optimization"].update(overlap_comm=True, reduce_bucket_size=BUCKET_ELEMENTS)
+        # buckets as ZeRO-1's (grad_reduce.py). Not for ZeRO-2 with one replica: there is nothing
+        # to overlap, and its overlapped epilogue synchronizes the whole device after every
+        # backward (stage_1_and_2.independent_gradient_partition_epilogue).
+        config["zero_optimization"].update(overlap_comm=dp > 1 or zero_stage == 3, reduce_bucket_size=BUCKET_ELEMENTS)
     if zero_stage == 3:
         # Gather parameters on save so checkpoints also hold a consolidated fp32/bf16 copy.
         config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True

@@ -114,10 +114,14 @@ def host_reads(events) -> dict:
     """{"<phase> <op>": count} of the ops inside training steps that read a tensor's value on the
     host. On a GPU each one waits for every kernel queued before it, and the GPU then idles
     while the host launches what follows; a step without any lets the host run ahead. <phase> is
-    the innermost `pldr:` range (train/build.py), <op> the outermost op inside it that reads (a
-    direct `.item()` is `aten::item`; `aten::masked_fill_` reads a tensor-valued fill value).
-    The trainer's own reads between steps are not counted: the loss when it logs, and the
-    previous step's skip flag (trainer.py), which is already on the host."""
+    the innermost `pldr:` range (train/build.py), or "other thread" for ops that run during a
+    step in another thread (on GPUs autograd runs the backward, and its hooks, in a thread of
+    its own); <op> is the outermost op that reads (a direct `.item()` is `aten::item`;
+    `aten::masked_fill_` reads a tensor-valued fill value). The trainer's own reads between
+    steps are not counted: the loss when it logs, and the previous step's skip flag
+    (trainer.py), which is already on the host."""
+    events = list(events)
+    steps = [(e.time_range.start, e.time_range.end) for e in events if e.name == STEP_RANGE]
     counts: dict = {}
     for event in events:
         if event.name not in HOST_READ_OPS:
@@ -126,11 +130,15 @@ def host_reads(events) -> dict:
         while parent is not None:
             chain.append(parent.name)
             parent = parent.cpu_parent
-        if STEP_RANGE not in chain:
+        if STEP_RANGE in chain:
+            inner = chain[:chain.index(STEP_RANGE) + 1]      # innermost first
+            phase = next(name for name in inner if name.startswith("pldr:"))
+            inner = inner[:inner.index(phase)]
+        elif any(start <= event.time_range.start <= end for start, end in steps):
+            phase, inner = "other thread", chain
+        else:
             continue
-        inner = chain[:chain.index(STEP_RANGE) + 1]      # innermost first
-        phase = next(name for name in inner if name.startswith("pldr:"))
-        ops = [name for name in inner[:inner.index(phase)] if name.startswith("aten::")]
+        ops = [name for name in inner if name.startswith("aten::")]
         key = f"{phase} {ops[-1] if ops else event.name}"
         counts[key] = counts.get(key, 0) + 1
     return counts
