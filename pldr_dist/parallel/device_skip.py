@@ -119,7 +119,9 @@ _DEFERRED = contextvars.ContextVar("pldr_norm_check_deferred", default=False)
 def _is_invalid_grad_norm(norm) -> bool:
     """DeepSpeed's check, but False for a device norm inside a deferred step (`defer_norm_check`).
     A non-finite norm then reaches the clip factor, which leaves the non-finite gradients
-    non-finite (the factor is clamped to >= 1, or NaN), and the base optimizer skips the step."""
+    non-finite (inf * 0 and NaN * anything are NaN), and the base optimizer skips the step. (Only
+    a norm that overflows fp32 while every gradient is finite, ~1e19 per element, would differ:
+    the clip would zero the gradients instead of skipping the step.)"""
     if _DEFERRED.get() and torch.is_tensor(norm):
         return False
     return ds_utils.is_invalid_grad_norm(norm)
