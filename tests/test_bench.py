@@ -7,7 +7,8 @@ from pldr_dist.bench.cli import main
 def test_trainer_suite_runs_each_variant_and_reports_its_numbers(tmp_path, capsys):
     out = tmp_path / "out"
     code = main(["trainer", "--smoke", "--config", "tiny", "--seq-len", "32", "--micro-batch", "4", "--steps", "3",
-                 "--window", "2:3", "--variant", "z1:parallel.zero_stage=1 log.profile_steps=[2,2]", "--variant", "bad:train.steps=-1",
+                 "--window", "2:3", "--variant", "z1:parallel.zero_stage=1 log.profile_steps=[2,2]",
+                 "--variant", "bad:train.steps=-1",
                  "--variant", "dp2@2:train.micro_batch_size=2",   # 2 processes, the same global batch
                  "--work", str(tmp_path / "work"), "--out", str(out), "--name", "smoke"])
     assert code == 1                                    # one variant failed: the command says so

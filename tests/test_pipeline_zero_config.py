@@ -32,7 +32,8 @@ def test_generated_config_sets_clipping_and_batch_sizes_explicitly():
         assert zero["zero_optimization"]["overlap_comm"] is True
         assert zero["zero_optimization"]["reduce_bucket_size"] < 100_000_000   # DeepSpeed's 5e8 holds a whole model
     # ZeRO-2 with one replica: nothing to overlap, and the overlapped epilogue syncs the device
-    assert make_ds_config(micro_batch_size=2, grad_accum_steps=8, dp=1, zero_stage=2)["zero_optimization"]["overlap_comm"] is False
+    one_replica = make_ds_config(micro_batch_size=2, grad_accum_steps=8, dp=1, zero_stage=2)
+    assert one_replica["zero_optimization"]["overlap_comm"] is False
     # ZeRO-3 steps its whole partition at once, so a non-finite gradient skips all of it
     assert zero["zero_optimization"]["sub_group_size"] >= 10**12
 

@@ -158,7 +158,8 @@ def table(results: list, device: str, a) -> str:
         reads = "-" if r.host_reads is None else f"{sum(r.host_reads.values()):g}"   # host reads a step (profiled)
         lines.append(f"{r.variant:<14} {r.package:<10} {r.nproc:>5} {r.seq_len:>6} {r.micro_batch:>4} "
                      f"{r.tokens_per_s:>10,.0f} {r.relative:>8.3f} {r.per_gpu:>7.3f} {mfu:>6} "
-                     f"{r.step_ms:>8.1f} {r.memory_mib:>8.0f} {r.last_loss:>9.4f} {r.checkpoint_stall_s:>6.2f} {reads:>5}  "
+                     f"{r.step_ms:>8.1f} {r.memory_mib:>8.0f} {r.last_loss:>9.4f} {r.checkpoint_stall_s:>6.2f} "
+                     f"{reads:>5}  "
                      + (r.fast_path if r.exit_code == 0 else f"FAILED (exit {r.exit_code})"))
     return "\n".join(lines)
 

@@ -145,7 +145,8 @@ def initialize(model_or_pipe: nn.Module, grid, ds_config: dict, optimizer):
     groups from it. With bf16 and ZeRO-1 (fp32 gradient accumulation, make_ds_config) the
     gradients live in one contiguous buffer (contiguous_grads.py), reduced over the data-parallel
     group while the backward runs (grad_reduce.py). In every layout the optimizer step skips
-    non-finite steps without a host sync (device_skip.py). Returns the engine (a PipelineEngine when PP > 1).
+    non-finite steps without a host sync (device_skip.py). Returns the engine (a PipelineEngine
+    when PP > 1).
     """
     zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
     precision = "bf16" if ds_config.get("bf16", {}).get("enabled") else "fp32"

@@ -237,11 +237,11 @@ class Trainer:
             self.tokens += run.tokens_per_step
             interval_steps += 1
             dt = time.time() - t0
+            if reads is not None:     # rank 0 only: must not change what the ranks do together
+                self.metrics.write(self.step, {"host_reads_per_step": sum(reads.values()), "host_reads": reads})
             self.unread_skips.append((self.step, skipped))
             # A step whose loss is read anyway (or the last) has its skip flag read now; others a
             # step later, once the next step is queued, so the host never waits for a step in flight.
-            if reads is not None:     # rank 0 only: must not change what the ranks do together
-                self.metrics.write(self.step, {"host_reads_per_step": sum(reads.values()), "host_reads": reads})
             values = {}
             if want_g:
                 values.update(self.gstats.collect())
