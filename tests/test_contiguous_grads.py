@@ -50,6 +50,9 @@ def train(tp, pp, accum, clip_norm, contiguous, drop_grads):
         engine_module.use_contiguous_grads, engine_module.skip_on_device = install
         grad_reduce.BUCKET_ELEMENTS = bucket   # the worker processes run other tests next
     assert hasattr(engine.optimizer, "contiguous_grads") == hasattr(engine.optimizer, "device_skip") == contiguous
+    reductions = []     # DeepSpeed's bucketed all-reduce (pipelines run it at the end of the schedule)
+    fallback = engine.buffered_allreduce_fallback
+    engine.buffered_allreduce_fallback = lambda *a, **k: (reductions.append(1), fallback(*a, **k))[1]
     losses, norms = [], []
     for step in range(STEPS):
         mine = batches(step, grid.dp, accum)[grid.dp_rank]
@@ -67,7 +70,8 @@ def train(tp, pp, accum, clip_norm, contiguous, drop_grads):
             losses.append(loss_fn(engine(inputs), targets).item())
         norms.append(float(engine.get_global_grad_norm()))
     state = stage_state_dict(engine.module) if pp > 1 else dict(engine.module.named_parameters())
-    return dict(losses=losses, norms=norms, params={n: t.detach().float().clone() for n, t in state.items()})
+    return dict(losses=losses, norms=norms, params={n: t.detach().float().clone() for n, t in state.items()},
+                reductions=len(reductions))
 
 
 LAYOUTS = {   # 4 ranks each
@@ -95,6 +99,18 @@ def test_contiguous_grads_give_deepspeeds_updates(name):
         assert contiguous["losses"] == own["losses"], name
         for n, p in own["params"].items():
             assert torch.equal(contiguous["params"][n], p), f"{name}: {n} differs"
+
+
+def test_a_pipeline_with_one_replica_skips_the_reduction_and_keeps_deepspeeds_updates():
+    """PP = 2, dp = 1: DeepSpeed's pipeline copied every fp32 gradient into buckets and back for
+    an all-reduce over one rank at the end of each step; skipped (grad_reduce._one_replica), the
+    losses and weights stay those of DeepSpeed's own path, bit for bit."""
+    layout = dict(tp=1, pp=2, accum=4, clip_norm=0.0, drop_grads=False)
+    for own, contiguous in run_distributed(job, 2, layout, deepspeed=True):
+        assert own["reductions"] == STEPS and contiguous["reductions"] == 0
+        assert contiguous["losses"] == own["losses"]
+        for n, p in own["params"].items():
+            assert torch.equal(contiguous["params"][n], p), n
 
 
 def reduced_gradients(rank, world, own_config=False):

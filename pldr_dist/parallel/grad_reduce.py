@@ -134,9 +134,15 @@ def _one_replica(bucket_size=None) -> None:
 def overlap_grad_reduction(engine) -> OverlappedReduce | None:
     """Install the overlapped reduction on a bf16 ZeRO-1 engine with contiguous gradients and
     more than one data-parallel replica; otherwise (pipelines, which reduce in their own
-    schedule, other optimizers, a single replica, non-default scaling) return None."""
+    schedule, other optimizers, a single replica, non-default scaling) return None. With a
+    single replica and an fp32 reduction the reduction is skipped, pipelines' included (theirs
+    copied every gradient into buckets and back, for an all-reduce over one rank)."""
     grads = getattr(engine.optimizer, "contiguous_grads", None)
-    if grads is None or isinstance(engine, PipelineEngine):
+    if grads is None:
+        return None
+    if isinstance(engine, PipelineEngine):
+        if engine.dp_world_size == 1 and engine.communication_data_type == torch.float32:
+            engine._bf16_reduce_grads = _one_replica
         return None
     if dist.get_world_size(groups._get_sequence_data_parallel_group()) == 1:
         if engine.communication_data_type == torch.float32:
