@@ -35,6 +35,8 @@ BAD = [
     ("pp exceeds layers", lambda c: c.update(parallel={"pp": 3}), "parallel.pp=3 exceeds model.num_layers=2"),
     ("zero3 with pipeline", lambda c: c.update(parallel={"pp": 2, "zero_stage": 3}), "not supported by DeepSpeed's pipeline engine"),
     ("bad zero stage", lambda c: c.update(parallel={"zero_stage": 4}), "parallel.zero_stage=4 must be 0, 1, 2 or 3"),
+    ("bad partition", lambda c: c.update(parallel={"partition_method": "profile"}),
+     "parallel.partition_method='profile' must be flops, parameters, uniform or type:<layer class regex>"),
     ("sp without tp", lambda c: c.update(parallel={"sequence_parallel": True}), "sequence_parallel needs parallel.tp > 1"),
     ("bad precision", lambda c: c["train"].update(precision="fp16"), "train.precision='fp16' must be auto, fp32, bf16 or fp8"),
     ("bad clip", lambda c: c.update(optim={"clip": "sometimes"}), "optim.clip='sometimes' must be value, norm or none"),

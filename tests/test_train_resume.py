@@ -191,6 +191,38 @@ def test_bf16_nonfinite_steps_are_skipped_on_every_rank_without_a_host_read(data
             assert all(torch.equal(moments2[key][k], moments4[key][k]) for k in ("exp_avg", "exp_avg_sq", "step"))
 
 
+def test_a_pipeline_checkpoint_resumes_only_into_its_own_stage_split(data, tmp_path):
+    """Each pipeline stage's optimizer state holds its own layers' parameters, so a checkpoint
+    resumes only into the split that wrote it: another parallel.partition_method is refused in
+    one line naming the method to use (or pldr-reshard). A vocabulary of 4096 makes the head cost
+    4 of these decoder layers: "flops" (the default) puts all 4 on stage 0 (pipeline layers 0-4,
+    the embedding first), "parameters" 2 and 2. A checkpoint written before the split was
+    recorded is judged by the partition method in its run_config.json."""
+    from pldr_dist.train.checkpoint import write_marker
+    run_dir = str(tmp_path / "pp2")
+    sets = ["checkpoint.every=2", "parallel.pp=2", "model.overrides.vocab_size=4096", "model.overrides.num_layers=4"]
+    result = train(data, run_dir, sets=sets + ["train.steps=2"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    resumed = train(data, run_dir, sets=sets + ["train.steps=3", "parallel.partition_method=parameters"])
+    assert_trainer_exited_with(resumed, 2)
+    assert ("this pipeline stage held layers 0-4, here it holds layers 0-2 (parallel.partition_method=parameters); "
+            "resume with parallel.partition_method=flops") in resumed.stderr, resumed.stderr
+    tag = os.path.join(run_dir, "checkpoints", "step_00000002")
+    for rank in range(2):      # as written before the split was recorded, by a run of the old default
+        path = os.path.join(tag, f"rank_{rank:05d}.pt")
+        state = torch.load(path, weights_only=False)
+        del state["stage_layers"]
+        torch.save(state, path)
+    config = json.load(open(os.path.join(tag, "run_config.json")))
+    config["parallel"]["partition_method"] = "parameters"
+    json.dump(config, open(os.path.join(tag, "run_config.json"), "w"))
+    write_marker(tag, 2, 2)
+    resumed = train(data, run_dir, sets=sets + ["train.steps=3"])
+    assert_trainer_exited_with(resumed, 2)
+    assert ("held the layers parallel.partition_method=parameters gave it, here it holds layers 0-4 "
+            "(parallel.partition_method=flops); resume with parallel.partition_method=parameters") in resumed.stderr
+
+
 def test_bf16_checkpoint_of_deepspeeds_zero1_optimizer_resumes_with_fp32_accumulation(data, tmp_path):
     """Runs before fp32 gradient accumulation used DeepSpeed's ZeRO-1 optimizer for bf16; their
     checkpoints resume under BF16_Optimizer (today's bf16 ZeRO-1) with the losses of a run

@@ -152,6 +152,7 @@ def read_training_state(ckpt_dir: str, tag: str, log=lambda *_: None) -> dict:
         buffers = {n: t for n, t in gather_weights(ckpt_dir, tag, run).items() if n not in params}
     extra = _load(os.path.join(tag_dir, "rank_00000.pt"))
     extra.pop("rng", None)
+    extra.pop("stage_layers", None)     # the source layout's pipeline split (train/checkpoint.py)
     return {"run_config": run, "weights": weights, "moments": moments, "buffers": buffers,
             "optimizer_step": steps.pop(), "extra": extra,
             "source_layout": {"tp": tp, "pp": pp, "dp": len(per_mp[0]) // cp, **({"cp": cp} if cp > 1 else {}),

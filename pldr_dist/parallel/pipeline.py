@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Callable
 
 from deepspeed.pipe import PipelineModule
+from deepspeed.runtime import utils as ds_utils
 from torch import nn
 
 from ..model import PLDRModel
@@ -95,18 +96,51 @@ def pipeline_layers(model: PLDRModel) -> list:
             + [HeadStage(model.head)])
 
 
-def build_pipeline_module(model: PLDRModel, grid, loss_fn: Callable, partition_method: str = "parameters",
+def layer_flops(cfg) -> list:
+    """Forward FLOPs per token of each pipeline layer (model/flops.py at the context length):
+    0 for the embedding (a lookup), each decoder layer's share, the output head's 2 d V."""
+    from ..model.flops import forward_breakdown
+    terms = forward_breakdown(cfg, cfg.context_length)
+    decoder = sum(v for k, v in terms.items() if k != "output_head") / cfg.num_layers
+    return [0] + [round(decoder)] * cfg.num_layers + [round(terms["output_head"])]
+
+
+class PLDRPipeline(PipelineModule):
+    """DeepSpeed's PipelineModule with one more partition method, "flops": stages balanced by
+    forward FLOPs (DeepSpeed's balanced split of `layer_flops`). A pipeline runs at the pace of
+    its slowest stage, and DeepSpeed's "parameters" balances parameters: it counts the
+    embedding, which computes nothing, like the output head, the costliest layer (1.2 decoder
+    layers at pldr-1b, 2.4 at pldr-110m). At pp = 2, pldr-110m gets the embedding and 4 decoder
+    layers on stage 0, 1 and the head on stage 1 (the slower stage 96 MFLOP a token; 106 with
+    "parameters"); pldr-1b 9 and 7 (1005 against 1025). The loss after the head (a softmax
+    over the vocabulary, memory-bound) is not counted, so the last stage is still the heavier.
+    Megatron's options that count the embedding and the loss in the pipeline split do the same."""
+
+    def __init__(self, *args, flops: list, **kwargs):
+        self._flops = flops      # read by _partition_layers, which PipelineModule.__init__ calls
+        super().__init__(*args, **kwargs)
+
+    def _partition_layers(self, method="uniform"):
+        if method != "flops":
+            return super()._partition_layers(method)
+        self.parts = ds_utils.partition_balanced(weights=self._flops, num_parts=self.num_stages)
+        stage = self._topo.get_coord(self.global_rank).pipe
+        self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+
+
+def build_pipeline_module(model: PLDRModel, grid, loss_fn: Callable, partition_method: str = "flops",
                           activation_checkpoint_interval: int = 0) -> PipelineModule:
     """`model` (already parallelized when tp > 1) -> a PipelineModule over `grid.topology`.
 
-    partition_method: DeepSpeed's "parameters" (balance parameter counts), "uniform" (balance
-    layer counts) or "type:DecoderStage" (balance decoder layers). Every rank passes the whole
-    model; each keeps only its stage's modules, the others are freed with `model`.
+    partition_method: "flops" (balance forward FLOPs: PLDRPipeline), DeepSpeed's "parameters"
+    (balance parameter counts), "uniform" (balance layer counts) or "type:DecoderStage" (balance
+    decoder layers). Every rank passes the whole model; each keeps only its stage's modules,
+    the others are freed with `model`.
     """
-    return PipelineModule(layers=pipeline_layers(model), topology=grid.topology,
-                          loss_fn=pipeline_loss(loss_fn, model.cfg.num_layers),
-                          partition_method=partition_method,
-                          activation_checkpoint_interval=activation_checkpoint_interval)
+    return PLDRPipeline(layers=pipeline_layers(model), topology=grid.topology,
+                        loss_fn=pipeline_loss(loss_fn, model.cfg.num_layers),
+                        partition_method=partition_method, flops=layer_flops(model.cfg),
+                        activation_checkpoint_interval=activation_checkpoint_interval)
 
 
 def assume_unpadded(pipe: PipelineModule) -> None:

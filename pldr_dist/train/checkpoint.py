@@ -55,6 +55,30 @@ def _has_metric_learner(module) -> bool:
     return any(isinstance(m, MetricLearner) for m in module.modules())
 
 
+def stage_layers(module) -> Optional[list]:
+    """[first, last + 1] of the pipeline layers this rank's stage holds; None without pipeline."""
+    start = getattr(module, "_local_start", None)      # DeepSpeed's PipelineModule bounds
+    return None if start is None else [int(start), int(module._local_stop)]
+
+
+def check_stages(tag_dir: str, saved: Optional[list], module, partition_method: str) -> None:
+    """A pipeline checkpoint resumes only into the same stage split: each stage's optimizer
+    state holds its own layers' parameters, flattened. Checkpoints written before the split
+    was recorded carry the partition method of their run (run_config.json)."""
+    current = stage_layers(module)
+    if current is None:
+        return
+    with open(os.path.join(tag_dir, "run_config.json")) as f:
+        theirs = json.load(f).get("parallel", {}).get("partition_method", "parameters")
+    if saved == current or (saved is None and theirs == partition_method):
+        return
+    held = f"layers {saved[0]}-{saved[1] - 1}" if saved else f"the layers parallel.partition_method={theirs} gave it"
+    raise CheckpointError(f"{tag_dir}: this pipeline stage held {held}, here it holds layers {current[0]}-"
+                          f"{current[1] - 1} (parallel.partition_method={partition_method}); resume with "
+                          f"parallel.partition_method={theirs}, or convert it once with `pldr-reshard {tag_dir} "
+                          f"NEW_RUN_DIR` and resume from NEW_RUN_DIR")
+
+
 def tag_for(step: int) -> str:
     return f"{PREFIX}{step:08d}"
 
@@ -144,7 +168,8 @@ class CheckpointManager:
                 shutil.rmtree(tag_dir)
         dist.barrier()
         engine.save_checkpoint(self.dir, tag=tag, save_latest=False)
-        torch.save({**extra, "rng": rng_state(), "parameters": PARAMETER_LAYOUT},
+        torch.save({**extra, "rng": rng_state(), "parameters": PARAMETER_LAYOUT,
+                    "stage_layers": stage_layers(engine.module)},
                    os.path.join(tag_dir, f"rank_{self.rank:05d}.pt"))
         if self.rank == 0:
             atomic_write(os.path.join(tag_dir, "run_config.json"), json.dumps(run_config, indent=2))
@@ -185,7 +210,8 @@ class CheckpointManager:
             engine.save_checkpoint(self.dir, tag=tag, save_latest=False)
         finally:
             engine.checkpoint_engine = inner
-        files = snap.staged + [(self.host.copy({**extra, "rng": rng_state(), "parameters": PARAMETER_LAYOUT}, "rank"),
+        state = {**extra, "rng": rng_state(), "parameters": PARAMETER_LAYOUT, "stage_layers": stage_layers(engine.module)}
+        files = snap.staged + [(self.host.copy(state, "rank"),
                                 os.path.join(tag_dir, f"rank_{self.rank:05d}.pt"))]
         config_text = json.dumps(run_config, indent=2)
 
@@ -271,9 +297,10 @@ class CheckpointManager:
         dist.broadcast_object_list(choice, src=0)
         return choice[0]
 
-    def load(self, engine, tag: str, grid=None) -> dict:
+    def load(self, engine, tag: str, grid=None, partition_method: str = "flops") -> dict:
         """Loads the engine state and returns this rank's extra state (RNGs restored).
-        A portable tag (pldr-reshard) loads into any layout, its RNGs left as they are."""
+        A portable tag (pldr-reshard) loads into any layout, its RNGs left as they are;
+        partition_method is this run's (a pipeline checkpoint needs the same stage split)."""
         if os.path.isfile(os.path.join(self.dir, tag, "portable.json")):
             from .portable import load_portable
             return load_portable(engine, grid, os.path.join(self.dir, tag))
@@ -288,6 +315,7 @@ class CheckpointManager:
             raise CheckpointError(f"{os.path.join(self.dir, tag)} was written before the metric learner's weights were "
                                   f"stacked; convert it once with `pldr-reshard {os.path.join(self.dir, tag)} "
                                   f"NEW_RUN_DIR` and resume from NEW_RUN_DIR (same weights, moments and data position)")
+        check_stages(os.path.join(self.dir, tag), extra.pop("stage_layers", None), engine.module, partition_method)
         load_path, _ = engine.load_checkpoint(self.dir, tag=tag)
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load checkpoint {os.path.join(self.dir, tag)}; resume from an "

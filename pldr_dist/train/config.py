@@ -35,7 +35,7 @@ class ParallelSection:
     cp: int = 1                # context parallel: each rank holds 1/cp of every sequence
     sequence_parallel: bool = False
     zero_stage: int = 1
-    partition_method: str = "parameters"
+    partition_method: str = "flops"   # pipeline stages balanced by forward FLOPs (parallel/pipeline.PLDRPipeline); or DeepSpeed's parameters, uniform, type:<regex>
     activation_checkpoint_interval: int = 0
 
 
@@ -253,6 +253,9 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
     if p.pp > 1 and p.zero_stage > 1:
         raise ConfigError(f"{src}: parallel.zero_stage={p.zero_stage} with parallel.pp={p.pp} is not supported by "
                           f"DeepSpeed's pipeline engine (use zero_stage 0 or 1 with pipelines)")
+    if p.partition_method not in ("flops", "parameters", "uniform") and not p.partition_method.startswith("type:"):
+        raise ConfigError(f"{src}: parallel.partition_method={p.partition_method!r} must be flops, parameters, uniform "
+                          f"or type:<layer class regex>")
     if p.sequence_parallel and p.tp == 1:
         raise ConfigError(f"{src}: parallel.sequence_parallel needs parallel.tp > 1")
     if mcfg.num_heads % p.tp:

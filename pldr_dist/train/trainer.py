@@ -187,7 +187,7 @@ class Trainer:
         if tag is None:
             self.log(f"starting a new run in {self.cfg.run_dir}")
             return
-        extra = self.ckpt.load(self.job.engine, tag, self.job.grid)
+        extra = self.ckpt.load(self.job.engine, tag, self.job.grid, self.cfg.parallel.partition_method)
         self.step, self.tokens = extra["step"], extra["tokens"]
         self.nonfinite_total, self.nonfinite_in_row = extra["nonfinite_total"], extra["nonfinite_in_row"]
         self.job.train_loader.load_state_dict(extra["loader"])
