@@ -3,6 +3,7 @@ import glob
 import json
 
 import pytest
+import torch
 
 from pldr_dist.parallel.engine import UnsupportedLayout, check_supported, make_ds_config
 
@@ -89,3 +90,26 @@ def test_zero3_refuses_deepspeeds_linear_replacement_and_gathers_whole_layers():
     zero3_whole_layers(model, config)
     assert config["zero_optimization"]["memory_efficient_linear"] is False
     assert [getattr(layer, "_z3_leaf", False) for layer in model.layers] == [True, True]
+
+
+def test_flops_split_balances_the_presets_stages_as_documented():
+    """parallel.partition_method=flops at pp = 2 (docs/pipeline_zero.md): the output head, the
+    costliest layer, leaves the last stage fewer decoder layers than DeepSpeed's split by
+    parameters, and the slower stage's forward FLOPs fall (pldr-110m 106 -> 96 MFLOP a token,
+    pldr-1b 1025 -> 1005)."""
+    from deepspeed.runtime.utils import partition_balanced
+    from pldr_dist.model import PLDRModel, preset
+    from pldr_dist.parallel.pipeline import layer_flops
+    for name, split, slower in (("pldr-110m", [0, 5, 7], 96), ("pldr-1b", [0, 10, 18], 1005)):
+        cfg = preset(name)
+        with torch.device("meta"):
+            model = PLDRModel(cfg)
+        params = ([sum(p.numel() for p in model.embed.parameters())]
+                  + [sum(p.numel() for p in layer.parameters()) for layer in model.layers]
+                  + [sum(p.numel() for p in model.head.parameters())])
+        flops = layer_flops(cfg)
+        stage_flops = lambda parts: [sum(flops[a:b]) for a, b in zip(parts[:-1], parts[1:])]  # noqa: E731
+        assert [int(b) for b in partition_balanced(flops, 2)] == split, name
+        by_params = [int(b) for b in partition_balanced(params, 2)]
+        assert by_params[1] == split[1] - 1, name          # one decoder layer more on the last stage
+        assert round(max(stage_flops(split)) / 1e6) == slower < max(stage_flops(by_params)) / 1e6, name

@@ -278,6 +278,10 @@ def build_run(cfg: RunConfig) -> Run:
     if overlap is not None:     # parallel/grad_reduce.py
         fast_path += (f", data-parallel gradients reduced in {str(overlap.dtype).removeprefix('torch.')} "
                       f"during the backward ({len(overlap.buckets)} bucket{'s' * (len(overlap.buckets) > 1)})")
+    if p.pp > 1:        # the split DeepSpeed's module made (layer 0 the embedding, the last the head)
+        bounds = [int(b) for b in module.parts]
+        stages = " | ".join(f"{a}-{b - 1}" for a, b in zip(bounds[:-1], bounds[1:]))
+        fast_path += f", pipeline stages hold layers {stages} ({p.partition_method})"
     sp_linears = sum(1 for m in model.modules() if getattr(m, "sequence_parallel", False))
     if sp_linears:      # counted in the model, not read from the config: what the run really does
         fast_path += f", sequence parallel ({sp_linears} linears gather / reduce-scatter the sequence)"
