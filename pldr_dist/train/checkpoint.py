@@ -66,11 +66,11 @@ def check_stages(tag_dir: str, saved: Optional[list], module, partition_method: 
     state holds its own layers' parameters, flattened. Checkpoints written before the split
     was recorded carry the partition method of their run (run_config.json)."""
     current = stage_layers(module)
-    if current is None:
+    if current is None or saved == current:
         return
     with open(os.path.join(tag_dir, "run_config.json")) as f:
         theirs = json.load(f).get("parallel", {}).get("partition_method", "parameters")
-    if saved == current or (saved is None and theirs == partition_method):
+    if saved is None and theirs == partition_method:
         return
     held = f"layers {saved[0]}-{saved[1] - 1}" if saved else f"the layers parallel.partition_method={theirs} gave it"
     raise CheckpointError(f"{tag_dir}: this pipeline stage held {held}, here it holds layers {current[0]}-"
