@@ -111,8 +111,12 @@ def check_model_computes_its_loss_with_it():
     ref = lm_loss(eager(tokens[:, :-1]), tokens[:, 1:])
     ref.backward()
     torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+    # Each gradient within 1e-5 of its own largest entry (worst seen 1.5e-6): element by element,
+    # the ill-conditioned power-law gradients' fp32 rounding differs between CPUs (power.W's
+    # entries up to 8.3 are 4.8e-6 apart on an AVX2 machine), and a wrong gradient is off by O(1).
     for (name, p), q in zip(fast.named_parameters(), eager.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+        err = ((p.grad - q.grad).abs().max() / q.grad.abs().max()).item()
+        assert err <= 1e-5, f"{name}: gradient off by {err:.2e} of its largest entry"
 
 
 if __name__ == "__main__":

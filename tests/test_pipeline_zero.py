@@ -147,20 +147,26 @@ def check(results, layout, name, steps=STEPS):
     the same steps differ by ~4e-5 in the fifth loss), so a different reduction order alone
     moves later steps by up to ~4e-5. The first two losses (before and after one update) must
     agree to 1e-5; all five to 1e-4. Adam turns rounding noise in near-zero gradients into
-    whole lr-sized steps, so weights must agree to 3 * lr everywhere and 0.1 * lr on average.
+    whole lr-sized steps, so weights must agree to 3 * lr everywhere and 0.25 * lr on average.
+    (DeepSpeed's ZeRO reductions refuse fp64 gradients, so these runs cannot be made fp64.)
 
     Adam divides the gradient's scale out of its update, and a norm-clipped gradient keeps only
     its direction, so losses and weights cannot see a gradient of the wrong size (summed over
     data-parallel ranks or micro-batches instead of averaged: a loss difference of 0). The global
     gradient norm before clipping can: compared for the first two steps, like the losses. Step 1
-    (the same weights everywhere) agrees to <= 6e-7 without TP. With TP every gradient of that
-    step comes out 4.6e-4 larger: its second micro-batch has a gradient norm of 295 (the first:
-    5.4) that fp32 rounding scales as a whole (fp64 makes it 1.5% smaller), and TP's split
-    products round differently (per-parameter gradients gathered from TP = 2 all differ from the
-    reference's by 4.6e-4 relative, uniformly): 1e-5, or 1e-3 with TP. Step 2 agrees to
-    <= 4e-4 (2e-3 allowed; a doubled gradient is off by 100%). Later norms are not
-    compared: they follow the weights' rounding apart (one process summing its micro-batches
-    in reverse order moves the fifth step's norm by 160% in the clip-by-value layouts).
+    (the same weights everywhere) agrees to <= 2.2e-7 without TP: 1e-5 allowed. With TP it is
+    ill-conditioned: its second micro-batch has a gradient norm of 295 (the first: 5.4) whose
+    fp32 rounding scales every gradient as a whole (fp64 makes it 1.5% smaller), and TP's split
+    products and vocabulary-parallel loss round differently: 1e-2 allowed. Step 2 agrees to
+    <= 2.1e-4 without TP (2e-3 allowed) and <= 8.3e-3 with TP (5e-2 allowed); a doubled or
+    halved gradient is off by 100% or 50%. Later norms are not compared: they follow the
+    weights' rounding apart (one process summing its micro-batches in reverse order moves the
+    fifth step's norm by 160% in the clip-by-value layouts).
+
+    The numbers above are the worst of four CPU code paths (an AVX-512 machine; an AVX2 one,
+    where TP's step-1 norm is 1.6e-3 off and clip-by-value ZeRO-2's weights 0.12 * lr on
+    average; the same with ATEN_CPU_CAPABILITY=default; with one thread): each rounds fp32
+    products in its own order, and the tolerances must hold on whichever machine CI runs.
     """
     ref_losses, ref_norms, ref_params, _ = reference(layout["dp"], layout["accum"], layout["clip_norm"],
                                                      layout["clip_value"], steps)
@@ -170,13 +176,13 @@ def check(results, layout, name, steps=STEPS):
         torch.testing.assert_close(losses[:2], torch.tensor(ref_losses[:2]), rtol=1e-5, atol=0, msg=f"{name}: losses")
         torch.testing.assert_close(losses, torch.tensor(ref_losses), rtol=1e-4, atol=0, msg=f"{name}: losses")
         norms, ref = torch.tensor(r["norms"][:2], dtype=torch.float64), torch.tensor(ref_norms[:2], dtype=torch.float64)
-        rtol = torch.tensor([1e-3 if layout["tp"] > 1 else 1e-5, 2e-3], dtype=torch.float64)
+        rtol = torch.tensor([1e-2, 5e-2] if layout["tp"] > 1 else [1e-5, 2e-3], dtype=torch.float64)
         assert ((norms / ref - 1).abs() <= rtol).all(), \
             f"{name}: gradient norms before clipping {norms.tolist()}, reference {ref.tolist()} (rtol {rtol.tolist()})"
         merged.update(r["params"])
     assert merged.keys() == ref_params.keys(), f"{name}: parameter names differ"
     diffs = torch.cat([(merged[n] - p).abs().flatten() for n, p in ref_params.items()])
-    assert diffs.max() <= 3 * LR and diffs.mean() <= 0.1 * LR, f"{name}: weights differ {diffs.max()} {diffs.mean()}"
+    assert diffs.max() <= 3 * LR and diffs.mean() <= 0.25 * LR, f"{name}: weights differ {diffs.max()} {diffs.mean()}"
 
 
 def check_zero_state(results, dp, name):
