@@ -37,5 +37,6 @@ def test_kernels_bench_smoke(tmp_path, capsys):
     assert eager and all(r["status"] == "ok" and r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in eager)
     skipped = [r for r in doc["results"] if r["status"].startswith("skipped")]
     assert skipped and all("CUDA" in r["status"] for r in skipped)
+    assert {("attn d64", "flash"), ("attn d64", "cudnn"), ("8192^3", "matmul")} <= set(rows)   # the roofs, listed
     table = (out / "kernels.txt").read_text()
     assert "skipped (needs CUDA)" in table and "eager" in table

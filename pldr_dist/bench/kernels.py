@@ -6,7 +6,11 @@ For each shape (B*h*dk learner rows: a preset's heads at a micro-batch) and each
   fused    `FusedMetricLearner` with the whole-learner op (`metric_kernel`, issue #24),
 it reports the forward (no grad) and forward+backward time and TFLOP/s, and the errors of
 the output, of dA0 and of the weight gradients against the same learner in fp32. Once per
-run, `matmul`: an N^3 bf16 torch.matmul (8192^3 by default), the device's practical roof.
+run, two roofs: `matmul`, an N^3 bf16 torch.matmul (8192^3 by default), the device's practical
+roof for large products; and `flash` / `cudnn`, torch's scaled_dot_product_attention kernels at
+head width 64 (S = 1024, non-causal), the best-tuned kernels torch ships for a chain of products
+over rows of width 64 (the learner's width), forward and backward, with their FLOPs counted the
+same way (no recomputation).
 
 Times are GPU times: each measured call is captured once as a CUDA graph and replayed (the
 eager paths launch ~100-300 kernels per call, whose host overhead would otherwise be timed;
@@ -44,8 +48,8 @@ PATHS = ("eager", "per-glu", "fused")
 
 @dataclass
 class Row:
-    shape: str                    # "pldr-110m mb16", or "8192^3" for the matmul
-    path: str                     # eager, per-glu, fused, matmul
+    shape: str                    # "pldr-110m mb16", "8192^3" for the matmul, "attn d64" for SDPA
+    path: str                     # eager, per-glu, fused, matmul, flash, cudnn
     rows: int = 0                 # learner rows B*h*dk
     status: str = "ok"            # ok, skipped (...), FAILED: ...
     fwd_ms: float = 0.0
@@ -275,6 +279,53 @@ def bench_matmul(size: int, iters: int, device, log) -> Row:
     return row
 
 
+ATTENTION_BACKENDS = ("flash", "cudnn")
+
+
+def bench_attention(backend: str, iters: int, device, log, batch_heads: int = 256, seq: int = 1024,
+                    dk: int = 64) -> Row:
+    """SDPA at head width 64 through one of torch's fused kernels: what a tuned kernel for
+    chained width-64 products reaches here (the learner's op is such a chain). Model FLOPs:
+    4*S^2*dk per head forward (QK^T and PV), x3 forward+backward."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    row = Row(f"attn d{dk}", backend, batch_heads * seq)
+    if device.type != "cuda":
+        row.status = "skipped (needs CUDA)"
+        return row
+    which = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
+    try:
+        q, k, v = (torch.randn(1, batch_heads, seq, dk, device=device, dtype=torch.bfloat16, requires_grad=True)
+                   for _ in range(3))
+        dy = torch.randn_like(q)
+
+        def forward():
+            with torch.no_grad(), sdpa_kernel(which):
+                torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+        def forward_backward():
+            with sdpa_kernel(which):
+                out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            out.backward(dy)
+
+        def drop_grads():
+            q.grad = k.grad = v.grad = None
+
+        row.fwd_ms, note1 = _time_graph(forward, iters)
+        row.fwd_bwd_ms, note2 = _time_graph(forward_backward, iters, drop_grads)
+        row.note = "; ".join(n for n in (note1, note2) if n)
+        flops = 4.0 * batch_heads * seq * seq * dk
+        row.fwd_tflops, row.fwd_bwd_tflops = flops / row.fwd_ms / 1e9, 3 * flops / row.fwd_bwd_ms / 1e9
+    except Exception as e:   # noqa: BLE001 - a backend torch lacks here is a reported row
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+        row.status = f"FAILED: {type(e).__name__}: {first}"
+        log(f"attention {backend} FAILED (traceback on stderr)")
+        traceback.print_exc(file=sys.stderr)
+    finally:
+        torch.cuda.empty_cache()
+    return row
+
+
 def _num(v: float, fmt: str, width: int) -> str:
     return f"{'-':>{width}}" if v is None or math.isnan(v) else f"{v:{width}{fmt}}"
 
@@ -326,6 +377,7 @@ def run(a, log=print) -> list:
         meta["triton"] = None
     iters = a.iters or (2 if a.smoke else 20)
     rows = [bench_matmul(a.matmul_size, iters, device, log)]
+    rows += [bench_attention(backend, iters, device, log) for backend in ATTENTION_BACKENDS]
     write(a, rows, meta)
     refs = {}
     # Path by path, the new kernel last: a GPU fault there (sticky for the process) cannot
@@ -348,7 +400,8 @@ def run(a, log=print) -> list:
             write(a, rows, meta)      # after every row: a time limit still leaves the finished ones
     meta["wall_s"] = round(time.time() - t0, 1)
     rank = {f"{name} mb{mb}": i for i, (name, mb) in enumerate(shapes)}     # the table: shape by shape
-    rows.sort(key=lambda r: (rank.get(r.shape, -1), (("matmul",) + PATHS).index(r.path)))
+    order = ("matmul",) + ATTENTION_BACKENDS + PATHS
+    rows.sort(key=lambda r: (rank.get(r.shape, -1), order.index(r.path)))
     if a.sweep and cuda:
         from .kernel_sweep import sweep
         rows += sweep(shapes, device, iters, refs, log, lambda: write(a, rows, meta))
