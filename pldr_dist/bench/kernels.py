@@ -1,4 +1,4 @@
-"""The `kernels` suite: the metric learner's kernels on one GPU, against a large matmul.
+"""The `kernels` suite: the metric learner's kernels on one GPU, against a matmul and attention.
 
 For each shape (B*h*dk learner rows: a preset's heads at a micro-batch) and each path
   eager    `MetricLearner` under bf16 autocast (PyTorch ops, one per GLU product),
