@@ -190,6 +190,12 @@ def kernel_breakdown(fn, reset, calls: int = 3) -> str:
     return "kernels ms/call: " + ", ".join(f"{k} {v:.3f}" for k, v in top)
 
 
+def _failed(e: Exception) -> str:
+    """A row's status for an exception: its type and the first line of its message."""
+    text = str(e).strip()
+    return f"FAILED: {type(e).__name__}: {text.splitlines()[0][:200] if text else ''}"
+
+
 def bench_path(cfg, shape: str, path: str, n_rows: int, device, iters: int, ref, log,
                breakdown: bool = False) -> Row:
     """One path at one shape: times, TFLOP/s and (given the fp32 reference) errors. bf16
@@ -239,8 +245,7 @@ def bench_path(cfg, shape: str, path: str, n_rows: int, device, iters: int, ref,
         row.fwd_tflops = flops / row.fwd_ms / 1e9
         row.fwd_bwd_tflops = 3 * flops / row.fwd_bwd_ms / 1e9
     except Exception as e:   # noqa: BLE001 - a failing path is a reported row, not the end of the suite
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        row.status, row.exit_code = f"FAILED: {type(e).__name__}: {first}", 1
+        row.status, row.exit_code = _failed(e), 1
         log(f"{shape} {path} FAILED (traceback on stderr)")
         traceback.print_exc(file=sys.stderr)
     finally:
@@ -274,7 +279,7 @@ def bench_matmul(size: int, iters: int, device, log) -> Row:
         ms, row.note = _time_graph(lambda: torch.matmul(a, b, out=c), iters)
         row.fwd_ms, row.fwd_tflops = ms, 2.0 * size ** 3 / ms / 1e9
     except Exception as e:   # noqa: BLE001
-        row.status, row.exit_code = f"FAILED: {type(e).__name__}: {e}"[:200], 1
+        row.status, row.exit_code = _failed(e), 1
         traceback.print_exc(file=sys.stderr)
     return row
 
@@ -317,8 +322,7 @@ def bench_attention(backend: str, iters: int, device, log, batch_heads: int = 25
         flops = 4.0 * batch_heads * seq * seq * dk
         row.fwd_tflops, row.fwd_bwd_tflops = flops / row.fwd_ms / 1e9, 3 * flops / row.fwd_bwd_ms / 1e9
     except Exception as e:   # noqa: BLE001 - a backend torch lacks here is a reported row
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
-        row.status = f"FAILED: {type(e).__name__}: {first}"
+        row.status = _failed(e)
         log(f"attention {backend} FAILED (traceback on stderr)")
         traceback.print_exc(file=sys.stderr)
     finally:

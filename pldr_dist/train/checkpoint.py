@@ -109,6 +109,13 @@ def rng_state() -> dict:
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
+def rank_state(extra: dict, engine) -> dict:
+    """What rank_<r>.pt holds beside DeepSpeed's files: the trainer's extra state, the RNGs,
+    the parameter layout and (pipelines) the layers of this rank's stage. One builder for the
+    synchronous and the asynchronous save, so the two write the same file."""
+    return {**extra, "rng": rng_state(), "parameters": PARAMETER_LAYOUT, "stage_layers": stage_layers(engine.module)}
+
+
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
@@ -168,9 +175,7 @@ class CheckpointManager:
                 shutil.rmtree(tag_dir)
         dist.barrier()
         engine.save_checkpoint(self.dir, tag=tag, save_latest=False)
-        torch.save({**extra, "rng": rng_state(), "parameters": PARAMETER_LAYOUT,
-                    "stage_layers": stage_layers(engine.module)},
-                   os.path.join(tag_dir, f"rank_{self.rank:05d}.pt"))
+        torch.save(rank_state(extra, engine), os.path.join(tag_dir, f"rank_{self.rank:05d}.pt"))
         if self.rank == 0:
             atomic_write(os.path.join(tag_dir, "run_config.json"), json.dumps(run_config, indent=2))
             if tokenizer:
@@ -210,8 +215,7 @@ class CheckpointManager:
             engine.save_checkpoint(self.dir, tag=tag, save_latest=False)
         finally:
             engine.checkpoint_engine = inner
-        state = {**extra, "rng": rng_state(), "parameters": PARAMETER_LAYOUT, "stage_layers": stage_layers(engine.module)}
-        files = snap.staged + [(self.host.copy(state, "rank"),
+        files = snap.staged + [(self.host.copy(rank_state(extra, engine), "rank"),
                                 os.path.join(tag_dir, f"rank_{self.rank:05d}.pt"))]
         config_text = json.dumps(run_config, indent=2)
 
