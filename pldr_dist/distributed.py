@@ -237,9 +237,19 @@ def init_distributed(backend: str | None = None) -> DistEnv:
         # Without a cap every process starts one thread per core and they thrash each other.
         threads = int(os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // env.local_world_size))))
         torch.set_num_threads(threads)
+    skip_shm_allreduce()
     import deepspeed
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     return env
+
+
+def skip_shm_allreduce() -> None:
+    """DeepSpeed's comm layer, on CPU, builds and loads its shared-memory all-reduce op at every
+    process-group start: a C++ compile of about a minute the first time on a 2-core machine, and a
+    load in each process after that. Only `inference_all_reduce` (DeepSpeed's AutoTP inference) uses
+    it; training never does, so it is marked unavailable here, as it is on platforms without it."""
+    import deepspeed.ops
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def barrier_and_destroy() -> None:

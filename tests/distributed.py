@@ -43,6 +43,8 @@ def _serve(rank, world_size, port, jobs, results, use_deepspeed):
     try:
         if use_deepspeed:
             import deepspeed
+            from pldr_dist.distributed import skip_shm_allreduce
+            skip_shm_allreduce()       # as the trainer does
             deepspeed.init_distributed(dist_backend="gloo", verbose=False)
         else:
             dist.init_process_group("gloo", rank=rank, world_size=world_size)

@@ -270,7 +270,7 @@ def test_train_on_a_corrupted_shard_ends_in_one_line_naming_the_shard(tmp_path):
         raw[520] ^= 0xFF
         shard.write_bytes(bytes(raw))
     run_dir = tmp_path / "run"
-    result = train_helpers.train(data, str(run_dir), nproc=1, sets=["train.steps=2", "log.g_stats_every=0"])
+    result = train_helpers.train_under_torchrun(data, str(run_dir), 1, ["train.steps=2", "log.g_stats_every=0"])
     assert result.returncode != 0
     err = result.stderr
     lines = [line for line in err.splitlines() if line.startswith("pldr-train: error: ")]

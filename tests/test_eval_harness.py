@@ -47,7 +47,7 @@ def memorise(model, steps: int = 200):
 def test_local_task_accuracy_is_one_after_memorising_and_not_before(monkeypatch):
     monkeypatch.chdir(ROOT)   # the task YAML names its JSONL relative to the repository root
     torch.set_num_threads(1)
-    manager = TaskManager(include_path=TASK_DIR)
+    manager = TaskManager(include_path=TASK_DIR, include_defaults=False)   # lm_eval's own tasks: 11 s to index
     model = tiny_model(seed=0, dtype=torch.float32)
     t0 = time.time()
     untrained = run_tasks(PLDRLM(model=model, tokenizer=TOK), ["pldr_tiny_qa"], manager)
@@ -95,7 +95,7 @@ def test_pldr_eval_harness_cli_loads_a_consolidated_folder_like_the_python_api(c
     monkeypatch.chdir(ROOT)
     folder = consolidated
     want = run_tasks(PLDRLM(pretrained=str(folder), dtype="float64"), ["pldr_tiny_qa"],
-                     TaskManager(include_path=TASK_DIR))["pldr_tiny_qa"]["acc"]
+                     TaskManager(include_path=TASK_DIR, include_defaults=False))["pldr_tiny_qa"]["acc"]
     out = tmp_path / "results"
     pldr_eval(["harness", "--model", "pldr", "--model_args", f"pretrained={folder},dtype=float64",
                "--tasks", "pldr_tiny_qa", "--include_path", TASK_DIR, "--batch_size", "4",

@@ -1,4 +1,5 @@
-"""pldr-reshard: a TP=2 x PP=2 run continued as TP=1 x DP=2 and back, on the real entry point."""
+"""pldr-reshard: a TP=2 x PP=2 run continued as TP=1 x DP=2 and back, on the real entry point
+(and pldr-consolidate on that TP=2 x PP=2 checkpoint: test_consolidate.py has the other layouts)."""
 import dataclasses
 import glob
 import json
@@ -11,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pldr_dist.convert.consolidate import gather_weights
-from pldr_dist.convert.consolidated import CheckpointError
+from pldr_dist.convert.consolidate import consolidate, gather_weights
+from pldr_dist.convert.consolidated import CheckpointError, load_consolidated
 from pldr_dist.convert.reshard import main as reshard_main
 from pldr_dist.convert.names import to_authors
 from pldr_dist.convert.reshard import read_run_config, reshard
@@ -20,7 +21,7 @@ from pldr_dist.model import PLDRModel
 from pldr_dist.model.interchange import from_interchange, to_interchange
 from pldr_dist.train.checkpoint import CheckpointManager
 from distributed import run_distributed
-from train_helpers import command, losses, prepare_data, train, train_with_fault
+from train_helpers import assert_stage_files_hold, command, losses, prepare_data, train, train_with_fault
 
 # 8 sequences per step in both layouts: 4 x 2 pipeline micro-batches, or 4 on each of 2 DP ranks
 COMMON = ["train.steps=8", "checkpoint.every=3", "checkpoint.keep=10", "optim.lr=1e-3"]
@@ -65,6 +66,8 @@ def test_tp2_pp2_to_tp1_dp2_and_back_continues_with_the_losses_of_the_unchanged_
     for key in portable:                                # the file keeps the per-GLU (authors') names
         to_authors(key.split(".", 1)[1])
     check_per_glu_checkpoint(source, tmp_path, portable)
+    consolidate(str(source), str(tmp_path / "consolidated"), log=lambda *_: None)     # pldr-consolidate, too
+    assert_stage_files_hold(str(source), load_consolidated(str(tmp_path / "consolidated")).state_dict(), tp=2)
     assert all(portable[f"exp_avg_sq.{n}"].min() >= 0 for n in (k[len("param."):] for k in portable if k.startswith("param.")))
 
     # TP=1 x DP=2 from step 3, preempted after step 6

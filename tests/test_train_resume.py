@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pldr_dist.train.checkpoint import verify_tag
-from train_helpers import final_weights, losses, metric, prepare_data, train, train_with_fault
+from train_helpers import final_weights, losses, metric, prepare_data, train, train_under_torchrun, train_with_fault
 
 STEPS = ["train.steps=24", "checkpoint.every=5", "checkpoint.keep=2"]
 PREEMPTED, NONFINITE = 75, 3   # pldr_dist.distributed.PREEMPTED_EXIT_CODE, pldr_dist.train.trainer.EXIT_NONFINITE
@@ -144,8 +144,9 @@ def test_nonfinite_loss_is_skipped_and_a_persistent_one_stops_the_run(data, tmp_
     persistent = str(tmp_path / "persistent")
     # log.every=4: a step that is not logged has its skip read a step later (train/trainer.py),
     # so step 5's is read at step 6, before that step's checkpoint
-    result = train(data, persistent, sets=["train.steps=8", "checkpoint.every=2", "train.max_nonfinite_in_row=3",
-                                           "train.inject_nonfinite_at=[3,4,5,6,7,8]", "log.every=4"])
+    result = train_under_torchrun(data, persistent, 2, ["train.steps=8", "checkpoint.every=2",
+                                                         "train.max_nonfinite_in_row=3",
+                                                         "train.inject_nonfinite_at=[3,4,5,6,7,8]", "log.every=4"])
     assert_trainer_exited_with(result, NONFINITE)
     assert "stopping: 3 non-finite steps in a row (train.max_nonfinite_in_row=3)" in result.stderr + result.stdout
     # the skipped steps 3 and 4 left the weights exactly as step 2 made them, and that is what step 4 saved
@@ -203,7 +204,7 @@ def test_a_pipeline_checkpoint_resumes_only_into_its_own_stage_split(data, tmp_p
     sets = ["checkpoint.every=2", "parallel.pp=2", "model.overrides.vocab_size=4096", "model.overrides.num_layers=4"]
     result = train(data, run_dir, sets=sets + ["train.steps=2"])
     assert result.returncode == 0, result.stdout + result.stderr
-    resumed = train(data, run_dir, sets=sets + ["train.steps=3", "parallel.partition_method=parameters"])
+    resumed = train_under_torchrun(data, run_dir, 2, sets + ["train.steps=3", "parallel.partition_method=parameters"])
     assert_trainer_exited_with(resumed, 2)
     assert ("this pipeline stage held layers 0-4, here it holds layers 0-2 (parallel.partition_method=parameters); "
             "resume with parallel.partition_method=flops") in resumed.stderr, resumed.stderr
@@ -217,7 +218,7 @@ def test_a_pipeline_checkpoint_resumes_only_into_its_own_stage_split(data, tmp_p
     config["parallel"]["partition_method"] = "parameters"
     json.dump(config, open(os.path.join(tag, "run_config.json"), "w"))
     write_marker(tag, 2, 2)
-    resumed = train(data, run_dir, sets=sets + ["train.steps=3"])
+    resumed = train_under_torchrun(data, run_dir, 2, sets + ["train.steps=3"])
     assert_trainer_exited_with(resumed, 2)
     assert ("held the layers parallel.partition_method=parameters gave it, here it holds layers 0-4 "
             "(parallel.partition_method=flops); resume with parallel.partition_method=parameters") in resumed.stderr

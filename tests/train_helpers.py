@@ -1,13 +1,18 @@
-"""Run the real entry point (`python -m pldr_dist.train` under torchrun) from tests."""
+"""Run the real entry point (`python -m pldr_dist.train`, one process per rank) from tests."""
 from __future__ import annotations
 
 import atexit
+import glob
 import json
 import os
+import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,15 +43,21 @@ def prepare_data(out_dir: str):
                     cached.train_shards, cached.valid_shards)
 
 
-def command(data, run_dir: str, nproc: int, sets: list[str]) -> list[str]:
+def trainer_args(data, run_dir: str, sets: list[str]) -> list[str]:
+    """pldr-train's arguments for a run of the tiny model on `data`."""
     base = [f"run_dir={run_dir}", f"data.shards={data.manifest}", f"checkpoint.tokenizer={data.tokenizer}",
             "train.micro_batch_size=4", "log.every=1", "eval.every=0", "log.g_stats_every=1000",
             "optim.warmup_steps=2", "model.overrides.context_length=32"]
-    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "pldr_dist.train", "--config", os.path.join(ROOT, "configs", "tiny.yaml")]
+    args = ["--config", os.path.join(ROOT, "configs", "tiny.yaml")]
     for item in base + sets:
         args += ["--set", item]
     return args
+
+
+def command(data, run_dir: str, nproc: int, sets: list[str]) -> list[str]:
+    """The run as a user starts it: under torchrun."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "pldr_dist.train", *trainer_args(data, run_dir, sets)]
 
 
 def env():
@@ -54,8 +65,60 @@ def env():
 
 
 def train(data, run_dir, nproc=2, sets=(), timeout=300):
-    return subprocess.run(command(data, run_dir, nproc, list(sets)), env=env(), capture_output=True, text=True,
-                          timeout=timeout)
+    """A run that should succeed: its ranks started by start_ranks."""
+    return start_ranks(trainer_args(data, run_dir, list(sets)), nproc, env(), timeout)
+
+
+def start_ranks(args: list[str], nproc: int, environment: dict, timeout: float) -> subprocess.CompletedProcess:
+    """`python -m pldr_dist.train ARGS` on nproc local ranks, each with the variables torchrun gives
+    its workers (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT: the
+    trainer's env:// launch, pldr_dist/distributed.py), as torchrun --standalone starts them.
+
+    Why not torchrun itself: its agent imports torch, 2.4 s of CPU per run on a CI core, about a
+    minute and a half of the suite. The launchers themselves (torchrun, srun, mpirun, deepspeed)
+    are run by test_launch.py and test_launch_trainer.py, and a run whose failure report matters
+    (train_with_fault) still goes through torchrun. As torchrun does, the first rank to exit
+    non-zero ends the others (SIGTERM, then SIGKILL); its code is the run's. stdout and stderr are
+    each rank's in rank order."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs, files = [], []
+    for rank in range(nproc):
+        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        files.append((out, err))
+        ranks = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc),
+                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, "-m", "pldr_dist.train", *args], env={**environment, **ranks},
+                                      stdout=out, stderr=err, text=True))
+    deadline, code = time.monotonic() + timeout, 0
+    try:
+        while any(p.poll() is None for p in procs):
+            failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
+            if failed or time.monotonic() > deadline:
+                code = failed[0] if failed else None
+                break
+            time.sleep(0.05)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+    texts = []
+    for out, err in files:
+        out.seek(0), err.seek(0)
+        texts.append((out.read(), err.read()))
+        out.close(), err.close()
+    stdout, stderr = "".join(t[0] for t in texts), "".join(t[1] for t in texts)
+    if code is None:
+        raise subprocess.TimeoutExpired(args, timeout, stdout, stderr)
+    code = code or next((p.returncode for p in procs if p.returncode), 0)
+    return subprocess.CompletedProcess(args, code, stdout, stderr)
 
 
 def metric(run_dir: str, key: str) -> dict:
@@ -74,11 +137,16 @@ def losses(run_dir: str) -> dict:
     return metric(run_dir, "loss")
 
 
+def train_under_torchrun(data, run_dir, nproc, sets, extra_env=None, timeout=300):
+    """A run whose failure report matters: torchrun's exit code and its list of each rank's code."""
+    return subprocess.run(command(data, run_dir, nproc, list(sets)), env={**env(), **(extra_env or {})},
+                          capture_output=True, text=True, timeout=timeout)
+
+
 def train_with_fault(data, run_dir, nproc, sets, fault: str, timeout=300):
     """A run whose ranks crash (fault "kill:K": SIGKILL after step K) or whose rank 0 receives
-    SIGTERM (fault "term:K"), through the trainer's PLDR_FAULT testing hook."""
-    return subprocess.run(command(data, run_dir, nproc, list(sets)), env={**env(), "PLDR_FAULT": fault},
-                          capture_output=True, text=True, timeout=timeout)
+    SIGTERM (fault "term:K"), through the trainer's PLDR_FAULT testing hook, under torchrun."""
+    return train_under_torchrun(data, run_dir, nproc, sets, {"PLDR_FAULT": fault}, timeout)
 
 
 def final_weights(run_dir: str) -> dict:
@@ -86,3 +154,19 @@ def final_weights(run_dir: str) -> dict:
     ckpt = os.path.join(run_dir, "checkpoints")
     tag = open(os.path.join(ckpt, "latest")).read().strip()
     return torch.load(os.path.join(ckpt, tag, "mp_rank_00_model_states.pt"), weights_only=False)["module"]
+
+
+def assert_stage_files_hold(tag: str, full: dict, tp: int) -> None:
+    """Every tensor of a pipeline checkpoint's stage files (layer_XX-model_RR: pipeline layer XX,
+    the embedding first and the head last, TP rank RR) equals the consolidated model's, bit for bit."""
+    import torch
+    from pldr_dist.parallel.tensor_parallel import shard_full_state_dict
+    files = glob.glob(os.path.join(tag, "layer_*-model_*-model_states.pt"))
+    last = max(int(re.search(r"layer_(\d+)", f).group(1)) for f in files)
+    for path in files:
+        index = int(re.search(r"layer_(\d+)", path).group(1))
+        rank = int(re.search(r"-model_(\d+)-", path).group(1))
+        prefix = "" if index in (0, last) else f"layers.{index - 1}."
+        mine = shard_full_state_dict(full, rank, tp)
+        for key, tensor in torch.load(path, weights_only=False).items():
+            assert torch.equal(tensor, mine[prefix + key.removeprefix("layer.")]), (path, key)

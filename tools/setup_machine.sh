@@ -25,7 +25,4 @@ $PIP install -q --upgrade pip >/dev/null
 # CPU machines get the CPU build of torch; a machine with torch already has it kept.
 .venv/bin/python -c "import torch" 2>/dev/null || $PIP install -q "torch==2.13.0"
 $PIP install -q -e ".[test]"
-# DeepSpeed compiles its CPU shared-memory collective op at the first process-group start (about a
-# minute on 2 cores); built here, no launch pays for it, least of all a time-limited SLURM job.
-DS_ACCELERATOR=cpu .venv/bin/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null
 echo "[setup] done: $(.venv/bin/python -c 'import torch, deepspeed; print("torch", torch.__version__, "deepspeed", deepspeed.__version__)' 2>/dev/null | tail -1)"

@@ -30,6 +30,9 @@ def compare_tables(uncached: dict, cached: dict) -> str:
 
 def compare_gcache(lm_uncached, lm_cached, tasks: list[str], task_manager=None, limit=None,
                    num_fewshot=None) -> tuple[dict, dict, str]:
+    if task_manager is None:    # one index of lm_eval's tasks for both runs (it takes ~10 s to build)
+        from lm_eval.tasks import TaskManager
+        task_manager = TaskManager()
     uncached = run_tasks(lm_uncached, tasks, task_manager, limit, num_fewshot)
     cached = run_tasks(lm_cached, tasks, task_manager, limit, num_fewshot)
     return uncached, cached, compare_tables(uncached, cached)

@@ -73,13 +73,15 @@ BWD_ROWS_CONFIGS = [(128, 64, 8, 1), (64, 32, 4, 1), (128, 32, 8, 1), (32, 32, 4
 WGRAD_CONFIGS = [(32, 64, 4, 3), (32, 32, 4, 1)]
 INTERP_BM, INTERP_BH = 32, 16   # Triton's interpreter (tests): fewer, larger programs run faster
 PROGRAMS_PER_SM = 4  # weight-gradient programs: ~4 per SM over all (chunk, GLU) pairs
-SUM_BLOCK, SUM_ROWS = 64, 8   # partial-sum kernel: elements per program, partials per load
 # sigmoid through tanh.approx on the GPU (see glu_kernel.SIGMOID_TANH); read at each call.
 SIGMOID_TANH = True
 # Tests only: 1 drops the LayerNorm backward's projection term, 2 drops silu's g*s*(1-s)
 # term; the checks must then fail. Read at each call; 0 in normal use.
 BREAK_DERIVATIVE = 0
 _INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+# Partial-sum kernel: elements per program, partials per load (the interpreter: wider programs,
+# each element summed in the same order, as in glu_kernel).
+SUM_BLOCK, SUM_ROWS = (1024 if _INTERP else 64), 8
 
 
 def available(x: torch.Tensor) -> bool:
