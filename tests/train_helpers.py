@@ -74,8 +74,8 @@ def start_ranks(args: list[str], nproc: int, environment: dict, timeout: float) 
     its workers (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT: the
     trainer's env:// launch, pldr_dist/distributed.py), as torchrun --standalone starts them.
 
-    Why not torchrun itself: its agent imports torch, 2.4 s of CPU per run on a CI core, about a
-    minute and a half of the suite. The launchers themselves (torchrun, srun, mpirun, deepspeed)
+    Why not torchrun itself: its agent imports torch, 2.4 s of CPU per run on a CI core, some two
+    minutes of CPU over the suite. The launchers themselves (torchrun, srun, mpirun, deepspeed)
     are run by test_launch.py and test_launch_trainer.py, and a run whose failure report matters
     (train_with_fault) still goes through torchrun. As torchrun does, the first rank to exit
     non-zero ends the others (SIGTERM, then SIGKILL); its code is the run's. stdout and stderr are
