@@ -60,13 +60,18 @@ def command(data, run_dir: str, nproc: int, sets: list[str]) -> list[str]:
             "-m", "pldr_dist.train", *trainer_args(data, run_dir, sets)]
 
 
-def env():
-    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+def env(sets=("train.compile=true",)):
+    """The ranks' environment. A run without train.compile=true also gets TORCHDYNAMO_DISABLE=1: it
+    compiles nothing of its own, but DeepSpeed's ZeRO set-up imports its Muon optimizer, whose
+    module-level torch.compile imports all of inductor, 1.2 s of CPU per rank (some three minutes
+    of CPU over the suite). With dynamo off that decorator does nothing; pldr_dist never runs Muon."""
+    eager = {} if "train.compile=true" in sets else {"TORCHDYNAMO_DISABLE": "1"}
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, **eager}
 
 
 def train(data, run_dir, nproc=2, sets=(), timeout=300):
     """A run that should succeed: its ranks started by start_ranks."""
-    return start_ranks(trainer_args(data, run_dir, list(sets)), nproc, env(), timeout)
+    return start_ranks(trainer_args(data, run_dir, list(sets)), nproc, env(sets), timeout)
 
 
 def start_ranks(args: list[str], nproc: int, environment: dict, timeout: float) -> subprocess.CompletedProcess:
@@ -139,7 +144,7 @@ def losses(run_dir: str) -> dict:
 
 def train_under_torchrun(data, run_dir, nproc, sets, extra_env=None, timeout=300):
     """A run whose failure report matters: torchrun's exit code and its list of each rank's code."""
-    return subprocess.run(command(data, run_dir, nproc, list(sets)), env={**env(), **(extra_env or {})},
+    return subprocess.run(command(data, run_dir, nproc, list(sets)), env={**env(sets), **(extra_env or {})},
                           capture_output=True, text=True, timeout=timeout)
 
 
