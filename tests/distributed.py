@@ -19,16 +19,11 @@ import atexit
 import io
 import os
 import queue as queue_module
-import socket
 import traceback
 
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from pldr_dist.distributed import free_port
 
 
 def _serve(rank, world_size, port, jobs, results, use_deepspeed):

@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 
-from distributed import free_port
+from pldr_dist.distributed import free_port
 from launch_probe import batch
 from slurm_cluster import ENDED, ROOT, ensure_slurm_cluster, job_info, sbatch, wait_for_job
 

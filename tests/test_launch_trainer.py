@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from distributed import free_port
+from pldr_dist.distributed import free_port
 from slurm_cluster import ROOT, ensure_slurm_cluster, job_info, sbatch, wait_for_job
 from test_launch import LAUNCH, SBATCH_LOCAL, job_logs, launch_env
 

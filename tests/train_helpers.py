@@ -8,11 +8,12 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
+
+from pldr_dist.distributed import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,11 +61,12 @@ def command(data, run_dir: str, nproc: int, sets: list[str]) -> list[str]:
             "-m", "pldr_dist.train", *trainer_args(data, run_dir, sets)]
 
 
-def env(sets=("train.compile=true",)):
-    """The ranks' environment. A run without train.compile=true also gets TORCHDYNAMO_DISABLE=1: it
-    compiles nothing of its own, but DeepSpeed's ZeRO set-up imports its Muon optimizer, whose
-    module-level torch.compile imports all of inductor, 1.2 s of CPU per rank (some three minutes
-    of CPU over the suite). With dynamo off that decorator does nothing; pldr_dist never runs Muon."""
+def env(sets):
+    """The ranks' environment for a run with these settings. A run without train.compile=true also
+    gets TORCHDYNAMO_DISABLE=1: it compiles nothing of its own, but DeepSpeed's ZeRO set-up imports
+    its Muon optimizer, whose module-level torch.compile imports all of inductor, 1.2 s of CPU per
+    rank (some three minutes of CPU over the suite). With dynamo off that decorator does nothing;
+    pldr_dist never runs Muon."""
     eager = {} if "train.compile=true" in sets else {"TORCHDYNAMO_DISABLE": "1"}
     return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, **eager}
 
@@ -85,9 +87,7 @@ def start_ranks(args: list[str], nproc: int, environment: dict, timeout: float) 
     (train_with_fault) still goes through torchrun. As torchrun does, the first rank to exit
     non-zero ends the others (SIGTERM, then SIGKILL); its code is the run's. stdout and stderr are
     each rank's in rank order."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     procs, files = [], []
     for rank in range(nproc):
         out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
@@ -96,12 +96,12 @@ def start_ranks(args: list[str], nproc: int, environment: dict, timeout: float) 
                  "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
         procs.append(subprocess.Popen([sys.executable, "-m", "pldr_dist.train", *args], env={**environment, **ranks},
                                       stdout=out, stderr=err, text=True))
-    deadline, code = time.monotonic() + timeout, 0
+    deadline, first_failure, timed_out = time.monotonic() + timeout, 0, False
     try:
         while any(p.poll() is None for p in procs):
-            failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
-            if failed or time.monotonic() > deadline:
-                code = failed[0] if failed else None
+            first_failure = next((p.returncode for p in procs if p.returncode), 0)
+            timed_out = time.monotonic() > deadline
+            if first_failure or timed_out:
                 break
             time.sleep(0.05)
     finally:
@@ -120,9 +120,9 @@ def start_ranks(args: list[str], nproc: int, environment: dict, timeout: float) 
         texts.append((out.read(), err.read()))
         out.close(), err.close()
     stdout, stderr = "".join(t[0] for t in texts), "".join(t[1] for t in texts)
-    if code is None:
+    if timed_out:
         raise subprocess.TimeoutExpired(args, timeout, stdout, stderr)
-    code = code or next((p.returncode for p in procs if p.returncode), 0)
+    code = first_failure or next((p.returncode for p in procs if p.returncode), 0)   # one failed at the end
     return subprocess.CompletedProcess(args, code, stdout, stderr)
 
 
