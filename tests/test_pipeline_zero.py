@@ -60,6 +60,7 @@ def run_layout(tp, pp, zero, clip_norm, clip_value, accum, nan_step=None, checkp
     import deepspeed
     from pldr_dist.parallel.cross_entropy import vocab_parallel_lm_loss
     from pldr_dist.parallel.engine import initialize, make_ds_config
+    from pldr_dist.parallel.flat_layers import flatten_layers, wants_flat_layers
     from pldr_dist.parallel.grid import ProcessGrid
     from pldr_dist.parallel.optim import make_optimizer, optimizer_state_bytes
     from pldr_dist.parallel.pipeline import build_pipeline_module, stage_state_dict
@@ -71,6 +72,9 @@ def run_layout(tp, pp, zero, clip_norm, clip_value, accum, nan_step=None, checkp
         loss_fn = lambda logits, targets: vocab_parallel_lm_loss(logits, targets, grid.tp_group)  # noqa: E731
     else:
         loss_fn = lm_loss
+    flat = wants_flat_layers(zero, tp, pp)      # as pldr-train does (train/build.py)
+    if flat:
+        flatten_layers(model)
     module = build_pipeline_module(model, grid, loss_fn) if pp > 1 else model
     config = make_ds_config(micro_batch_size=MICRO_BATCH, grad_accum_steps=accum, dp=grid.dp, pp=pp,
                             zero_stage=zero, clip_norm=clip_norm)
@@ -119,19 +123,22 @@ def run_layout(tp, pp, zero, clip_norm, clip_value, accum, nan_step=None, checkp
         if zero != 3:  # ZeRO-3 parameters are partitioned: compared through the gathered weights below
             for before, p in zip(saved, engine.module.parameters()):
                 assert torch.equal(before, p.detach()), "load_checkpoint did not restore the weights"
+    # (state_dict: the model's names, also where ZeRO-2/3 keep a layer as one tensor)
     if zero == 3:
         with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
-            state = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+            state = {n: t.clone() for n, t in engine.module.state_dict().items()}
     elif pp > 1:
-        state = {n: t for n, t in stage_state_dict(engine.module).items() if not n.endswith("G_fixed")}
+        state = stage_state_dict(engine.module)
     else:
-        state = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+        state = {n: t.clone() for n, t in engine.module.state_dict().items()}
+    state = {n: t for n, t in state.items() if not n.endswith("G_fixed")}
     full = gather_full_state_dict(state, grid.tp_group) if tp > 1 else state
     skipped = engine.optimizer.optimizer.skipped_steps if hasattr(engine.optimizer, "optimizer") else engine.optimizer.skipped_steps
     local = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
     adam_bytes = 2 * 4 * local  # exp_avg + exp_avg_sq in fp32 for this rank's model part, unsharded
     return dict(losses=losses, norms=norms, params=full, state_bytes=optimizer_state_bytes(engine.optimizer), skipped=skipped,
-                unsharded_state_bytes=adam_bytes, linear_replaced=linear_replaced, whole_layers=whole_layers)
+                unsharded_state_bytes=adam_bytes, linear_replaced=linear_replaced, whole_layers=whole_layers,
+                tensors=sum(1 for _ in engine.module.parameters()))
 
 
 def grad_norm(engine):
@@ -234,6 +241,10 @@ def test_pp2_and_dp2_zero123_match_single_process(tmp_path):
         assert not any(r["linear_replaced"] for r in mine), f"{name}: DeepSpeed replaced torch.nn.functional.linear"
         if layout["pp"] == 1:
             assert all(r["whole_layers"] == [layout["zero"] == 3] * len(r["whole_layers"]) for r in mine), name
+        if layout["zero"] in (2, 3):   # one tensor per decoder layer (parallel/flat_layers.py)
+            model = make_model()
+            outside = sum(1 for n, _ in model.named_parameters() if not n.startswith("layers."))
+            assert [r["tensors"] for r in mine] == [outside + len(model.layers)] * 2, name
         if layout["zero"]:
             check_zero_state(mine, layout["dp"], name)
 

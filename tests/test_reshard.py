@@ -19,6 +19,7 @@ from pldr_dist.convert.names import to_authors
 from pldr_dist.convert.reshard import read_run_config, reshard
 from pldr_dist.model import PLDRModel
 from pldr_dist.model.interchange import from_interchange, to_interchange
+from pldr_dist.parallel.flat_layers import flatten_layers
 from pldr_dist.train.checkpoint import CheckpointManager
 from distributed import run_distributed
 from train_helpers import assert_stage_files_hold, command, losses, prepare_data, train, train_with_fault
@@ -26,7 +27,9 @@ from train_helpers import assert_stage_files_hold, command, losses, prepare_data
 # 8 sequences per step in both layouts: 4 x 2 pipeline micro-batches, or 4 on each of 2 DP ranks
 COMMON = ["train.steps=8", "checkpoint.every=3", "checkpoint.keep=10", "optim.lr=1e-3"]
 PIPELINE = (4, COMMON + ["parallel.tp=2", "parallel.pp=2", "train.grad_accum_steps=2"])
-DATA_PARALLEL = (2, COMMON + ["train.grad_accum_steps=1"])
+# ZeRO-2 keeps each decoder layer as one tensor (parallel/flat_layers.py): the portable file loads
+# into it, and its optimizer files reshard back into the per-weight pipeline layout
+DATA_PARALLEL = (2, COMMON + ["train.grad_accum_steps=1", "parallel.zero_stage=2"])
 PREEMPTED = 75   # pldr_dist.distributed.PREEMPTED_EXIT_CODE
 
 
@@ -78,7 +81,7 @@ def test_tp2_pp2_to_tp1_dp2_and_back_continues_with_the_losses_of_the_unchanged_
     assert reshard_main([str(tmp_path / "dp" / "checkpoints"), str(tmp_path / "back")]) == 0
     out = capsys.readouterr().out
     assert "reading pipeline stage 1/1: 1 TP rank(s) x 2 DP optimizer file(s)" in out
-    assert "resharded" in out and "(step 6, layout {'tp': 1, 'pp': 1, 'dp': 2, 'zero_stage': 1}" in out
+    assert "resharded" in out and "(step 6, layout {'tp': 1, 'pp': 1, 'dp': 2, 'zero_stage': 2}" in out
     back = run(data, tmp_path / "back", PIPELINE)
     assert_same_losses(back, ref, range(7, 9))
 
@@ -213,6 +216,12 @@ def check_per_glu_checkpoint(source, tmp_path, portable):
     with pytest.raises(CheckpointError, match=r"before the metric learner's weights were stacked; convert it once "
                                               r"with `pldr-reshard .*step_00000003 NEW_RUN_DIR`"):
         manager.load(SimpleNamespace(module=PLDRModel(cfg)), source.name)
+    flat = PLDRModel(cfg)       # and today's checkpoint into a ZeRO-2/3 engine, whose layers are one tensor each
+    flatten_layers(flat)
+    with pytest.raises(CheckpointError, match=r"holds its parameters as stacked-metric/1, this run as flat-layers/1 .*"
+                                              r"convert it once with `pldr-reshard .*step_00000003 NEW_RUN_DIR`"):
+        CheckpointManager(str(source.parent.parent), keep=1, rank=0, world_size=4).load(
+            SimpleNamespace(module=flat), source.name)
     reshard(str(old), str(tmp_path / "from_old"), log=lambda *_: None)
     converted = load_file(str(tmp_path / "from_old" / "checkpoints" / source.name / "portable.safetensors"))
     assert converted.keys() == portable.keys()

@@ -23,6 +23,7 @@ import torch
 from ..errors import cli_main
 from ..model import PLDRModel
 from ..model.interchange import from_interchange
+from ..parallel.flat_layers import unflatten_state
 from ..parallel.tensor_parallel import tp_partition_dim
 from .consolidated import CheckpointError, save_consolidated
 
@@ -124,6 +125,7 @@ def consolidate(path: str, out: str, dtype: str = "fp32", log=print) -> str:
     run, cfg = read_run_config(tag_dir)
     weights = {k: v.float() if v.is_floating_point() else v for k, v in gather_weights(ckpt_dir, tag, run).items()}
     weights = from_interchange(weights)     # a checkpoint written before the stacking has per-GLU names
+    weights = unflatten_state(weights, cfg)  # ZeRO-2/3's one tensor per decoder layer (parallel/flat_layers.py)
     with torch.device("meta"):
         expected = PLDRModel(cfg).state_dict()
     missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))

@@ -43,6 +43,7 @@ from safetensors.torch import save_file
 from ..errors import cli_main
 from ..model import PLDRModel
 from ..model.interchange import from_interchange, to_interchange
+from ..parallel.flat_layers import unflatten_state
 from ..parallel.tensor_parallel import tp_partition_dim
 from .consolidate import _load, _merge_tp, gather_weights, read_run_config, resolve_tag
 from .consolidated import CheckpointError
@@ -131,6 +132,8 @@ def read_training_state(ckpt_dir: str, tag: str, log=lambda *_: None) -> dict:
         log(f"reading pipeline stage {stage + 1}/{pp}: {tp} TP rank(s) x {len(per_mp[0])} DP{'xCP' if cp > 1 else ''} "
             f"optimizer file(s)")
         parts = [_read_partitions(per_mp[stage * tp + r], pp, cfg.num_layers) for r in range(tp)]
+        # ZeRO-2/3 keep one tensor per decoder layer (parallel/flat_layers.py)
+        parts = [(unflatten_state(w, cfg), {k: unflatten_state(m, cfg) for k, m in ms.items()}, s) for w, ms, s in parts]
         steps.update(p[2] for p in parts)
         local_shapes = [{n: _local_shape(shapes_any[n], n, r, tp) for n in parts[r][0]} for r in range(tp)]
         weights.update(_merge_tp([{n: t.view(local_shapes[r][n]) for n, t in parts[r][0].items()}

@@ -184,6 +184,7 @@ def build_run(cfg: RunConfig) -> Run:
     from ..parallel.cross_entropy import vocab_parallel_lm_loss
     from ..parallel.context_parallel import SlicedBatches, enable_context_parallel
     from ..parallel.engine import initialize, load_ds_config, make_ds_config
+    from ..parallel.flat_layers import flatten_layers, wants_flat_layers
     from ..parallel.grid import ProcessGrid
     from ..parallel.optim import make_optimizer
     from ..parallel.pipeline import assume_unpadded, build_pipeline_module
@@ -217,6 +218,9 @@ def build_run(cfg: RunConfig) -> Run:
                 else lm_loss(logits, targets, mcfg.pad_id))
         return loss * float("nan") if inject[0] else loss
 
+    flat_tensors = 0
+    if wants_flat_layers(p.zero_stage, p.tp, p.pp):   # before the optimizer and DeepSpeed see the parameters
+        flat_tensors = flatten_layers(model)
     if p.pp > 1:
         module = build_pipeline_module(model, grid, loss_fn, p.partition_method, p.activation_checkpoint_interval)
     else:
@@ -272,6 +276,8 @@ def build_run(cfg: RunConfig) -> Run:
         assume_unpadded(module)
     if t.activation_checkpointing != "none":
         fast_path += f", {t.activation_checkpointing} activation recompute"
+    if flat_tensors:
+        fast_path += f", {flat_tensors} parameter tensors (one per decoder layer)"
     if fp8_products:
         fast_path += f", {fp8_products} products in FP8 ({t.fp8_recipe})"
     overlap = getattr(getattr(engine.optimizer, "contiguous_grads", None), "overlap", None)

@@ -46,8 +46,15 @@ PREFIX = "step_"
 
 
 # The model's parameter tensors as DeepSpeed's files hold them; "stacked-metric": one tensor per
-# role for each layer's metric learner (model/interchange.py). Older checkpoints lack the key.
+# role for each layer's metric learner (model/interchange.py); "flat-layers": one tensor per
+# decoder layer (ZeRO-2/3: parallel/flat_layers.py). Older checkpoints lack the key.
 PARAMETER_LAYOUT = "stacked-metric/1"
+FLAT_LAYOUT = "flat-layers/1"
+
+
+def parameter_layout(module) -> str:
+    from ..parallel.flat_layers import has_flat_layers
+    return FLAT_LAYOUT if has_flat_layers(module) else PARAMETER_LAYOUT
 
 
 def _has_metric_learner(module) -> bool:
@@ -113,7 +120,8 @@ def rank_state(extra: dict, engine) -> dict:
     """What rank_<r>.pt holds beside DeepSpeed's files: the trainer's extra state, the RNGs,
     the parameter layout and (pipelines) the layers of this rank's stage. One builder for the
     synchronous and the asynchronous save, so the two write the same file."""
-    return {**extra, "rng": rng_state(), "parameters": PARAMETER_LAYOUT, "stage_layers": stage_layers(engine.module)}
+    return {**extra, "rng": rng_state(), "parameters": parameter_layout(engine.module),
+            "stage_layers": stage_layers(engine.module)}
 
 
 def set_rng_state(state: dict) -> None:
@@ -314,11 +322,16 @@ class CheckpointManager:
                                   f"processes; convert it with `pldr-reshard {os.path.join(self.dir, tag)} NEW_RUN_DIR` "
                                   f"or launch the same layout")
         extra = torch.load(path, weights_only=False)
-        if extra.pop("parameters", None) != PARAMETER_LAYOUT and _has_metric_learner(engine.module):
-            # its optimizer partitions hold ~690 per-GLU tensors in an order this model no longer has
-            raise CheckpointError(f"{os.path.join(self.dir, tag)} was written before the metric learner's weights were "
-                                  f"stacked; convert it once with `pldr-reshard {os.path.join(self.dir, tag)} "
-                                  f"NEW_RUN_DIR` and resume from NEW_RUN_DIR (same weights, moments and data position)")
+        saved, layout = extra.pop("parameters", None), parameter_layout(engine.module)
+        if saved != layout and _has_metric_learner(engine.module):
+            # its optimizer partitions hold the parameters in an order this engine does not have
+            tag_dir = os.path.join(self.dir, tag)
+            why = ("was written before the metric learner's weights were stacked" if saved is None else
+                   f"holds its parameters as {saved}, this run as {layout} (ZeRO-2/3 with tp = pp = 1 keep one tensor "
+                   f"per decoder layer, other layouts one per weight)")
+            raise CheckpointError(f"{tag_dir} {why}; convert it once with `pldr-reshard {tag_dir} NEW_RUN_DIR` and "
+                                  f"resume from NEW_RUN_DIR (same weights, moments and data position; a ZeRO-3 "
+                                  f"checkpoint: resume it with its own layout)")
         check_stages(os.path.join(self.dir, tag), extra.pop("stage_layers", None), engine.module, partition_method)
         load_path, _ = engine.load_checkpoint(self.dir, tag=tag)
         if load_path is None:

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from ..convert.consolidated import CheckpointError
 from ..model.interchange import from_interchange
+from ..parallel.flat_layers import FlatLayer, flatten_state
 from ..parallel.pipeline import model_parameter_name
 from ..parallel.tensor_parallel import shard_full_state_dict
 
@@ -31,6 +32,13 @@ def _local_names(module) -> tuple[dict, dict]:
     params = {rename(n): p for n, p in module.named_parameters()}
     buffers = {rename(n): b for n, b in module.named_buffers() if n.endswith("G_fixed")}
     return params, buffers
+
+
+def unflattened_names(module, params: dict) -> list:
+    """The model's parameter names, each flat layer's (`<layer>.flat`) replaced by the old ones."""
+    flat = {(f"{prefix}." if prefix else "") + "flat": [(f"{prefix}." if prefix else "") + n for n in layer.flat_names()]
+            for prefix, layer in module.named_modules() if isinstance(layer, FlatLayer)}
+    return [m for n in params for m in flat.get(n, [n])]
 
 
 def _model_names(tensors: dict) -> dict:
@@ -59,8 +67,10 @@ def load_portable(engine, grid, tag_dir: str) -> dict:
             full[n] = tensors[f"{prefix}.{n}"]
         return shard_full_state_dict(full, tp_rank, tp)
 
-    weights = local("param", params)
-    moments = {k: local(k, params) for k in MOMENTS}
+    # flat decoder layers (ZeRO-2/3: parallel/flat_layers.py) take their tensors end to end
+    names = unflattened_names(engine.module, params)
+    weights = flatten_state(local("param", names), engine.module)
+    moments = {k: flatten_state(local(k, names), engine.module) for k in MOMENTS}
     with torch.no_grad():
         for n, b in buffers.items():
             b.copy_(local("buffer", [n])[n])
@@ -86,7 +96,7 @@ def _load_optimizer(engine, params: dict, weights: dict, moments: dict, step: fl
         return
     if zero not in (1, 2):
         raise CheckpointError(f"a portable checkpoint loads under ZeRO 0, 1 or 2; this run uses ZeRO-{zero} "
-                              f"(resume with parallel.zero_stage=1, then change stage with a normal restart)")
+                              f"(resume it with parallel.zero_stage=1 or 2)")
     base = optimizer.optimizer
     # ZeRO 1/2's optimizer and DeepSpeed's BF16_Optimizer (bf16 ZeRO-1) name their partitions differently
     partitions = getattr(optimizer, "single_partition_of_fp32_groups", None) or optimizer.fp32_groups_flat_partition
