@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 
+from pldr_dist.errors import InputError
 from pldr_dist.model import PLDRModel
 from pldr_dist.model.config import preset
 from pldr_dist.parallel.flat_layers import flatten_layers, flatten_state, unflatten_state
@@ -71,5 +72,5 @@ def test_state_dict_keeps_the_model_names_and_loads_either_naming():
     params = {n: p.detach() for n, p in ref.named_parameters()}
     assert flatten_state(params, flat).keys() == dict(flat.named_parameters()).keys()
     assert all(torch.equal(t, params[n]) for n, t in unflatten_state(flatten_state(params, flat), cfg).items())
-    with pytest.raises(ValueError, match=r"layers.0.flat holds 3 values, a layer of this model config"):
+    with pytest.raises(InputError, match=r"layers.0.flat holds 3 values, a decoder layer of the run's model config"):
         unflatten_state({"layers.0.flat": torch.zeros(3)}, cfg)

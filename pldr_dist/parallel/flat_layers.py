@@ -34,6 +34,7 @@ import re
 import torch
 from torch import nn
 
+from ..errors import InputError
 from ..model.interchange import from_interchange
 
 FLAT = "flat"
@@ -169,8 +170,9 @@ def unflatten_state(state: dict, model_config) -> dict:
         if m is None:
             out[key] = t
             continue
-        if t.numel() != total:
-            raise ValueError(f"{key} holds {t.numel()} values, a layer of this model config {total}")
+        if t.numel() != total:     # one line through every CLI (errors.py)
+            raise InputError(f"{key} holds {t.numel()} values, a decoder layer of the run's model config {total}: the "
+                             f"checkpoint was written for another model (compare its run_config.json)")
         for (name, shape), piece in zip(layout, t.reshape(-1).split([torch.Size(s).numel() for _, s in layout])):
             out[m["pre"] + name] = piece.view(shape)
     return out
