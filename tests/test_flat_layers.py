@@ -9,7 +9,7 @@ import torch
 from pldr_dist.errors import InputError
 from pldr_dist.model import PLDRModel
 from pldr_dist.model.config import preset
-from pldr_dist.parallel.flat_layers import flatten_layers, flatten_state, unflatten_state
+from pldr_dist.parallel.flat_layers import ALIGN, flatten_layers, flatten_state, unflatten_state
 
 
 def models(recompute="none"):
@@ -38,6 +38,10 @@ def test_flat_layers_compute_the_same_loss_and_gradients(recompute):
         torch.testing.assert_close(grads[n], p.grad, rtol=1e-12, atol=1e-15, msg=n)
     # between forwards no view of the flat tensor stays on the modules (a ZeRO-3 layer's gathered storage)
     assert flat.layers[0].attn.wq.weight is None
+    # every tensor starts 16-byte aligned (zero gaps after the tiny preset's odd FFN biases)
+    layer = flat.layers[0]
+    assert sum(layer.flat.numel() for layer in flat.layers) > sum(p.numel() for p in ref.layers.parameters())
+    assert all(t.storage_offset() % ALIGN == 0 for t in layer.unflatten(layer.flat).values())
 
 
 def test_compiled_flat_layer_is_one_graph_with_the_eager_gradients():

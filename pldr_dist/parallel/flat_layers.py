@@ -16,6 +16,11 @@ keeps a ZeRO-3 layer's gathered storage alive after DeepSpeed releases it. Activ
 runs `_forward` again and splits again. Compiled, the split is part of each layer's graph (the
 flat tensor is the graph's input: CUDA graphs see a static parameter).
 
+Each tensor starts on a 16-byte boundary (a multiple of ALIGN elements: zero gaps after the odd
+sizes, e.g. the feed-forward biases of width 2389), as make_optimizer's ordering gives the
+per-weight layouts: GEMMs and compiled kernels load aligned vectors only from aligned pointers.
+The gaps hold zeros that nothing reads; their gradient is zero, so AdamW leaves them at zero.
+
 Names outside the engine do not change: the layer's `state_dict()` lists the old names (views of
 the flat tensor) and `load_state_dict` accepts them (or the per-GLU file names), so checkpoints'
 module files, the consolidated folder and every converter see today's tensors. DeepSpeed's own
@@ -38,6 +43,7 @@ from ..errors import InputError
 from ..model.interchange import from_interchange
 
 FLAT = "flat"
+ALIGN = 8           # elements: 16 bytes in bf16
 _FLAT_NAME = re.compile(r"^(?P<pre>(?:.*\.)?layers\.\d+\.)" + FLAT + "$")
 
 
@@ -46,10 +52,10 @@ class FlatLayer:
 
     _flat_slots: tuple = ()      # ((submodule path, attribute name), ...), in the flat tensor's order
     _flat_shapes: tuple = ()
-    _flat_numels: tuple = ()
+    _flat_sizes: tuple = ()      # split sizes: each tensor's numel, then its gap to the next ALIGN boundary
 
     def _forward(self, *args, **kwargs):
-        self._spread(getattr(self, FLAT).split(self._flat_numels))
+        self._spread(getattr(self, FLAT).split(self._flat_sizes)[0::2])
         try:
             return super()._forward(*args, **kwargs)
         finally:
@@ -69,7 +75,22 @@ class FlatLayer:
     def unflatten(self, flat: torch.Tensor) -> dict:
         """{old name: view of `flat`} for a tensor laid out as this layer's flat parameter."""
         return {n: piece.view(shape) for n, piece, shape in
-                zip(self.flat_names(), flat.split(self._flat_numels), self._flat_shapes)}
+                zip(self.flat_names(), flat.split(self._flat_sizes)[0::2], self._flat_shapes)}
+
+
+def split_sizes(numels: list[int]) -> tuple:
+    """(numel, gap, numel, gap, ...): each tensor followed by zeros up to the next ALIGN boundary."""
+    return tuple(x for n in numels for x in (n, -n % ALIGN))
+
+
+def _join(tensors: list, sizes: tuple) -> torch.Tensor:
+    """The tensors end to end with the zero gaps of `sizes` (split_sizes) between them."""
+    parts = []
+    for t, gap in zip(tensors, sizes[1::2]):
+        parts.append(t.reshape(-1))
+        if gap:
+            parts.append(t.new_zeros(gap))
+    return torch.cat(parts)
 
 
 @functools.lru_cache(maxsize=None)
@@ -95,9 +116,9 @@ def flatten_layer(layer: nn.Module) -> None:
     layer.__class__ = _flat_class(layer.__class__)
     layer._flat_slots = tuple(slots)
     layer._flat_shapes = tuple(tuple(t.shape) for t in tensors)
-    layer._flat_numels = tuple(t.numel() for t in tensors)
+    layer._flat_sizes = split_sizes([t.numel() for t in tensors])
     with torch.no_grad():
-        flat = torch.cat([t.detach().reshape(-1) for t in tensors])
+        flat = _join([t.detach() for t in tensors], layer._flat_sizes)
     layer.register_parameter(FLAT, nn.Parameter(flat))
     layer._register_state_dict_hook(_state_dict_hook)
     layer._register_load_state_dict_pre_hook(_load_hook, with_module=True)
@@ -123,7 +144,7 @@ def has_flat_layers(module: nn.Module) -> bool:
 
 def _state_dict_hook(layer, state, prefix, local_metadata):
     flat = state.get(prefix + FLAT)
-    if flat is None or flat.numel() != sum(layer._flat_numels):
+    if flat is None or flat.numel() != sum(layer._flat_sizes):
         return state         # a ZeRO-3 partition (DeepSpeed's empty placeholder): nothing to name
     rest = {k: state.pop(k) for k in [k for k in state if k.startswith(prefix)]}
     rest.pop(prefix + FLAT)
@@ -146,7 +167,7 @@ def _load_hook(layer, state, prefix, local_metadata, strict, missing, unexpected
     for k, t in named.items():
         if k not in names:
             state[prefix + k] = t
-    state[prefix + FLAT] = torch.cat([named[n].reshape(-1) for n in names])
+    state[prefix + FLAT] = _join([named[n] for n in names], layer._flat_sizes)
 
 
 def layer_layout(model_config) -> list[tuple[str, tuple]]:
@@ -163,7 +184,8 @@ def unflatten_state(state: dict, model_config) -> dict:
     if not any(_FLAT_NAME.match(k) for k in state):
         return state
     layout = layer_layout(model_config)
-    total = sum(torch.Size(s).numel() for _, s in layout)
+    sizes = split_sizes([torch.Size(s).numel() for _, s in layout])
+    total = sum(sizes)
     out = {}
     for key, t in state.items():
         m = _FLAT_NAME.match(key)
@@ -173,7 +195,7 @@ def unflatten_state(state: dict, model_config) -> dict:
         if t.numel() != total:     # one line through every CLI (errors.py)
             raise InputError(f"{key} holds {t.numel()} values, a decoder layer of the run's model config {total}: the "
                              f"checkpoint was written for another model (compare its run_config.json)")
-        for (name, shape), piece in zip(layout, t.reshape(-1).split([torch.Size(s).numel() for _, s in layout])):
+        for (name, shape), piece in zip(layout, t.reshape(-1).split(sizes)[0::2]):
             out[m["pre"] + name] = piece.view(shape)
     return out
 
@@ -188,5 +210,5 @@ def flatten_state(state: dict, module: nn.Module) -> dict:
         prefix = prefix + "." if prefix else ""
         names = [prefix + n for n in layer.flat_names()]
         if all(n in out for n in names):
-            out[prefix + FLAT] = torch.cat([out.pop(n).reshape(-1) for n in names])
+            out[prefix + FLAT] = _join([out.pop(n) for n in names], layer._flat_sizes)
     return out
