@@ -7,6 +7,7 @@ import yaml
 
 from pldr_dist.train.config import ConfigError, load_config, validate
 from pldr_dist.train.schedule import lr_at
+from train_helpers import ROOT
 
 
 @pytest.fixture
@@ -43,6 +44,8 @@ BAD = [
     ("zero steps", lambda c: c["train"].update(steps=0), "train.steps=0 must be >= 1"),
     ("missing shards", lambda c: c["data"].update(shards="/nonexistent/manifest.json"), "does not exist (run pldr-make-shards first)"),
     ("missing ds config", lambda c: c.update(deepspeed_config="/nope.json"), "deepspeed_config='/nope.json' not found"),
+    ("ds config of another stage", lambda c: c.update(deepspeed_config=os.path.join(ROOT, "ds_configs", "zero2_bf16.json")),
+     "zero2_bf16.json' has zero_optimization.stage=2 but parallel.zero_stage=1 (set parallel.zero_stage=2"),
     ("bad betas", lambda c: c.update(optim={"betas": [0.9, 1.5]}), "optim.betas=[0.9, 1.5] must be two numbers in [0, 1)"),
     ("bad profile steps", lambda c: c.update(log={"profile_steps": [5, 2]}), "log.profile_steps=[5, 2] must be [first, last]"),
     ("bad corrupt policy", lambda c: c["data"].update(on_corrupt="ignore"), "data.on_corrupt='ignore' must be error or skip"),

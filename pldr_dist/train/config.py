@@ -302,7 +302,23 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
         raise ConfigError(f"{src}: data.shards={cfg.data.shards!r} does not exist (run pldr-make-shards first)")
     if cfg.deepspeed_config and not os.path.isfile(cfg.deepspeed_config):
         raise ConfigError(f"{src}: deepspeed_config={cfg.deepspeed_config!r} not found (see ds_configs/)")
+    if cfg.deepspeed_config:
+        _check_ds_stage(src, cfg.deepspeed_config, cfg.parallel.zero_stage)
     if cfg.checkpoint.tokenizer and not os.path.isfile(cfg.checkpoint.tokenizer):
         raise ConfigError(f"{src}: checkpoint.tokenizer={cfg.checkpoint.tokenizer!r} not found")
     if mcfg.context_length < 2:
         raise ConfigError(f"{src}: model.overrides.context_length must be >= 2")
+
+
+def _check_ds_stage(src: str, path: str, zero_stage: int) -> None:
+    """A DeepSpeed JSON's ZeRO stage must be parallel.zero_stage: checkpoints record that key, and
+    pldr-consolidate, pldr-reshard and the parameter layout (parallel/flat_layers.py) follow it."""
+    import json
+    try:
+        with open(path) as f:
+            stage = json.load(f).get("zero_optimization", {}).get("stage", 0)
+    except (OSError, ValueError, AttributeError) as e:
+        raise ConfigError(f"{src}: deepspeed_config={path!r} is not a readable DeepSpeed JSON object ({e})") from None
+    if stage != zero_stage:
+        raise ConfigError(f"{src}: deepspeed_config={path!r} has zero_optimization.stage={stage} but parallel.zero_stage="
+                          f"{zero_stage} (set parallel.zero_stage={stage}: checkpoints and their tools follow that key)")
