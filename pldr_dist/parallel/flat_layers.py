@@ -200,6 +200,16 @@ def unflatten_state(state: dict, model_config) -> dict:
     return out
 
 
+def unflattened_names(module: nn.Module, names) -> list:
+    """`names` of `module`'s parameters, each flat layer's `<layer>.flat` replaced by its old names."""
+    flat = {}
+    for prefix, layer in module.named_modules():
+        if isinstance(layer, FlatLayer):
+            prefix = prefix + "." if prefix else ""
+            flat[prefix + FLAT] = [prefix + n for n in layer.flat_names()]
+    return [m for n in names for m in flat.get(n, [n])]
+
+
 def flatten_state(state: dict, module: nn.Module) -> dict:
     """The inverse, for loading whole tensors into `module`'s flat layers: each flat layer's old
     names in `state` -> one `<layer>.flat` entry (the others pass through)."""

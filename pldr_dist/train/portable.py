@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from ..convert.consolidated import CheckpointError
 from ..model.interchange import from_interchange
-from ..parallel.flat_layers import FlatLayer, flatten_state
+from ..parallel.flat_layers import flatten_state, unflattened_names
 from ..parallel.pipeline import model_parameter_name
 from ..parallel.tensor_parallel import shard_full_state_dict
 
@@ -32,13 +32,6 @@ def _local_names(module) -> tuple[dict, dict]:
     params = {rename(n): p for n, p in module.named_parameters()}
     buffers = {rename(n): b for n, b in module.named_buffers() if n.endswith("G_fixed")}
     return params, buffers
-
-
-def unflattened_names(module, params: dict) -> list:
-    """The model's parameter names, each flat layer's (`<layer>.flat`) replaced by the old ones."""
-    flat = {(f"{prefix}." if prefix else "") + "flat": [(f"{prefix}." if prefix else "") + n for n in layer.flat_names()]
-            for prefix, layer in module.named_modules() if isinstance(layer, FlatLayer)}
-    return [m for n in params for m in flat.get(n, [n])]
 
 
 def _model_names(tensors: dict) -> dict:
