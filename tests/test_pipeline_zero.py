@@ -72,8 +72,7 @@ def run_layout(tp, pp, zero, clip_norm, clip_value, accum, nan_step=None, checkp
         loss_fn = lambda logits, targets: vocab_parallel_lm_loss(logits, targets, grid.tp_group)  # noqa: E731
     else:
         loss_fn = lm_loss
-    flat = wants_flat_layers(zero, tp, pp)      # as pldr-train does (train/build.py)
-    if flat:
+    if wants_flat_layers(zero, tp, pp):      # as pldr-train does (train/build.py)
         flatten_layers(model)
     module = build_pipeline_module(model, grid, loss_fn) if pp > 1 else model
     config = make_ds_config(micro_batch_size=MICRO_BATCH, grad_accum_steps=accum, dp=grid.dp, pp=pp,

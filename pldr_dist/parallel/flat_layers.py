@@ -109,7 +109,7 @@ def flatten_layer(layer: nn.Module) -> None:
             tensors.append(param)
     if len({t.dtype for t in tensors}) != 1 or not all(t.requires_grad for t in tensors):
         raise ValueError("flatten_layer needs parameters of one dtype that all train")
-    for (path, name), _ in zip(slots, tensors):
+    for path, name in slots:
         module = layer.get_submodule(".".join(path))
         del module._parameters[name]
         setattr(module, name, None)
