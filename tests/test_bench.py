@@ -20,6 +20,7 @@ def test_trainer_suite_runs_each_variant_and_reports_its_numbers(tmp_path, capsy
     # the profiled variant's host reads inside a step: on the CPU only fused AdamW's (metrics.host_reads)
     assert good["host_reads"] and all(k.endswith("aten::_fused_adamw_") for k in good["host_reads"])
     assert dp2["host_reads"] is None
+    assert good["gpu_busy"] is None and good["gpu_idle"] is None          # no GPU timeline on the CPU
     assert (dp2["exit_code"], dp2["nproc"]) == (0, 2) and "dp=2" in open(tmp_path / "work/dp2__this/stdout.log").read()
     assert dp2["per_gpu"] == dp2["relative"] / 2 > 0     # data-parallel scaling against one process
     table = (out / "smoke.txt").read_text()

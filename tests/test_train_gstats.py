@@ -1,6 +1,5 @@
 """G_LM statistics (train/metrics.py GStats): the logged distance of G_LM from the identity and
-its mean, per layer, averaged over the forwards made while active, in eager and compiled layers;
-and the profiler's count of host reads inside steps (metrics.host_reads)."""
+its mean, per layer, averaged over the forwards made while active, in eager and compiled layers."""
 import copy
 import math
 
@@ -52,33 +51,3 @@ def test_gstats_average_the_active_forwards(compiled):
     for key, value in want.items():
         assert math.isclose(got[key], value, rel_tol=1e-5), (key, got[key], value)
     assert stats.collect() == {}       # collected sums are cleared
-
-
-def test_host_reads_count_the_reads_inside_steps_by_phase_and_op():
-    """train/metrics.host_reads over profiler events (real ones on one thread; the autograd
-    thread of a GPU backward, which the CPU does not have, as events built here): reads inside a
-    step count by phase and outermost op, reads of another thread during a step as "other
-    thread", reads between steps not at all."""
-    from types import SimpleNamespace
-    from torch.profiler import profile, record_function
-    from pldr_dist.train.metrics import STEP_RANGE, host_reads
-
-    x = torch.ones(3)
-    with profile() as prof:
-        with record_function(STEP_RANGE):
-            with record_function("pldr:optimizer_step"):
-                x.sum().item()                                    # aten::item
-                x.masked_fill_(x > 5, torch.tensor(0.0))          # reads its 0-dim fill value
-            bool(x[x > 0].numel())                                # boolean indexing: aten::nonzero
-        x.sum().item()                                            # between steps
-    assert host_reads(prof.events()) == {"pldr:optimizer_step aten::item": 1,
-                                         "pldr:optimizer_step aten::masked_fill_": 1,
-                                         "pldr:train_step aten::index": 1}
-
-    def event(name, start, parent=None):
-        return SimpleNamespace(name=name, cpu_parent=parent, time_range=SimpleNamespace(start=start, end=start + 1))
-    step = SimpleNamespace(name=STEP_RANGE, cpu_parent=None, time_range=SimpleNamespace(start=10, end=20))
-    hook = event("aten::add_", 12)
-    inside = event("aten::_local_scalar_dense", 13, event("aten::item", 13, hook))
-    after = event("aten::_local_scalar_dense", 25, event("aten::item", 25))
-    assert host_reads([step, hook, inside, after]) == {"other thread aten::add_": 1}

@@ -15,7 +15,10 @@ Reported per run: the median tokens/s, MFU, step time of the logged steps in the
 peak memory, the last loss, tokens/s relative to the first variant of the same package (the
 whole job's), the same per GPU (`per_gpu`: data-parallel scaling when the first variant is one
 GPU), and the longest stall of the step loop for a checkpoint (`checkpoint_stall_s`; runs save
-none unless a variant sets checkpoint.every).
+none unless a variant sets checkpoint.every). A variant that sets `log.profile_steps` also reports
+the host reads of tensor values inside its steps and, on GPUs, the GPU's busy share of the
+profiled steps (`GPU busy`: below ~95% the step is bound by its host, not its kernels), with its
+idle time by host phase in the JSON and at the top of the run's profile.txt (in the logs archive).
 """
 from __future__ import annotations
 
@@ -57,6 +60,8 @@ class Result:
     micro_batch: int = 0
     checkpoint_stall_s: float = 0.0   # the longest, over the run's checkpoints
     host_reads: Optional[dict] = None  # per step, by phase and op, where a variant sets log.profile_steps
+    gpu_busy: Optional[float] = None   # the GPU's busy share of the profiled steps (train/profiling.gpu_idle)
+    gpu_idle: Optional[dict] = None    # ... and its idle time by host phase, per step
 
 
 def parse_variant(text: str) -> tuple[str, list, int | None]:
@@ -137,7 +142,9 @@ def run_variant(a, name: str, sets: list, nproc: int, package: str, manifest: st
         result.tokens_per_s, result.mfu, result.step_ms = med("tokens_per_s"), med("mfu"), 1000 * med("step_time_s")
         result.memory_mib = max(r.get("memory_mib", 0) for r in steady)
     result.checkpoint_stall_s = max((r["checkpoint_stall_s"] for r in rows if "checkpoint_stall_s" in r), default=0.0)
-    result.host_reads = next((r["host_reads"] for r in rows if "host_reads" in r), None)
+    profiled = next((r for r in rows if "host_reads" in r), {})
+    result.host_reads, result.gpu_busy = profiled.get("host_reads"), profiled.get("gpu_busy")
+    result.gpu_idle = profiled.get("gpu_idle")
     losses = [r["loss"] for r in rows if "loss" in r]
     result.losses, result.last_loss = losses, losses[-1] if losses else float("nan")
     log_text = open(os.path.join(run_dir, "stdout.log")).read()
@@ -151,15 +158,16 @@ def run_variant(a, name: str, sets: list, nproc: int, package: str, manifest: st
 def table(results: list, device: str, a) -> str:
     lines = [f"# {device}: pldr-train {a.config}, median of steps {a.window[0]}-{a.window[1]}",
              f"{'variant':<14} {'package':<10} {'procs':>5} {'seq':>6} {'mb':>4} {'tokens/s':>10} {'vs first':>8} "
-             f"{'per GPU':>7} {'MFU':>6} {'step ms':>8} {'mem MiB':>8} {'last loss':>9} {'ckpt s':>6} {'reads':>5}  "
-             f"fast path"]
+             f"{'per GPU':>7} {'MFU':>6} {'step ms':>8} {'mem MiB':>8} {'last loss':>9} {'ckpt s':>6} {'reads':>5} "
+             f"{'GPU busy':>8}  fast path"]
     for r in results:
         mfu = f"{100 * r.mfu:5.1f}%" if r.mfu else "    -"
         reads = "-" if r.host_reads is None else f"{sum(r.host_reads.values()):g}"   # host reads a step (profiled)
+        busy = "-" if r.gpu_busy is None else f"{100 * r.gpu_busy:.1f}%"                # of the profiled steps
         lines.append(f"{r.variant:<14} {r.package:<10} {r.nproc:>5} {r.seq_len:>6} {r.micro_batch:>4} "
                      f"{r.tokens_per_s:>10,.0f} {r.relative:>8.3f} {r.per_gpu:>7.3f} {mfu:>6} "
                      f"{r.step_ms:>8.1f} {r.memory_mib:>8.0f} {r.last_loss:>9.4f} {r.checkpoint_stall_s:>6.2f} "
-                     f"{reads:>5}  "
+                     f"{reads:>5} {busy:>8}  "
                      + (r.fast_path if r.exit_code == 0 else f"FAILED (exit {r.exit_code})"))
     return "\n".join(lines)
 

@@ -23,7 +23,8 @@ from ..errors import PLDRError, cli_main
 from ..model.flops import flops_per_token
 from .checkpoint import CheckpointManager
 from .config import RunConfig, load_config, validate
-from .metrics import STEP_RANGE, GStats, MetricsLog, StepProfiler, peak_memory_mib
+from .metrics import GStats, MetricsLog, peak_memory_mib
+from .profiling import STEP_RANGE, StepProfiler
 from .schedule import lr_at
 
 EXIT_NONFINITE = 3
@@ -230,15 +231,15 @@ class Trainer:
             self.profiler.before(self.step + 1)
             with record_function(STEP_RANGE):
                 loss, skipped = run.train_step(self.batches, inject)
-            reads = self.profiler.after(self.step + 1)
+            profiled = self.profiler.after(self.step + 1)
             if self.gstats is not None:
                 self.gstats.active = False
             self.step += 1
             self.tokens += run.tokens_per_step
             interval_steps += 1
             dt = time.time() - t0
-            if reads is not None:     # rank 0 only: must not change what the ranks do together
-                self.metrics.write(self.step, {"host_reads_per_step": sum(reads.values()), "host_reads": reads})
+            if profiled is not None:     # rank 0 only: must not change what the ranks do together
+                self.metrics.write(self.step, profiled)
             self.unread_skips.append((self.step, skipped))
             # A step whose loss is read anyway (or the last) has its skip flag read now; others a
             # step later, once the next step is queued, so the host never waits for a step in flight.

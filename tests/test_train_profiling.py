@@ -1,0 +1,69 @@
+"""What a profiled step reports (train/profiling.py): the host reads of tensor values inside
+steps, and where the GPU waited for the host, from profiler events made here."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.profiler import profile, record_function
+
+from pldr_dist.train.profiling import STEP_RANGE, gpu_idle, gpu_idle_lines, host_reads
+
+
+def test_host_reads_count_the_reads_inside_steps_by_phase_and_op():
+    """host_reads over profiler events (real ones on one thread; the autograd
+    thread of a GPU backward, which the CPU does not have, as events built here): reads inside a
+    step count by phase and outermost op, reads of another thread during a step as "other
+    thread", reads between steps not at all."""
+
+    x = torch.ones(3)
+    with profile() as prof:
+        with record_function(STEP_RANGE):
+            with record_function("pldr:optimizer_step"):
+                x.sum().item()                                    # aten::item
+                x.masked_fill_(x > 5, torch.tensor(0.0))          # reads its 0-dim fill value
+            bool(x[x > 0].numel())                                # boolean indexing: aten::nonzero
+        x.sum().item()                                            # between steps
+    assert host_reads(prof.events()) == {"pldr:optimizer_step aten::item": 1,
+                                         "pldr:optimizer_step aten::masked_fill_": 1,
+                                         "pldr:train_step aten::index": 1}
+
+    def event(name, start, parent=None):
+        return SimpleNamespace(name=name, cpu_parent=parent, time_range=SimpleNamespace(start=start, end=start + 1))
+    step = SimpleNamespace(name=STEP_RANGE, cpu_parent=None, time_range=SimpleNamespace(start=10, end=20))
+    hook = event("aten::add_", 12)
+    inside = event("aten::_local_scalar_dense", 13, event("aten::item", 13, hook))
+    after = event("aten::_local_scalar_dense", 25, event("aten::item", 25))
+    assert host_reads([step, hook, inside, after]) == {"other thread aten::add_": 1}
+
+
+def test_gpu_idle_splits_the_idle_time_by_the_innermost_phase_and_names_the_host_ops_of_the_gaps():
+    """Two steps of a timeline (chrome-trace events, us): kernels on two streams overlap (counted
+    once), idle time goes to the innermost `pldr:` range above it (the step's own range is not a
+    phase) or outside them, and each long gap lists the host ops that ran during it."""
+    def span(cat, name, start, end):
+        return {"ph": "X", "cat": cat, "name": name, "ts": start * 1000, "dur": (end - start) * 1000}
+    events = [span("user_annotation", STEP_RANGE, 0, 100), span("user_annotation", STEP_RANGE, 120, 220)]
+    for offset in (0, 120):
+        events += [span("user_annotation", "pldr:forward", offset, offset + 40),
+                   span("user_annotation", "pldr:backward", offset + 40, offset + 80),
+                   span("user_annotation", "pldr:optimizer_step", offset + 80, offset + 100)]
+    events += [span("cpu_op", "aten::copy_", 45, 60), span("python_function", "reduce_hook", 60, 75),
+               span("kernel", "k1", 5, 30), span("kernel", "k2", 20, 45), span("kernel", "k3", 70, 90),
+               span("kernel", "k4", 130, 210), span("gpu_memcpy", "copy", 205, 215), span("kernel", "k5", 225, 230),
+               {"ph": "i", "cat": "kernel", "name": "instant", "ts": 1}]
+    summary = gpu_idle(events, steps=2, top=2)
+    # busy 25 + 15 + 20 + 80 + 5 + 5 = 150 ms of 0..230; gaps 0-5, 45-70, 90-130, 215-225
+    assert summary["span_ms"] == pytest.approx(115) and summary["busy_ms"] == pytest.approx(75)
+    assert summary["busy"] == pytest.approx(150 / 230)
+    assert summary["idle_by_phase"] == pytest.approx({"pldr:backward": 12.5, "(outside the step's phases)": 12.5,
+                                                      "pldr:forward": 7.5, "pldr:optimizer_step": 7.5})
+    assert list(summary["idle_by_phase"])[:2] == ["pldr:backward", "(outside the step's phases)"]
+    assert [(g["ms"], g["at_ms"]) for g in summary["gaps"]] == [(40, 90), (25, 45)]
+    assert summary["gaps"][0]["host"] == {}
+    assert summary["gaps"][1]["host"] == pytest.approx({"aten::copy_": 15, "reduce_hook": 10})
+    lines = gpu_idle_lines(summary)
+    assert lines[0] == ("GPU busy 75.0 ms of 115.0 ms a step (65.2%); idle 40.0 ms a step, by host phase (ms): "
+                        "pldr:backward 12.50, (outside the step's phases) 12.50, pldr:forward 7.50, pldr:optimizer_step 7.50")
+    assert lines[2] == "GPU idle 25.00 ms at +45.0 ms; host meanwhile (ms): aten::copy_ 15.00; reduce_hook 10.00"
+    # a CPU run's timeline has no GPU events
+    assert gpu_idle([e for e in events if e["cat"] not in ("kernel", "gpu_memcpy")], steps=2) is None
