@@ -144,8 +144,12 @@ class StepProfiler:
         trace = os.path.join(self.run_dir, "profile_trace.json")
         self.prof.export_chrome_trace(trace + ".tmp.json")
         os.replace(trace + ".tmp.json", trace)
-        with open(trace) as f:
-            idle = gpu_idle(json.load(f).get("traceEvents", []), steps)
+        try:        # the report is an aid: a timeline it cannot read must not end the run
+            with open(trace) as f:
+                idle = gpu_idle(json.load(f).get("traceEvents", []), steps)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            idle = None
+            self.log(f"profile: {trace} could not be read back for the GPU's idle time ({err})")
         idle_lines = gpu_idle_lines(idle) if idle else []
         path = os.path.join(self.run_dir, "profile.txt")
         with open(path + ".tmp", "w") as f:      # temporary names, renamed: never half a report
