@@ -22,10 +22,12 @@ def test_host_reads_count_the_reads_inside_steps_by_phase_and_op():
                 x.sum().item()                                    # aten::item
                 x.masked_fill_(x > 5, torch.tensor(0.0))          # reads its 0-dim fill value
             bool(x[x > 0].numel())                                # boolean indexing: aten::nonzero
+            with record_function("pldr:forward"), record_function("pldr::glu"):   # a custom op is no phase
+                x.max().item()
         x.sum().item()                                            # between steps
     assert host_reads(prof.events()) == {"pldr:optimizer_step aten::item": 1,
                                          "pldr:optimizer_step aten::masked_fill_": 1,
-                                         "pldr:train_step aten::index": 1}
+                                         "pldr:train_step aten::index": 1, "pldr:forward aten::item": 1}
 
     def event(name, start, parent=None):
         return SimpleNamespace(name=name, cpu_parent=parent, time_range=SimpleNamespace(start=start, end=start + 1))
@@ -47,7 +49,7 @@ def test_gpu_idle_splits_the_idle_time_by_the_innermost_phase_and_names_the_host
         events += [span("user_annotation", "pldr:forward", offset, offset + 40),
                    span("user_annotation", "pldr:backward", offset + 40, offset + 80),
                    span("user_annotation", "pldr:optimizer_step", offset + 80, offset + 100)]
-    events += [span("cpu_op", "aten::copy_", 45, 60), span("python_function", "reduce_hook", 60, 75),
+    events += [span("cpu_op", "aten::copy_", 45, 60), span("cpu_op", "pldr::glu", 60, 75),   # an op, not a phase
                span("kernel", "k1", 5, 30), span("kernel", "k2", 20, 45), span("kernel", "k3", 70, 90),
                span("kernel", "k4", 130, 210), span("gpu_memcpy", "copy", 205, 215), span("kernel", "k5", 225, 230),
                {"ph": "i", "cat": "kernel", "name": "instant", "ts": 1}]
@@ -60,10 +62,10 @@ def test_gpu_idle_splits_the_idle_time_by_the_innermost_phase_and_names_the_host
     assert list(summary["idle_by_phase"])[:2] == ["pldr:backward", "(outside the step's phases)"]
     assert [(g["ms"], g["at_ms"]) for g in summary["gaps"]] == [(40, 90), (25, 45)]
     assert summary["gaps"][0]["host"] == {}
-    assert summary["gaps"][1]["host"] == pytest.approx({"aten::copy_": 15, "reduce_hook": 10})
+    assert summary["gaps"][1]["host"] == pytest.approx({"aten::copy_": 15, "pldr::glu": 10})
     lines = gpu_idle_lines(summary)
     assert lines[0] == ("GPU busy 75.0 ms of 115.0 ms a step (65.2%); idle 40.0 ms a step, by host phase (ms): "
                         "pldr:backward 12.50, (outside the step's phases) 12.50, pldr:forward 7.50, pldr:optimizer_step 7.50")
-    assert lines[2] == "GPU idle 25.00 ms at +45.0 ms; host meanwhile (ms): aten::copy_ 15.00; reduce_hook 10.00"
+    assert lines[2] == "GPU idle 25.00 ms at +45.0 ms; host meanwhile (ms): aten::copy_ 15.00; pldr::glu 10.00"
     # a CPU run's timeline has no GPU events
     assert gpu_idle([e for e in events if e["cat"] not in ("kernel", "gpu_memcpy")], steps=2) is None

@@ -14,6 +14,12 @@ HOST_READ_OPS = ("aten::_local_scalar_dense", "aten::nonzero")   # .item()/bool(
 STEP_RANGE = "pldr:train_step"      # trainer.py: one optimizer step, every phase of it
 
 
+def is_phase(name: str) -> bool:
+    """A host phase's range (`pldr:forward`, train/build.py), not one of the model's custom ops
+    (`pldr::glu`), which the profiler shows under their own names too."""
+    return name.startswith("pldr:") and not name.startswith("pldr::")
+
+
 def host_reads(events) -> dict:
     """{"<phase> <op>": count} of the ops inside training steps that read a tensor's value on the
     host. On a GPU each one waits for every kernel queued before it, and the GPU then idles
@@ -36,7 +42,7 @@ def host_reads(events) -> dict:
             parent = parent.cpu_parent
         if STEP_RANGE in chain:
             inner = chain[:chain.index(STEP_RANGE) + 1]      # innermost first
-            phase = next(name for name in inner if name.startswith("pldr:"))
+            phase = next(name for name in inner if is_phase(name))
             inner = inner[:inner.index(phase)]
         elif any(start <= event.time_range.start <= end for start, end in steps):
             phase, inner = "other thread", chain
@@ -74,7 +80,7 @@ def gpu_idle(trace_events: list, steps: int, top: int = 5) -> Optional[dict]:
         busy += max(0.0, b - max(a, end))
         end = max(end, b)
     phases = [(e["ts"], e["ts"] + e["dur"], e["name"]) for e in host
-              if e["name"].startswith("pldr:") and e["name"] != STEP_RANGE]
+              if is_phase(e["name"]) and e["name"] != STEP_RANGE]
     idle_by_phase: dict = {}
     for a, b in gaps:
         cuts = sorted({a, b} | {t for lo, hi, _ in phases for t in (lo, hi) if a < t < b})
@@ -87,7 +93,7 @@ def gpu_idle(trace_events: list, steps: int, top: int = 5) -> Optional[dict]:
         during: dict = {}
         for e in host:              # host ops overlapping the gap, by the time they overlap it
             overlap = min(b, e["ts"] + e["dur"]) - max(a, e["ts"])
-            if overlap > 0 and not e["name"].startswith("pldr:"):
+            if overlap > 0 and not is_phase(e["name"]):
                 during[e["name"][:70]] = during.get(e["name"][:70], 0.0) + overlap
         ops = sorted(during.items(), key=lambda kv: -kv[1])[:4]
         longest.append({"ms": (b - a) / 1e3, "at_ms": (a - start) / 1e3, "host": {n: t / 1e3 for n, t in ops}})
