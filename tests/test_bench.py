@@ -17,7 +17,7 @@ def test_trainer_suite_runs_each_variant_and_reports_its_numbers(tmp_path, capsy
     assert (good["variant"], good["exit_code"], len(good["losses"]), good["nproc"]) == ("z1", 0, 3, 1)
     assert good["tokens_per_s"] > 0 and good["relative"] == 1.0 and good["fast_path"].startswith("eager")
     assert bad["exit_code"] == 2 and bad["losses"] == []
-    # the profiled variant's host reads inside a step: on the CPU only fused AdamW's (metrics.host_reads)
+    # the profiled variant's host reads inside a step: on the CPU only fused AdamW's (profiling.host_reads)
     assert good["host_reads"] and all(k.endswith("aten::_fused_adamw_") for k in good["host_reads"])
     assert dp2["host_reads"] is None
     assert good["gpu_busy"] is None and good["gpu_idle"] is None          # no GPU timeline on the CPU

@@ -24,7 +24,7 @@ not bf16). There the base optimizer is ClippedAdamW (parallel/optim.py), which a
 non-finite step on the device, on every rank alike: `defer_norm_check` leaves the decision to it.
 Every ZeRO optimizer also marks a non-finite norm with a fill that reads a device value
 (`sync_free_norm_mask`). The trainer's `log.profile_steps` counts what still reads inside a step
-(train/metrics.host_reads).
+(train/profiling.host_reads).
 """
 from __future__ import annotations
 

@@ -89,7 +89,7 @@ def gpu_idle(trace_events: list, steps: int, top: int = 5) -> Optional[dict]:
             name = min(under)[1] if under else OUTSIDE
             idle_by_phase[name] = idle_by_phase.get(name, 0.0) + (hi - lo)
     longest = []
-    for a, b in sorted(gaps, key=lambda g: g[0] - g[1])[:top]:
+    for a, b in sorted(gaps, key=lambda g: g[1] - g[0], reverse=True)[:top]:
         during: dict = {}
         for e in host:              # host ops overlapping the gap, by the time they overlap it
             overlap = min(b, e["ts"] + e["dur"]) - max(a, e["ts"])
