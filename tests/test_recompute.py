@@ -56,6 +56,8 @@ def test_recompute_keeps_fewer_activations_and_selective_keeps_the_products():
     policy, aten = selective_policy(), torch.ops.aten
     assert policy(None, aten.mm.default) == CheckpointPolicy.MUST_SAVE
     assert policy(None, aten._scaled_dot_product_flash_attention.default) == CheckpointPolicy.MUST_SAVE
+    for op in (torch.ops.pldr.glu.default, torch.ops.pldr.metric_learner.default):   # the fast path's learner ops
+        assert policy(None, op) == CheckpointPolicy.MUST_SAVE, op
     for op in (aten.native_layer_norm.default, aten.mul.Tensor, aten.silu.default, aten.pow.Tensor_Tensor):
         assert policy(None, op) == CheckpointPolicy.PREFER_RECOMPUTE, op
 

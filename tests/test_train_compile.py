@@ -49,7 +49,7 @@ def test_fast_path_under_each_parallel_layout_follows_its_reference(tmp_path, la
         runs[name] = losses(str(tmp_path / name))
         norms[name] = metric(str(tmp_path / name), "grad_norm")
         if name == "fast":
-            assert f"fast path: 8 metric-learner GLUs fused, {LAYOUTS[layout]}" in result.stdout, result.stdout
+            assert f"fast path: 8 metric-learner GLUs fused (one op per layer), {LAYOUTS[layout]}" in result.stdout, result.stdout
     reference, fast = runs["reference"], runs["fast"]
     assert sorted(fast) == [1, 2]
     # Step 1: the same function of the same weights, and its gradient (a lost or zeroed gradient

@@ -8,7 +8,7 @@ tokens (no pads), loss `model(x, targets=y)`. Paths: `graphs` is the trainer's
 (`optimize_for_training`: Triton metric learner, each layer compiled and replayed as a CUDA
 graph, head and loss fused), `compiled` the same without CUDA graphs, `uncompiled` its parts
 without torch.compile, `eager` the plain model with `lm_loss` on the logits. `--metric-kernel`
-picks the fast path's metric learner as `train.metric_kernel` does (glu, learner, pytorch; a
+picks the fast path's metric learner as `train.metric_kernel` does (learner, glu, pytorch; a
 comma list times PLGA once per kernel against one G = I run).
 
 Reported per run: the median of timed steps after warm-up (CUDA events), its spread, tokens/s,
@@ -25,7 +25,7 @@ from ..errors import InputError
 from . import report
 
 PATHS = ("graphs", "compiled", "uncompiled", "eager")
-METRIC_KERNELS = ("glu", "learner", "pytorch")
+METRIC_KERNELS = ("learner", "glu", "pytorch")
 ATTENTION = ("plga", "identity")
 
 
@@ -59,7 +59,7 @@ def parse_model(text: str) -> tuple[str, list]:
     return name, report.int_list(batches)
 
 
-def build(name: str, attention: str, path: str, seq_len: int, device: str, metric_kernel: str = "glu"):
+def build(name: str, attention: str, path: str, seq_len: int, device: str, metric_kernel: str = "learner"):
     """(cfg, model, loss_of(tokens), optimizer) for one run."""
     import torch
     from ..model import PLDRModel, lm_loss, preset
@@ -84,7 +84,7 @@ def build(name: str, attention: str, path: str, seq_len: int, device: str, metri
     return cfg, model, loss_of, opt
 
 
-def time_run(a, name: str, attention: str, batch: int, device: str, log, metric_kernel: str = "glu") -> Row:
+def time_run(a, name: str, attention: str, batch: int, device: str, log, metric_kernel: str = "learner") -> Row:
     import torch
     from ..model.flops import flops_per_token
 
@@ -198,8 +198,8 @@ def add_parser(sub) -> None:
     p.add_argument("--path", choices=PATHS, default="graphs", help="fast-path variant (default: the trainer's)")
     p.add_argument("--attention", type=lambda s: s.split(","), default=list(ATTENTION),
                    help="plga,identity (default both)")
-    p.add_argument("--metric-kernel", type=lambda s: s.split(","), default=["glu"],
-                   help="the PLGA rows' metric learner: glu, learner, pytorch or a comma list (default glu)")
+    p.add_argument("--metric-kernel", type=lambda s: s.split(","), default=["learner"],
+                   help="the PLGA rows' metric learner: glu, learner, pytorch or a comma list (default learner, the trainer's)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--peak-tflops", type=float, default=989.0, help="MFU denominator (H100/H200 dense bf16: 989)")

@@ -4,7 +4,7 @@
 - full: a decoder layer keeps only its input; the backward runs the layer again first
   (one more forward per layer, ~1/3 more compute; the least memory).
 - selective: a decoder layer keeps what is costly to redo (the outputs of its matrix products,
-  of attention and of the fused metric-learner GLUs) and recomputes what is cheap to redo and
+  of attention and of the metric learner's Triton ops) and recomputes what is cheap to redo and
   costly to keep: the element-wise work between them (LayerNorms, rotary, the GLU and FFN gating,
   residual adds, A0's normalisation and the power law), which holds most of a post-LN layer's
   activation bytes. It is torch's selective activation checkpointing
@@ -28,9 +28,10 @@ def _costly_ops() -> set:
     ops = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default,
            aten._scaled_dot_product_flash_attention.default, aten._scaled_dot_product_efficient_attention.default,
            aten._scaled_dot_product_cudnn_attention.default}
-    from . import glu_kernel   # noqa: F401  (registers pldr::glu)
-    if hasattr(torch.ops, "pldr") and hasattr(torch.ops.pldr, "glu"):
-        ops.add(torch.ops.pldr.glu.default)
+    from . import glu_kernel, metric_kernel   # noqa: F401  (register pldr::glu and pldr::metric_learner)
+    for name in ("glu", "metric_learner"):
+        if hasattr(torch.ops, "pldr") and hasattr(torch.ops.pldr, name):
+            ops.add(getattr(torch.ops.pldr, name).default)
     return ops
 
 

@@ -268,7 +268,8 @@ def build_run(cfg: RunConfig) -> Run:
                                      hooks_outside=zero3)
         compiled = ("compiled with CUDA graphs" if cuda_graphs else
                     "compiled (forwards only: ZeRO-3 gathers each layer's parameters around it)" if zero3 else "compiled")
-        fast_path = (f"fast path: {fused} metric-learner GLUs fused, layers "
+        how = {"learner": "one op per layer", "glu": "one kernel per GLU", "pytorch": "compiled PyTorch"}[t.metric_kernel]
+        fast_path = (f"fast path: {fused} metric-learner GLUs fused ({how}), layers "
                      + (compiled if whole else "not compiled (tp/cp > 1)"))
     else:
         fast_path = "eager (train.compile=false)"

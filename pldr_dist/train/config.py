@@ -68,7 +68,7 @@ class TrainSection:
     fp8_recipe: str = "tensorwise"   # with precision fp8: torchao's scaling, tensorwise | rowwise
     seed: int = 1234
     compile: bool = False            # GPU fast path (pldr_dist.model.fast): Triton metric-learner GLUs (CUDA, bf16), rotary table, padded FFN, and per-layer torch.compile + CUDA graphs where tp=pp=1 (TP/PP: the kernels without torch.compile)
-    metric_kernel: str = "glu"       # with compile: the metric learner as Triton kernels, one per GLU (glu), one op for the whole learner (learner: measured level with glu, docs/performance.md), or compiled PyTorch (pytorch; for A/B runs)
+    metric_kernel: str = "learner"   # with compile: the metric learner as one Triton op for the whole learner (learner), one Triton kernel per GLU (glu), or compiled PyTorch (pytorch; for A/B runs). learner launches 4 kernels a layer where glu launches 48: where no CUDA graph hides launches (ZeRO-3) pldr-1b ran 1.26x faster (docs/multi_gpu.md)
     activation_checkpointing: str = "none"   # none | selective (recompute element-wise work) | full (recompute each decoder layer): pldr_dist/model/recompute.py
     max_nonfinite_in_row: int = 5
     inject_nonfinite_at: list = field(default_factory=list)   # testing aid: steps whose loss is made NaN
