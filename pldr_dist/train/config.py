@@ -67,7 +67,7 @@ class TrainSection:
     precision: str = "auto"          # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp8 (bf16 + FP8 products: model/fp8.py)
     fp8_recipe: str = "tensorwise"   # with precision fp8: torchao's scaling, tensorwise | rowwise
     seed: int = 1234
-    compile: bool = False            # GPU fast path (pldr_dist.model.fast): Triton metric-learner GLUs (CUDA, bf16), rotary table, padded FFN, and per-layer torch.compile + CUDA graphs where tp=pp=1 (TP/PP: the kernels without torch.compile)
+    compile: bool = False            # GPU fast path (pldr_dist.model.fast): the Triton metric learner (CUDA, bf16; metric_kernel), rotary table, padded FFN, and per-layer torch.compile + CUDA graphs where tp=pp=1 (TP/PP: the kernels without torch.compile)
     metric_kernel: str = "learner"   # with compile: the metric learner as one Triton op for the whole learner (learner), one Triton kernel per GLU (glu), or compiled PyTorch (pytorch; for A/B runs). learner launches 4 kernels a layer where glu launches 48: where no CUDA graph hides launches (ZeRO-3) pldr-1b ran 1.26x faster (docs/multi_gpu.md)
     activation_checkpointing: str = "none"   # none | selective (recompute element-wise work) | full (recompute each decoder layer): pldr_dist/model/recompute.py
     max_nonfinite_in_row: int = 5
