@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.profiler import profile, record_function
 
-from pldr_dist.train.profiling import STEP_RANGE, gpu_idle, gpu_idle_lines, host_reads
+from pldr_dist.train.profiling import STEP_RANGE, gpu_idle, gpu_idle_lines, host_reads, host_waits
 
 
 def test_host_reads_count_the_reads_inside_steps_by_phase_and_op():
@@ -42,8 +42,8 @@ def test_gpu_idle_splits_the_idle_time_by_the_innermost_phase_and_names_the_host
     """Two steps of a timeline (chrome-trace events, us): kernels on two streams overlap (counted
     once), idle time goes to the innermost `pldr:` range above it (the step's own range is not a
     phase) or outside them, and each long gap lists the host ops that ran during it."""
-    def span(cat, name, start, end):
-        return {"ph": "X", "cat": cat, "name": name, "ts": start * 1000, "dur": (end - start) * 1000}
+    def span(cat, name, start, end, tid=1):
+        return {"ph": "X", "cat": cat, "name": name, "ts": start * 1000, "dur": (end - start) * 1000, "tid": tid}
     events = [span("user_annotation", STEP_RANGE, 0, 100), span("user_annotation", STEP_RANGE, 120, 220)]
     for offset in (0, 120):
         events += [span("user_annotation", "pldr:forward", offset, offset + 40),
@@ -53,6 +53,16 @@ def test_gpu_idle_splits_the_idle_time_by_the_innermost_phase_and_names_the_host
                span("kernel", "k1", 5, 30), span("kernel", "k2", 20, 45), span("kernel", "k3", 70, 90),
                span("kernel", "k4", 130, 210), span("gpu_memcpy", "copy", 205, 215), span("kernel", "k5", 225, 230),
                {"ph": "i", "cat": "kernel", "name": "instant", "ts": 1}]
+    # where the host waited for the GPU: a blocking copy in step 1's forward (named by its outermost
+    # op), a hook's sync in step 2's backward on the autograd thread (an op of the main thread
+    # around it in time is not its op), a driver sync under no op; not counted: a sync between
+    # steps, a launch (no wait)
+    events += [span("cpu_op", "aten::to", 2, 8), span("cpu_op", "aten::copy_", 3, 7),
+               span("cuda_runtime", "cudaStreamSynchronize", 4, 6),
+               span("cpu_op", "autograd::engine::evaluate_function: PreBackwardFunctionForModuleBackward", 165, 175, tid=2),
+               span("cpu_op", "aten::mm", 160, 180), span("cuda_runtime", "cudaEventSynchronize", 170, 173, tid=2),
+               span("cuda_driver", "cuStreamSynchronize", 85, 86), span("cuda_runtime", "cudaStreamSynchronize", 105, 110),
+               span("cuda_runtime", "cudaLaunchKernel", 10, 11)]
     summary = gpu_idle(events, steps=2, top=2)
     # busy 25 + 15 + 20 + 80 + 5 + 5 = 150 ms of 0..230; gaps 0-5, 45-70, 90-130, 215-225
     assert summary["span_ms"] == pytest.approx(115) and summary["busy_ms"] == pytest.approx(75)
@@ -66,6 +76,14 @@ def test_gpu_idle_splits_the_idle_time_by_the_innermost_phase_and_names_the_host
     lines = gpu_idle_lines(summary)
     assert lines[0] == ("GPU busy 75.0 ms of 115.0 ms a step (65.2%); idle 40.0 ms a step, by host phase (ms): "
                         "pldr:backward 12.50, (outside the step's phases) 12.50, pldr:forward 7.50, pldr:optimizer_step 7.50")
-    assert lines[2] == "GPU idle 25.00 ms at +45.0 ms; host meanwhile (ms): aten::copy_ 15.00; pldr::glu 10.00"
+    assert lines[3] == "GPU idle 25.00 ms at +45.0 ms; host meanwhile (ms): aten::copy_ 15.00; pldr::glu 10.00"
+    hook = "pldr:backward autograd::engine::evaluate_function: PreBackwardFunctionForModuleBackward"[:14 + 70]
+    waits = summary["host_waits"]
+    assert waits["ms"] == pytest.approx(3.0) and waits["calls"] == pytest.approx(1.5)
+    rounded = lambda where: {k: (round(v["ms"], 9), round(v["calls"], 9)) for k, v in where.items()}  # noqa: E731
+    assert rounded(waits["where"]) == {hook: (1.5, 0.5), "pldr:forward aten::to": (1.0, 0.5)}
+    assert lines[1] == (f"host waited for the GPU 3.00 ms a step in 1.5 sync calls, by phase and op (ms): "
+                        f"{hook} 1.50 (0.5 calls); pldr:forward aten::to 1.00 (0.5 calls)")
+    assert rounded(host_waits(events, steps=2, top=3)["where"])["pldr:optimizer_step -"] == (0.5, 0.5)
     # a CPU run's timeline has no GPU events
     assert gpu_idle([e for e in events if e["cat"] not in ("kernel", "gpu_memcpy")], steps=2) is None

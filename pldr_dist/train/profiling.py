@@ -57,6 +57,40 @@ def host_reads(events) -> dict:
 GPU_EVENTS = ("kernel", "gpu_memcpy", "gpu_memset")
 HOST_EVENTS = ("cpu_op", "python_function", "user_annotation")
 OUTSIDE = "(outside the step's phases)"
+# CUDA calls in which the host waits for the GPU (a blocking `.to()` is cudaMemcpyAsync, then a
+# cudaStreamSynchronize); after each the GPU has nothing queued and idles while the host launches.
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaEventSynchronize", "cudaDeviceSynchronize", "cudaMemcpy",
+              "cuStreamSynchronize", "cuEventSynchronize", "cuCtxSynchronize")
+
+
+def host_waits(trace_events: list, steps: int, top: int = 5) -> dict:
+    """Where the host waited for the GPU inside the profiled steps, per step: `ms` and `calls` in
+    all, and `where`: {"<phase> <op>": {"ms", "calls"}} for the `top` costliest places, <phase>
+    the innermost `pldr:` range around the call (any thread: on GPUs autograd runs the backward
+    in a thread of its own) and <op> the outermost host op around it on its own thread (an
+    autograd node names the hook or function that synchronized; "-" for none)."""
+    spans = [e for e in trace_events if e.get("ph") == "X" and "dur" in e]
+    host = [e for e in spans if e.get("cat") in HOST_EVENTS]
+    step_spans = [(e["ts"], e["ts"] + e["dur"]) for e in host if e["name"] == STEP_RANGE]
+    phases = [e for e in host if is_phase(e["name"]) and e["name"] != STEP_RANGE]
+    ops = [e for e in host if not is_phase(e["name"])]
+    where: dict = {}
+    for w in spans:
+        if w.get("cat") not in ("cuda_runtime", "cuda_driver") or w["name"] not in SYNC_CALLS:
+            continue
+        a, b = w["ts"], w["ts"] + w["dur"]
+        if not any(lo <= a and b <= hi for lo, hi in step_spans):
+            continue
+        around = [e for e in phases if e["ts"] <= a and b <= e["ts"] + e["dur"]]
+        phase = min(around, key=lambda e: e["dur"])["name"] if around else OUTSIDE
+        outer = [e for e in ops if e.get("tid") == w.get("tid") and e["ts"] <= a and b <= e["ts"] + e["dur"]]
+        op = max(outer, key=lambda e: e["dur"])["name"][:70] if outer else "-"
+        entry = where.setdefault(f"{phase} {op}", {"ms": 0.0, "calls": 0})
+        entry["ms"] += w["dur"] / 1e3 / steps
+        entry["calls"] += 1 / steps
+    ranked = sorted(where.items(), key=lambda kv: -kv[1]["ms"])
+    return {"ms": sum(v["ms"] for v in where.values()), "calls": sum(v["calls"] for v in where.values()),
+            "where": dict(ranked[:top])}
 
 
 def gpu_idle(trace_events: list, steps: int, top: int = 5) -> Optional[dict]:
@@ -100,7 +134,7 @@ def gpu_idle(trace_events: list, steps: int, top: int = 5) -> Optional[dict]:
     per_step = 1e3 * steps
     return {"span_ms": (end - start) / per_step, "busy_ms": busy / per_step, "busy": busy / (end - start),
             "idle_by_phase": {n: t / per_step for n, t in sorted(idle_by_phase.items(), key=lambda kv: -kv[1])},
-            "gaps": longest}
+            "gaps": longest, "host_waits": host_waits(trace_events, steps, top)}
 
 
 def gpu_idle_lines(summary: dict) -> list:
@@ -108,6 +142,11 @@ def gpu_idle_lines(summary: dict) -> list:
     phases = ", ".join(f"{name} {ms:.2f}" for name, ms in summary["idle_by_phase"].items())
     lines = [f"GPU busy {summary['busy_ms']:.1f} ms of {summary['span_ms']:.1f} ms a step ({100 * summary['busy']:.1f}%); "
              f"idle {summary['span_ms'] - summary['busy_ms']:.1f} ms a step, by host phase (ms): {phases or '-'}"]
+    waits = summary.get("host_waits")
+    if waits:
+        places = "; ".join(f"{name} {w['ms']:.2f} ({w['calls']:g} calls)" for name, w in waits["where"].items())
+        lines.append(f"host waited for the GPU {waits['ms']:.2f} ms a step in {waits['calls']:g} sync calls"
+                     + (f", by phase and op (ms): {places}" if places else ""))
     for gap in summary["gaps"]:
         ops = "; ".join(f"{name} {ms:.2f}" for name, ms in gap["host"].items())
         lines.append(f"GPU idle {gap['ms']:.2f} ms at +{gap['at_ms']:.1f} ms; host meanwhile (ms): {ops or '-'}")
