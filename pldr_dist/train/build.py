@@ -172,7 +172,7 @@ def _to_device(batch, device):
     could be queued asynchronously) was measured slower: on one H100 pldr-110m ZeRO-1 fell from
     614,665 to 544,781 tokens/s, `aten::pin_memory` holding the host 4-9 ms a call while the GPU
     idled (benchmarks/results/trainer/h100/pinned_batches_pldr-110m)."""
-    return batch["input"].to(device), batch["target"].to(device)
+    return batch["input"].to(device, non_blocking=True), batch["target"].to(device, non_blocking=True)
 
 
 def _pipe_batches(batches):
