@@ -82,11 +82,15 @@ def test_a_batch_prepared_ahead_is_the_first_one_a_resume_yields(shards):
     make = lambda: TokenLoader(str(shards), "train", B, SEQ, seed=7, num_workers=2)  # noqa: E731
     ref = batches(make(), 12)
     ahead = BatchesAhead(make())
+    assert ahead.peek() is None          # nothing prepared yet
     got = batches(ahead, 5)
     ahead.prepare()                      # batch 6 built, not yet taken
     ahead.prepare()                      # idempotent: still batch 6
+    prepared = ahead.peek()              # what the trainer copies to the GPU during the backward
     state = ahead.state_dict()
-    got += batches(ahead, 2)             # batches 6 and 7
+    sixth = next(ahead)
+    assert sixth is prepared and ahead.peek() is None
+    got += batches([sixth], 1) + batches(ahead, 1)   # batches 6 and 7
     resumed = make()
     resumed.load_state_dict(state)
     assert same_batches(got, ref[:7], 7)

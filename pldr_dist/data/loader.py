@@ -339,6 +339,12 @@ class BatchesAhead:
             state = self.loader.state_dict()
             self.ready = (state, next(self.source, self._END))
 
+    def peek(self):
+        """The prepared batch, without taking it (None before `prepare()` and at the end)."""
+        if self.ready is None or self.ready[1] is self._END:
+            return None
+        return self.ready[1]
+
     def __next__(self):
         self.prepare()
         batch, self.ready = self.ready[1], None

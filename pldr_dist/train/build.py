@@ -12,6 +12,7 @@ from torch.profiler import record_function
 from ..model import PLDRModel, count_parameters, lm_loss
 from ..model.recompute import set_activation_checkpointing
 from .config import ConfigError, RunConfig
+from .device_batches import DeviceBatches, to_device
 
 
 def check_data(cfg: RunConfig) -> None:
@@ -73,6 +74,7 @@ class Run:
     inject: list
     cuda_graphs: bool = False    # compiled layers replay CUDA graphs: mark each forward as a new step
     fast_path: str = ""          # what train.compile did, for the start-up log line
+    device_batches: Any = None   # device_batches.DeviceBatches: the next batch copied during the backward
 
     def forward(self, inputs, **kwargs):
         if self.cuda_graphs:
@@ -125,12 +127,12 @@ class Run:
             for _ in range(self.engine.gradient_accumulation_steps()):
                 # Named ranges in profiles (log.profile_steps) show which host phase the GPU waits on.
                 with record_function("pldr:forward"):
-                    batch = next(batches)
-                    loss = self.micro_batch_loss(*_to_device(batch, self.engine.device))
+                    loss = self.micro_batch_loss(*self.device_batches.take(next(batches)))
                 with record_function("pldr:backward"):
                     self.engine.backward(loss)
                 with record_function("pldr:prepare_batch"):
-                    batches.prepare()   # the next batch, built while the GPU runs the backward
+                    batches.prepare()   # the next batch, built (and copied) while the GPU runs the backward
+                    self.device_batches.start(batches.peek())
                 with record_function("pldr:optimizer_step"):
                     self.engine.step()
                 total += loss.detach().float()
@@ -160,19 +162,11 @@ class Run:
             return sum(losses) / len(losses)
         self.engine.eval()
         for _ in range(num_batches):
-            losses.append(self.micro_batch_loss(*_to_device(next(loader), self.engine.device), penalty=False).float())
+            losses.append(self.micro_batch_loss(*to_device(next(loader), self.engine.device), penalty=False).float())
         self.engine.train()
         loss = torch.stack(losses).mean()
         dist.all_reduce(loss, group=self.grid.replica_group)
         return float(loss) / self.grid.replicas
-
-
-def _to_device(batch, device):
-    """The batch on the device, copied from pageable memory. Pinning each batch first (so the copy
-    could be queued asynchronously) was measured slower: on one H100 pldr-110m ZeRO-1 fell from
-    614,665 to 544,781 tokens/s, `aten::pin_memory` holding the host 4-9 ms a call while the GPU
-    idled (benchmarks/results/trainer/h100/pinned_batches_pldr-110m)."""
-    return batch["input"].to(device, non_blocking=True), batch["target"].to(device, non_blocking=True)
 
 
 def _pipe_batches(batches):
@@ -310,7 +304,7 @@ def build_run(cfg: RunConfig) -> Run:
                train_loader=train_loader, valid_loader=valid_loader, seq_len=manifest.seq_len,
                tokens_per_step=t.micro_batch_size * t.grad_accum_steps * grid.dp * manifest.seq_len,
                precision=precision, num_params=num_params, loss_fn=loss_fn, inject=inject, cuda_graphs=cuda_graphs,
-               fast_path=fast_path)
+               fast_path=fast_path, device_batches=DeviceBatches(engine.device))
 
 
 def _tokenizer_fingerprint(cfg: RunConfig):
