@@ -144,9 +144,9 @@ def opcheck():
     x = torch.randn(ROWS, DK, requires_grad=True)
     torch.library.opcheck(metric_kernel.metric_learner_op, (x, *params, m.eps),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
-    _, z = metric_kernel.metric_learner_op(x.detach(), *[p.detach() for p in params], m.eps)
+    _, z, ys = metric_kernel.metric_learner_op(x.detach(), *[p.detach() for p in params], m.eps)
     torch.library.opcheck(metric_kernel.metric_learner_backward,
-                          (torch.randn(ROWS, DK), x.detach(), z, *[p.detach() for p in params], m.eps),
+                          (torch.randn(ROWS, DK), x.detach(), z, ys, *[p.detach() for p in params], m.eps),
                           test_utils=("test_schema", "test_faketensor"))
     print("opcheck ok")
 

@@ -13,18 +13,19 @@ memory accelerator, TMA, fills weight rows past a_dff with zeros and the bias lo
 masked, so padded units add exact zeros; the parameters keep their shape). Per chunk the
 gate, up and hidden values of the row block live in registers; the weights (bf16, ~1 MB for a
 pldr-110m learner) stream from L2 through TMA, tile by tile, without per-element addresses
-in registers. Saved for the backward: x (the op's input) and the pre-norm residual sums z_r,
-fp32 [R, N, dk]. From them unit r's input a_r = LN_r(z_{r-1}) (LN_0(x) for r = 0) and the
-LayerNorm statistics are recomputed; no GLU activation is stored.
+in registers. Saved for the backward: x (the op's input), the pre-norm residual sums z_r,
+fp32 [R, N, dk] (the LayerNorms' statistics are recomputed from them), and each GLU's input in
+the bf16 its products used, ys [R*n, N, dk] (2 KB a row for pldr-110m, ~0.6 GB for its five
+layers at micro-batch 64). No hidden (a_dff-wide) activation is stored.
 
 Backward, three launches, no atomics:
  1. `_learner_bwd_rows`, one program per row block: walks the units in reverse; LayerNorm
-    backward from z_r; back-propagates through the unit's GLUs in reverse, recomputing each
-    GLU's input from the unit's input and each chunk's hidden state as `glu_kernel` does
-    (for n = 2 that is one extra GLU forward per unit). Writes dx, per-block partial
-    LayerNorm weight/bias gradients, and for every GLU its input y and output gradient dy
-    (bf16, [R*n, N, dk] each: what the weight gradients need; 4 KB per row for pldr-110m,
-    freed after the backward).
+    backward from z_r; back-propagates through the unit's GLUs in reverse, reading each
+    GLU's input from ys and recomputing each chunk's hidden state as `glu_kernel` does.
+    (Until ys was saved, GLU j's input was recomputed here from the unit's input: for n = 2
+    one more GLU forward per unit, ~23% of this kernel's products.) Writes dx, per-block
+    partial LayerNorm weight/bias gradients, and every GLU's output gradient dy (bf16,
+    [R*n, N, dk]: with ys what the weight gradients need; freed after the backward).
  2. `_learner_bwd_weights`, programs (p, chunk, GLU): `glu_kernel`'s weight-gradient scheme
     for all R*n GLUs in one launch. Program p sums row blocks p, p+P, p+2P, ... of one GLU's
     hidden chunk in registers (fp32) and writes one partial; P is fixed per device.
@@ -199,40 +200,43 @@ Tensor = torch.Tensor
 @torch.library.custom_op("pldr::metric_learner", mutates_args=())
 def metric_learner_op(x: Tensor, in_w: Tensor, in_b: Tensor, u1_w: Tensor, u1_b: Tensor, u2_w: Tensor,
                       u2_b: Tensor, u3_w: Tensor, u3_b: Tensor, norm_w: Tensor, norm_b: Tensor,
-                      eps: float) -> tuple[Tensor, Tensor]:
-    """(A [N, dk] fp32, the saved residual sums z [R, N, dk] fp32) for rows x [N, dk] of A0;
-    weights in `MetricLearner`'s stacked layout. Use `metric_learner` (returns A only)."""
+                      eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(A [N, dk] fp32, and for the backward the residual sums z [R, N, dk] fp32 and the GLUs'
+    inputs ys [R*n, N, dk] bf16) for rows x [N, dk] of A0; weights in `MetricLearner`'s stacked
+    layout. Use `metric_learner` (returns A only)."""
     x = x.contiguous()
     n_rows, dk, R, n, a = _dims(x, u1_w)
     lnw, lnb = _ln_params(in_w, in_b, norm_w, norm_b)
     w1, w2, w3 = _weight_descs(u1_w, u2_w, u3_w, 16)   # tiles set per config (_weight_blocks)
     out = torch.empty(n_rows, dk, device=x.device, dtype=torch.float32)
     z = torch.empty(R, n_rows, dk, device=x.device, dtype=torch.float32)
+    ys = torch.empty(R * n, n_rows, dk, device=x.device, dtype=torch.bfloat16)
     if n_rows:
         grid = lambda meta: (triton.cdiv(n_rows, meta["BM"]),)  # noqa: E731
         _learner_fwd_tuned[grid](x, lnw, lnb, w1, u1_b.contiguous(), w2, u2_b.contiguous(), w3, u3_b.contiguous(),
-                                 out, z, n_rows, eps, A=a, R=R, NG=n, DK=dk, INTERP=_INTERP, TANH=_tanh())
-    return out, z
+                                 out, z, ys, n_rows, eps, A=a, R=R, NG=n, DK=dk, INTERP=_INTERP, TANH=_tanh())
+    return out, z, ys
 
 
 @metric_learner_op.register_fake
 def _(x, in_w, in_b, u1_w, u1_b, u2_w, u2_b, u3_w, u3_b, norm_w, norm_b, eps):
-    R = u1_w.shape[0]
-    return (x.new_empty(x.shape, dtype=torch.float32), x.new_empty((R, *x.shape), dtype=torch.float32))
+    R, n = u1_w.shape[:2]
+    return (x.new_empty(x.shape, dtype=torch.float32), x.new_empty((R, *x.shape), dtype=torch.float32),
+            x.new_empty((R * n, *x.shape), dtype=torch.bfloat16))
 
 
 @torch.library.custom_op("pldr::metric_learner_backward", mutates_args=())
-def metric_learner_backward(dout: Tensor, x: Tensor, z: Tensor, in_w: Tensor, in_b: Tensor, u1_w: Tensor,
+def metric_learner_backward(dout: Tensor, x: Tensor, z: Tensor, ys: Tensor, in_w: Tensor, in_b: Tensor, u1_w: Tensor,
                             u1_b: Tensor, u2_w: Tensor, u2_b: Tensor, u3_w: Tensor, u3_b: Tensor, norm_w: Tensor,
                             norm_b: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
                                                                  Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (dx, d in_w, d in_b, d u1_w, d u1_b, d u2_w, d u2_b, d u3_w, d u3_b, d norm_w,
     d norm_b) from the output gradient, in the dtypes of x and of each parameter."""
-    x, z, dout = _aligned(x), _aligned(z), _aligned(dout)
+    x, z, ys, dout = _aligned(x), _aligned(z), _aligned(ys), _aligned(dout)
     n_rows, dk, R, n, a = _dims(x, u1_w)
     dev = x.device
-    lnw, lnb = _ln_params(in_w, in_b, norm_w, norm_b)
-    b1, b2, b3 = u1_b.contiguous(), u2_b.contiguous(), u3_b.contiguous()
+    lnw, _ = _ln_params(in_w, in_b, norm_w, norm_b)
+    b1, b2 = u1_b.contiguous(), u2_b.contiguous()
     drop, tanh = int(BREAK_DERIVATIVE), _tanh()
     dx = torch.empty_like(x)
     grads = [w.new_empty(w.shape) for w in (u1_w, u1_b, u2_w, u2_b, u3_w, u3_b)]
@@ -240,7 +244,6 @@ def metric_learner_backward(dout: Tensor, x: Tensor, z: Tensor, in_w: Tensor, in
         zeros = lambda t: torch.zeros_like(t)  # noqa: E731
         return (dx, zeros(in_w), zeros(in_b), *[g.zero_() for g in grads], zeros(norm_w), zeros(norm_b))
     G = R * n
-    ys = torch.empty(G, n_rows, dk, device=dev, dtype=torch.bfloat16)
     dys = torch.empty_like(ys)
     lnpart = []
 
@@ -249,8 +252,7 @@ def metric_learner_backward(dout: Tensor, x: Tensor, z: Tensor, in_w: Tensor, in
         xd, doutd, dxd = (TensorDescriptor.from_tensor(t, [bm, dk]) for t in (x, dout, dx))
         zd, ysd, dysd = (TensorDescriptor.from_tensor(t, [1, bm, dk]) for t in (z, ys, dys))
         w1, w2, w3 = _weight_descs(u1_w, u2_w, u3_w, bh)
-        _learner_bwd_rows[(part.shape[0],)](xd, zd, doutd, lnw, lnb, w1, b1, w2, b2, w3, b3, dxd, ysd, dysd, part,
-                                            eps, A=a, R=R, NG=n, DK=dk, BH=bh, INTERP=_INTERP, TANH=tanh,
+        _learner_bwd_rows[(part.shape[0],)](xd, zd, ysd, doutd, lnw, w1, b1, w2, b2, w3, dxd, dysd, part, eps, A=a, R=R, NG=n, DK=dk, BH=bh, INTERP=_INTERP, TANH=tanh,
                                             DROP=drop, BM=bm, num_warps=warps, num_stages=stages)
         lnpart[:] = [part]
     _launch_first("_learner_bwd_rows", dev, BWD_ROWS_CONFIGS, rows)
@@ -272,20 +274,20 @@ def metric_learner_backward(dout: Tensor, x: Tensor, z: Tensor, in_w: Tensor, in
 
 
 @metric_learner_backward.register_fake
-def _(dout, x, z, in_w, in_b, u1_w, u1_b, u2_w, u2_b, u3_w, u3_b, norm_w, norm_b, eps):
+def _(dout, x, z, ys, in_w, in_b, u1_w, u1_b, u2_w, u2_b, u3_w, u3_b, norm_w, norm_b, eps):
     return tuple(torch.empty_like(t) for t in (x, in_w, in_b, u1_w, u1_b, u2_w, u2_b, u3_w, u3_b, norm_w, norm_b))
 
 
 def _setup(ctx, inputs, output):
     x, *params, eps = inputs
-    ctx.save_for_backward(x, output[1], *params)
+    ctx.save_for_backward(x, output[1], output[2], *params)
     ctx.eps = eps
-    ctx.mark_non_differentiable(output[1])
+    ctx.mark_non_differentiable(output[1], output[2])
 
 
-def _backward(ctx, dout, _dz):
-    x, z, *params = ctx.saved_tensors
-    return (*metric_learner_backward(dout, x, z, *params, ctx.eps), None)
+def _backward(ctx, dout, _dz, _dys):
+    x, z, ys, *params = ctx.saved_tensors
+    return (*metric_learner_backward(dout, x, z, ys, *params, ctx.eps), None)
 
 
 metric_learner_op.register_autograd(_backward, setup_context=_setup)
@@ -300,5 +302,5 @@ def learner_params(module) -> tuple:
 def metric_learner(a0: torch.Tensor, *params: torch.Tensor, eps: float) -> torch.Tensor:
     """The metric learner's output (fp32, a0's shape) for A0 [..., dk]; params as
     `learner_params(module)`."""
-    out, _ = metric_learner_op(a0.reshape(-1, a0.shape[-1]), *params, eps)
+    out, _, _ = metric_learner_op(a0.reshape(-1, a0.shape[-1]), *params, eps)
     return out.view(a0.shape)

@@ -104,9 +104,10 @@ def _glu_rows_bwd(yb, dyb, gi, w1_desc, b1_ptr, w2_desc, b2_ptr, w3_desc, A: tl.
 
 @triton.jit
 def _learner_fwd(x_ptr, lnw_ptr, lnb_ptr, w1_desc, b1_ptr, w2_desc, b2_ptr, w3_desc, b3_ptr, out_ptr, z_ptr,
-                 N, eps, A: tl.constexpr, R: tl.constexpr, NG: tl.constexpr, DK: tl.constexpr,
+                 ys_ptr, N, eps, A: tl.constexpr, R: tl.constexpr, NG: tl.constexpr, DK: tl.constexpr,
                  INTERP: tl.constexpr, TANH: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr):
-    """One row block through LN_0 and all R units; stores z_r (fp32) and the output (fp32).
+    """One row block through LN_0 and all R units; stores z_r (fp32), every GLU's input as
+    its products see it (bf16, ys [R*NG, N, DK]) and the output (fp32).
     lnw/lnb [R+1, DK] stack the input LayerNorm and the units' (fp32); the weights are
     descriptors of [R*NG, A, DK] bf16 tensors (GLU g = r * NG + j; U3 transposed)."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
@@ -117,6 +118,7 @@ def _learner_fwd(x_ptr, lnw_ptr, lnb_ptr, w1_desc, b1_ptr, w2_desc, b2_ptr, w3_d
     for r in range(R):
         y = a
         for j in range(NG):
+            tl.store(ys_ptr + (r * NG + j) * N * DK + offs, y.to(tl.bfloat16), mask=rmask)
             y = _glu_rows(y, r * NG + j, w1_desc, b1_ptr, w2_desc, b2_ptr, w3_desc, b3_ptr, cols,
                           A, BM, DK, BH, INTERP, TANH)
         z = y + a
@@ -126,30 +128,20 @@ def _learner_fwd(x_ptr, lnw_ptr, lnb_ptr, w1_desc, b1_ptr, w2_desc, b2_ptr, w3_d
 
 
 @triton.jit
-def _unit_input(x_desc, z_desc, r, row0, BM: tl.constexpr, DK: tl.constexpr):
-    """What unit r's LayerNorm-ed input comes from: x for r = 0, else z_{r-1} (fp32 [BM, DK])."""
-    if r == 0:
-        s = x_desc.load([row0, 0]).to(tl.float32)
-    else:
-        s = z_desc.load([r - 1, row0, 0]).reshape(BM, DK)
-    return s
-
-
-@triton.jit
-def _learner_bwd_rows(x_desc, z_desc, dout_desc, lnw_ptr, lnb_ptr, w1_desc, b1_ptr, w2_desc, b2_ptr, w3_desc,
-                      b3_ptr, dx_desc, ys_desc, dys_desc, lnpart_ptr, eps,
+def _learner_bwd_rows(x_desc, z_desc, ys_desc, dout_desc, lnw_ptr, w1_desc, b1_ptr, w2_desc, b2_ptr, w3_desc,
+                      dx_desc, dys_desc, lnpart_ptr, eps,
                       A: tl.constexpr, R: tl.constexpr, NG: tl.constexpr, DK: tl.constexpr, BH: tl.constexpr,
                       INTERP: tl.constexpr, TANH: tl.constexpr, DROP: tl.constexpr, BM: tl.constexpr):
-    """One row block back through all units: dx, the GLUs' inputs and output gradients
-    (bf16, for the weight gradients) and this block's LayerNorm-parameter partials
+    """One row block back through all units: dx, every GLU's output gradient (bf16, for the
+    weight gradients) and this block's LayerNorm-parameter partials
     lnpart[block, k] = (dweight, dbias) of LN_k [2, DK].
 
     Rows go in and out through TMA descriptors (rows past N load as zeros and are not
     stored): no per-element addresses or masks stay in registers across the loops, which
     the backward's live set (the gradient, a chunk's gate/up/hidden values and their
-    gradients) needs. GLU j's input is recomputed from the unit's input through GLUs
-    0..j-1 (for n = 2: GLU 0 once per unit, the minimum) rather than stored and re-read;
-    the last GLU's output is never needed (z_r is saved)."""
+    gradients) needs. Each GLU's input is read from ys, saved by the forward in the bf16
+    its products used, so no GLU's forward is redone here; the LayerNorms' statistics are
+    recomputed from z_r and x."""
     pid = tl.program_id(0)
     row0 = pid * BM
     cols = tl.arange(0, DK)
@@ -163,16 +155,10 @@ def _learner_bwd_rows(x_desc, z_desc, dout_desc, lnw_ptr, lnb_ptr, w1_desc, b1_p
         tl.store(part + (r + 1) * 2 * DK + DK + cols, dbet)
         dy = dz                      # z_r = GLUs(a_r) + a_r: the last GLU's output gradient
         for jj in range(NG):
-            j = NG - 1 - jj
-            gi = r * NG + j
-            y = _layer_norm(_unit_input(x_desc, z_desc, r, row0, BM, DK), lnw_ptr + r * DK, lnb_ptr + r * DK,
-                            cols, eps, DK)
-            for i in range(j):       # GLU j's input
-                y = _glu_rows(y, r * NG + i, w1_desc, b1_ptr, w2_desc, b2_ptr, w3_desc, b3_ptr, cols,
-                              A, BM, DK, BH, INTERP, TANH)
-            ys_desc.store([gi, row0, 0], y.to(tl.bfloat16).reshape(1, BM, DK))
+            gi = r * NG + NG - 1 - jj
             dys_desc.store([gi, row0, 0], dy.to(tl.bfloat16).reshape(1, BM, DK))
-            dy = _glu_rows_bwd(_mm(y, INTERP), _mm(dy, INTERP), gi, w1_desc, b1_ptr, w2_desc, b2_ptr, w3_desc,
+            y = _mm(ys_desc.load([gi, row0, 0]).reshape(BM, DK), INTERP)
+            dy = _glu_rows_bwd(y, _mm(dy, INTERP), gi, w1_desc, b1_ptr, w2_desc, b2_ptr, w3_desc,
                                A, BM, DK, BH, INTERP, TANH, DROP)
         da = dz + dy                 # residual branch + GLU chain
     dx, dgam, dbet = _layer_norm_bwd(x_desc.load([row0, 0]).to(tl.float32), da, lnw_ptr, cols, eps, DK, DROP)
