@@ -35,10 +35,19 @@ def test_trainer_suite_runs_each_variant_and_reports_its_numbers(tmp_path, capsy
 
 def test_trainer_suite_runs_a_baseline_package_with_relative_paths(tmp_path, monkeypatch):
     """--baseline runs an older copy of the package in its own folder; a relative --work made its
-    config point at shards that were not there (the baseline's run failed with exit 2)."""
+    config point at shards that were not there (the baseline's run failed with exit 2). Each
+    package compiles into its own cache: a shared one handed a baseline whose learner op returned
+    fewer tensors this package's compiled backward, and its run failed (H100, --baseline)."""
     import shutil
+    import subprocess
 
     from pldr_dist.bench.trainer import ROOT
+    caches, run = [], subprocess.run
+
+    def recording(cmd, **kwargs):
+        caches.append(kwargs["env"]["TORCHINDUCTOR_CACHE_DIR"])
+        return run(cmd, **kwargs)
+    monkeypatch.setattr(subprocess, "run", recording)
     for part in ("pldr_dist", "configs"):
         shutil.copytree(f"{ROOT}/{part}", tmp_path / "prev" / part, ignore=shutil.ignore_patterns("__pycache__"))
     monkeypatch.chdir(tmp_path)
@@ -47,3 +56,4 @@ def test_trainer_suite_runs_a_baseline_package_with_relative_paths(tmp_path, mon
     assert code == 0
     doc = json.loads((tmp_path / "out" / "base.json").read_text())
     assert [(r["package"], r["exit_code"]) for r in doc["results"]] == [("this", 0), ("prev", 0)]
+    assert len(set(caches)) == 2 and all(c.startswith(str(tmp_path / "work")) for c in caches)
