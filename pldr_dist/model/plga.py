@@ -18,7 +18,7 @@ from torch import nn
 
 from .config import PLDRConfig
 from .interchange import GLU_ROLES, from_interchange, has_per_glu_names
-from .layers import apply_rotary, glu, iswiglu
+from .layers import apply_rotary, density, glu, iswiglu
 
 MASK_VALUE = -1e9  # the reference adds -1e9 (not -inf) at masked positions
 
@@ -170,8 +170,7 @@ class PLGA(nn.Module):
     # -- deductive path ---------------------------------------------------------------
     def metric_output(self, q_rot: torch.Tensor) -> torch.Tensor:
         """A from the rotated queries: A0 sums over every position (no mask, spec §3.3)."""
-        a0 = torch.matmul(q_rot.transpose(-1, -2), q_rot)
-        return self.metric(a0)
+        return self.metric(density(q_rot))
 
     def deductive(self, q_rot: torch.Tensor):
         """(A, A_LM, A_P, G_LM) for rotated queries [B, h, S, dk]."""
