@@ -53,3 +53,16 @@ def test_bad_input_is_one_line(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             main([*argv, "--out", str(tmp_path)])
         assert e.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_kernel_profile_ranks_sass_lines_by_stall_samples():
+    """ncu's source page (CSV, one table per kernel) comes back as each kernel's SASS lines with
+    the most stall samples first, as shares of that kernel's samples."""
+    from pldr_dist.bench.kernel_profile import top_sass
+    hdr = '"Address","Source","Warp Stall Sampling (All Samples)","Warp Stall Sampling (Not-issued Samples)"'
+    text = "\n".join(['"Kernel A"', hdr, '"0x0","MOV R1, R2","30","1"', '"0x10","HGMMA.64x64x16","10","0"',
+                      '"0x20","LDG.E R4","60","50"', '"Kernel B"', hdr, '"0x0","BRA 0x0","1,000","0"'])
+    out = top_sass(text.splitlines(), 2).splitlines()
+    assert out[0].startswith("== kernel 0: 100 stall samples over 3 SASS lines")
+    assert out[1].split() == ["60.0%", "LDG.E", "R4"] and out[2].split() == ["30.0%", "MOV", "R1,", "R2"]
+    assert out[3].startswith("== kernel 1: 1000 stall samples") and out[4].split()[0] == "100.0%"
