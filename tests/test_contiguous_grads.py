@@ -145,3 +145,48 @@ def reduced_gradients(rank, world, own_config=False):
 def test_bf16_gradients_are_reduced_in_fp32():
     assert run_distributed(reduced_gradients, 2, deepspeed=True) == [1, 1]   # one bucket: the tiny model
     assert run_distributed(reduced_gradients, 1, True, deepspeed=True) == [None]   # one replica: nothing to reduce
+
+
+def device_syncs(rank, world):
+    """DeepSpeed's synchronize calls over 3 optimizer steps of a bf16 ZeRO-1 engine, with the
+    generated config and with a shipped JSON (which names no timers)."""
+    import json
+
+    from deepspeed.accelerator import get_accelerator
+
+    from pldr_dist.parallel.engine import initialize
+    from pldr_dist.parallel.grid import ProcessGrid
+    from pldr_dist.parallel.optim import make_optimizer
+
+    accelerator = get_accelerator()
+    calls, sync = [], accelerator.synchronize
+    accelerator.synchronize = lambda *a, **k: (calls.append(1), sync(*a, **k))[1]
+    counts = []
+    try:
+        with open("ds_configs/zero1_bf16.json") as f:
+            shipped = json.load(f)
+        del shipped["timers"]      # as a user's own JSON would be
+        shipped.update(train_micro_batch_size_per_gpu=MICRO_BATCH, gradient_accumulation_steps=1)
+        generated = make_ds_config(micro_batch_size=MICRO_BATCH, grad_accum_steps=1, dp=world, zero_stage=1,
+                                   precision="bf16")
+        for config in (generated, shipped):
+            torch.manual_seed(0)
+            model = PLDRModel(preset("tiny"))
+            engine = initialize(model, ProcessGrid(tp=1, pp=1), config, make_optimizer(model, LR))
+            calls.clear()
+            for step in range(3):
+                (inputs, targets), = batches(step, world, 1)[rank]
+                engine.backward(lm_loss(engine(inputs), targets))
+                engine.step()
+            counts.append(len(calls))
+    finally:
+        accelerator.synchronize = sync
+    return counts
+
+
+def test_no_device_sync_around_steps():
+    """DeepSpeed's throughput timer synchronized the device at every forward and step (from the
+    third step), so the host could not queue a step ahead of the GPU; it is off, also for a
+    DeepSpeed JSON that does not mention it."""
+    for counts in run_distributed(device_syncs, 1, deepspeed=True):
+        assert counts == [0, 0]
