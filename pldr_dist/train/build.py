@@ -85,9 +85,11 @@ class Run:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def grad_norm(self) -> float:
-        norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+    def grad_norm(self):
+        """The last step's global gradient norm as DeepSpeed holds it (a device tensor, a float or
+        None), not read: reading a device tensor waits for the step (the trainer reads it when it
+        writes the step's log line)."""
+        return self.engine.get_global_grad_norm()
 
     def micro_batch_loss(self, inputs, targets, penalty: bool = True):
         """One micro-batch's loss (PP = 1), plus the DAG penalty in mode v510_dag.

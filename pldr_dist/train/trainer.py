@@ -149,6 +149,7 @@ class Trainer:
         self.nonfinite_total = 0
         self.nonfinite_in_row = 0
         self.unread_skips = []     # (step, skipped) of steps whose skip flag is not read yet
+        self.pending_log = None    # a logged step's line, written once the next step is queued (flush_log)
         self.signals = SignalFlag()
         peak = cfg.log.peak_tflops * 1e12 or (989e12 if torch.cuda.is_available() else 0.0)
         self.peak_flops = peak
@@ -168,6 +169,7 @@ class Trainer:
         """Logs how long the step loop stalled for the checkpoint (`checkpoint_stall_s`): all of the
         save when synchronous; waiting for the previous write, the barrier and the copy to host
         memory when asynchronous."""
+        self.flush_log()
         self.read_skips(self.step)   # the checkpoint holds the non-finite counts
         t0 = time.time()
         tag = self.ckpt.save(self.job.engine, self.step, self.extra_state(), self.cfg.to_dict(),
@@ -216,10 +218,11 @@ class Trainer:
                  f"zero={cfg.parallel.zero_stage}, {run.precision}, {run.tokens_per_step:,} tokens/step; {run.fast_path}")
         loss = torch.tensor(float("nan"))   # a device tensor: read (a host sync) only when logged
         last_saved = self.step if self.step else -1
-        # Throughput is measured over the steps since the last log line: between log lines the
-        # host may run up to a step ahead of the GPU, and reading the loss when logging waits
-        # for the GPU, so each interval's wall time is the GPU's (as Megatron's interval timer).
-        interval_start, interval_steps = time.time(), 0
+        # Throughput is measured over the steps between log lines, each line written once the
+        # next step is queued (`flush_log`): reading the loss waits for the GPU to finish its step,
+        # so each interval's wall time is the GPU's (as Megatron's interval timer), and the GPU has
+        # the next step to run meanwhile instead of idling while the host launches it.
+        self.interval = (time.time(), self.step)
         while self.step < cfg.train.steps:
             t0 = time.time()
             lr = lr_at(self.step, cfg.optim.lr, cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio)
@@ -236,30 +239,16 @@ class Trainer:
                 self.gstats.active = False
             self.step += 1
             self.tokens += run.tokens_per_step
-            interval_steps += 1
-            dt = time.time() - t0
+            self.flush_log()                # the previous step's line, now that this step is queued
             if profiled is not None:     # rank 0 only: must not change what the ranks do together
                 self.metrics.write(self.step, profiled)
             self.unread_skips.append((self.step, skipped))
-            # A step whose loss is read anyway (or the last) has its skip flag read now; others a
-            # step later, once the next step is queued, so the host never waits for a step in flight.
-            values = {}
-            if want_g:
-                values.update(self.gstats.collect())
-            logged = self.step % cfg.log.every == 0 or self.step == cfg.train.steps or bool(values)
-            self.read_skips(self.step if logged else self.step - 1)
-            if logged:
-                loss_value = float(loss)   # waits for this step's GPU work
-                now = time.time()
-                values.update(self.step_metrics(loss_value, lr, (now - interval_start) / interval_steps))
-                interval_start, interval_steps = now, 0
-                console = (f"step {self.step}/{cfg.train.steps} loss {loss_value:.4f} lr {lr:.2e} "
-                           f"{values['tokens_per_s']:,.0f} tok/s {values['tflops_per_device']:.2f} TFLOP/s/dev"
-                           + (f" MFU {100 * values['mfu']:.1f}%" if self.peak_flops else "")
-                           + f" mem {values['memory_mib']:.0f} MiB ETA {self.metrics.eta(self.step, dt)}")
-                self.metrics.write(self.step, values, console)
+            self.read_skips(self.step - 1)  # this step's flag is read with its log line or a step later
+            values = self.gstats.collect() if want_g else {}
+            if self.step % cfg.log.every == 0 or self.step == cfg.train.steps or values:
+                self.pending_log = (self.step, self.tokens, loss, lr, run.grad_norm(), values, time.time() - t0)
             else:
-                self.metrics.eta(self.step, dt)
+                self.metrics.eta(self.step, time.time() - t0)
             evaluated = due(self.step, cfg.eval.every)
             if evaluated:
                 self.validate()
@@ -277,13 +266,36 @@ class Trainer:
                 self.save()
                 last_saved = self.step
             if evaluated or last_saved == self.step:
-                interval_start, interval_steps = time.time(), 0   # not training time
+                self.interval = (time.time(), self.step)   # not training time
+        self.flush_log()
         self.read_skips(self.step)
         if cfg.eval.every and self.step % cfg.eval.every:
             self.validate()
         if last_saved != self.step and cfg.checkpoint.at_end:
             self.save()
         self.last_loss = float(loss)
+
+    def flush_log(self) -> None:
+        """Writes the log line held back since its step (the loss and gradient norm read now, which
+        waits for that step's GPU work); called once the next step is queued, and before anything
+        that must follow the line (an evaluation, a checkpoint, the end, a stop, an injected fault)."""
+        if self.pending_log is None:
+            return
+        step, tokens, loss, lr, norm, values, step_time = self.pending_log
+        self.pending_log = None
+        self.read_skips(step)
+        loss_value = float(loss)
+        now = time.time()
+        start, start_step = self.interval
+        self.interval = (now, step)
+        values = {**values, **self.step_metrics(loss_value, lr, (now - start) / max(step - start_step, 1), tokens,
+                                                float(norm) if norm is not None else float("nan"))}
+        cfg = self.cfg
+        console = (f"step {step}/{cfg.train.steps} loss {loss_value:.4f} lr {lr:.2e} "
+                   f"{values['tokens_per_s']:,.0f} tok/s {values['tflops_per_device']:.2f} TFLOP/s/dev"
+                   + (f" MFU {100 * values['mfu']:.1f}%" if self.peak_flops else "")
+                   + f" mem {values['memory_mib']:.0f} MiB ETA {self.metrics.eta(step, step_time)}")
+        self.metrics.write(step, values, console)
 
     def read_skips(self, upto: int) -> None:
         """Counts and reports the skipped steps up to step `upto`, in order; stops the run after
@@ -310,23 +322,24 @@ class Trainer:
         kind, _, at = os.environ.get("PLDR_FAULT", "").partition(":")
         if not at or int(at) != self.step:
             return
+        self.flush_log()
         if kind == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         elif kind == "term" and self.rank == 0:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    def step_metrics(self, loss: float, lr: float, dt: float) -> dict:
+    def step_metrics(self, loss: float, lr: float, dt: float, tokens: int, grad_norm: float) -> dict:
         tokens_per_s = self.job.tokens_per_step / dt
         per_device = tokens_per_s * self.flops_per_token / dist.get_world_size()
         values = {"loss": loss, "lr": lr, "step_time_s": dt, "tokens_per_s": tokens_per_s,
                   "tflops_per_device": per_device / 1e12, "memory_mib": peak_memory_mib(),
-                  "tokens": self.tokens, "nonfinite_skipped": self.nonfinite_total,
-                  "grad_norm": self.job.grad_norm()}
+                  "tokens": tokens, "nonfinite_skipped": self.nonfinite_total, "grad_norm": grad_norm}
         if self.peak_flops:
             values["mfu"] = per_device / self.peak_flops
         return values
 
     def validate(self) -> None:
+        self.flush_log()
         loss = self.job.eval_loss(self.cfg.eval.batches)
         ppl = math.exp(min(loss, 50.0))
         self.metrics.write(self.step, {"val_loss": loss, "val_ppl": ppl},
