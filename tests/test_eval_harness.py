@@ -26,10 +26,14 @@ TOK = ByteTokenizer()
 
 
 def memorise(model, steps: int = 200):
-    """Plain AdamW on '<eos> question correct-answer' rows until the answers are memorised."""
+    """Plain AdamW on 'question correct-answer' rows until the answers are memorised: the very
+    tokens the harness scores (the task's target_delimiter is empty, and a non-empty context gets
+    no [END] before it). Trained on '<eos> question answer', the model was scored on text it had
+    not seen (no <eos>, and a second space before each choice) and its accuracy hung on the seed
+    and the summation order of a backward (0.5-1.0 over four seeds)."""
     with open(os.path.join(TASK_DIR, "pldr_tiny_qa.jsonl")) as f:
         docs = [json.loads(line) for line in f]
-    rows = [[TOK.eos_id] + TOK.encode(d["question"] + d["choices"][d["answer"]]) for d in docs]
+    rows = [TOK.encode(d["question"] + d["choices"][d["answer"]]) for d in docs]
     width = max(map(len, rows))
     batch = torch.zeros(len(rows), width, dtype=torch.long)
     for i, r in enumerate(rows):
@@ -56,7 +60,7 @@ def test_local_task_accuracy_is_one_after_memorising_and_not_before(monkeypatch)
     print(f'untrained run {time.time() - t0:.1f}s'); t0 = time.time()
     model, loss = memorise(model)
     print(f'training {time.time() - t0:.1f}s')
-    print(f'memorised: final loss {loss:.3f} (the first letter after <eos> is not predictable)')
+    print(f'memorised: final loss {loss:.3f}')
     fixed = with_fixed_g(model, g_from_prompt(model, [model.cfg.eos_id]))
     uncached, cached, table = compare_gcache(PLDRLM(model=model, tokenizer=TOK, batch_size=4),
                                              PLDRLM(model=fixed, tokenizer=TOK, batch_size=4),
