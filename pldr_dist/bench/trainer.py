@@ -128,9 +128,8 @@ def run_variant(a, name: str, sets: list, nproc: int, package: str, manifest: st
     # Each package its own compile cache: torch's caches key a compiled graph by the traced
     # model code, not by our custom ops' implementations, so a baseline whose op returns fewer
     # tensors would load this package's compiled backward and fail (seen with --baseline).
-    cache = os.path.join(a.work, "inductor_cache", os.path.basename(package.rstrip(os.sep)) if package != ROOT else "this")
     env = {**os.environ, "PYTHONPATH": package + os.pathsep + os.environ.get("PYTHONPATH", ""), "PYTHONUNBUFFERED": "1",
-           "TORCHINDUCTOR_CACHE_DIR": cache}
+           "TORCHINDUCTOR_CACHE_DIR": os.path.join(a.work, "inductor_cache", label)}
     log(f"[{name} / {label}, {nproc} process(es)] {' '.join(sets) or '(defaults)'}")
     t0 = time.time()
     os.makedirs(run_dir, exist_ok=True)

@@ -258,7 +258,8 @@ def metric_learner_backward(dout: Tensor, x: Tensor, z: Tensor, ys: Tensor, in_w
         xd, doutd, dxd = (TensorDescriptor.from_tensor(t, [bm, dk]) for t in (x, dout, dx))
         zd, ysd, dysd = (TensorDescriptor.from_tensor(t, [1, bm, dk]) for t in (z, ys, dys))
         w1, w2, w3 = _weight_descs(u1_w, u2_w, u3_w, bh)
-        _learner_bwd_rows[(part.shape[0],)](xd, zd, ysd, doutd, lnw, w1, b1, w2, b2, w3, dxd, dysd, part, eps, A=a, R=R, NG=n, DK=dk, BH=bh, INTERP=_INTERP, TANH=tanh,
+        _learner_bwd_rows[(part.shape[0],)](xd, zd, ysd, doutd, lnw, w1, b1, w2, b2, w3, dxd, dysd, part, eps,
+                                            A=a, R=R, NG=n, DK=dk, BH=bh, INTERP=_INTERP, TANH=tanh,
                                             DROP=drop, BM=bm, num_warps=warps, num_stages=stages)
         lnpart[:] = [part]
     _launch_first("_learner_bwd_rows", dev, BWD_ROWS_CONFIGS, rows)
