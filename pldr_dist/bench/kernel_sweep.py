@@ -12,31 +12,36 @@ from __future__ import annotations
 import contextlib
 import traceback
 
-# (BM, BH, warps, stages): the open questions of the last ncu profile (H100, pldr-110m mb128:
-# the row kernel waited on its weight tiles' TMA loads half its stall samples, with one stage;
-# the weight-gradient kernel spills). Earlier lists: git history (kernels_sweep.txt, H200).
-FWD = [(64, 64, 4, 2), (128, 64, 8, 3)]
-ROWS = [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2)]
-WGRAD = [(32, 64, 4, 2), (32, 32, 4, 3)]
-PER_SM = [2, 8]
+# (BM, BH, warps, stages): the open questions of the last ncu profile (H100, pldr-110m mb128):
+# the weight-gradient kernel's 32-row blocks run its recomputed products on the Ampere-style
+# tensor-core instructions (HMMA; a Hopper warpgroup product, HGMMA, needs 64 rows) and it
+# spills; narrower hidden chunks (BH = 32) halve the live gate/up/hidden values of every
+# kernel. Earlier lists: git history (kernels_sweep.txt).
+FWD = [(128, 32, 8, 2), (64, 32, 4, 2)]
+ROWS = [(128, 32, 8, 2), (64, 32, 4, 2)]
+WGRAD = [(64, 64, 4, 2), (64, 64, 8, 2), (64, 64, 8, 3), (128, 64, 8, 2), (64, 32, 4, 2)]
+PER_SM = []
+BIAS_DOT = [False]   # the weight-gradient kernel's bias sums by tl.sum (today: on the tensor cores)
 
 
 @contextlib.contextmanager
-def configs(fwd=None, rows=None, wgrad=None, per_sm=None):
+def configs(fwd=None, rows=None, wgrad=None, per_sm=None, bias_dot=None):
     """metric_kernel with one setting replaced for the duration (and today's afterwards)."""
     from ..model import metric_kernel as mk
-    saved = (mk._learner_fwd_tuned, mk.BWD_ROWS_CONFIGS, mk.WGRAD_CONFIGS, mk.PROGRAMS_PER_SM)
+    saved = (mk._learner_fwd_tuned, mk.BWD_ROWS_CONFIGS, mk.WGRAD_CONFIGS, mk.PROGRAMS_PER_SM, mk.WGRAD_BIAS_DOT)
     try:
         if fwd:
             mk._learner_fwd_tuned = mk.fwd_autotuned([fwd])
         mk.BWD_ROWS_CONFIGS = [rows] if rows else mk.BWD_ROWS_CONFIGS
         mk.WGRAD_CONFIGS = [wgrad] if wgrad else mk.WGRAD_CONFIGS
         mk.PROGRAMS_PER_SM = per_sm or mk.PROGRAMS_PER_SM
+        mk.WGRAD_BIAS_DOT = mk.WGRAD_BIAS_DOT if bias_dot is None else bias_dot
         mk._chosen.clear()
         mk._programs.cache_clear()
         yield
     finally:
-        mk._learner_fwd_tuned, mk.BWD_ROWS_CONFIGS, mk.WGRAD_CONFIGS, mk.PROGRAMS_PER_SM = saved
+        (mk._learner_fwd_tuned, mk.BWD_ROWS_CONFIGS, mk.WGRAD_CONFIGS, mk.PROGRAMS_PER_SM,
+         mk.WGRAD_BIAS_DOT) = saved
         mk._chosen.clear()
         mk._programs.cache_clear()
 
@@ -48,6 +53,7 @@ def candidates() -> list:
     out += [(f"bwd rows {c}", {"rows": c}) for c in ROWS]
     out += [(f"wgrad {c}", {"wgrad": c}) for c in WGRAD]
     out += [(f"wgrad {p}/SM", {"per_sm": p}) for p in PER_SM]
+    out += [(f"wgrad bias {'dot' if b else 'tl.sum'}", {"bias_dot": b}) for b in BIAS_DOT]
     return out
 
 

@@ -78,6 +78,7 @@ FWD_CONFIGS = [(128, 64, 8, 2), (64, 64, 4, 2), (64, 64, 4, 1), (128, 64, 8, 1),
 # Weight gradients: more programs per SM 1.26 ms against 1.38 (2/SM), 1.27 (8/SM).
 BWD_ROWS_CONFIGS = [(128, 64, 8, 2), (128, 64, 8, 1), (64, 32, 4, 1), (128, 32, 8, 1), (32, 32, 4, 1)]
 WGRAD_CONFIGS = [(32, 64, 4, 3), (32, 32, 4, 1)]
+WGRAD_BIAS_DOT = True   # bias sums on the tensor cores (metric_kernel_jit._wgrad_block)
 INTERP_BM, INTERP_BH = 32, 16   # Triton's interpreter (tests): fewer, larger programs run faster
 PROGRAMS_PER_SM = 4  # weight-gradient programs: ~4 per SM over all (chunk, GLU) pairs
 # sigmoid through tanh.approx on the GPU (see glu_kernel.SIGMOID_TANH); read at each call.
@@ -271,7 +272,7 @@ def metric_learner_backward(dout: Tensor, x: Tensor, z: Tensor, ys: Tensor, in_w
         w1, w2, w3 = _weight_descs(u1_w, u2_w, u3_w, bh)
         _learner_bwd_weights[(P, nchunk, G)](ys, dys, w1, b1, w2, b2, w3, part, n_rows, P, A=a, DK=dk,
                                              INTERP=_INTERP, TANH=tanh, DROP=drop, BM=bm, BH=bh,
-                                             num_warps=warps, num_stages=stages)
+                                             BIAS_DOT=WGRAD_BIAS_DOT, num_warps=warps, num_stages=stages)
         _learner_sum_partials[(triton.cdiv(part.shape[-1], SUM_BLOCK), nchunk, G)](
             part, *grads, P, A=a, DK=dk, BH=bh, BLOCK=SUM_BLOCK, PB=SUM_ROWS)
     _launch_first("_learner_bwd_weights", dev, WGRAD_CONFIGS, weights)

@@ -184,11 +184,18 @@ def _learner_bwd_rows(x_desc, z_desc, ys_desc, dout_desc, lnw_ptr, w1_desc, b1_p
 
 
 @triton.jit
-def _wgrad_block(blk, ys_ptr, dys_ptr, w1t, b1, w2t, b2, w3, dw1t, dw2t, dw3, db1, db2, db3, N, cols,
+def _wgrad_block(blk, ys_ptr, dys_ptr, w1t, b1, w2t, b2, w3, dw1t, dw2t, dw3, db1, db2, db3, N, cols, first_chunk,
                  DK: tl.constexpr, INTERP: tl.constexpr, TANH: tl.constexpr, DROP: tl.constexpr,
-                 BM: tl.constexpr):
+                 BM: tl.constexpr, BIAS_DOT: tl.constexpr):
     """One row block's share of one GLU chunk's weight gradients, added to the sums (the
-    dU1, dU2 sums transposed, [DK, BH], as in glu_kernel)."""
+    dU1, dU2 sums transposed, [DK, BH], as in glu_kernel). dc3 is summed by the chunk-0
+    programs only (every chunk sees the same dy).
+
+    BIAS_DOT: the bias sums come from the tensor cores, dot(e, dg) with e [16, BM] one in row 0
+    and zero elsewhere: the column sums land in row 0 of a [16, BH] sum (rows 1-15 stay exact
+    zeros), over the bf16 dg the weight products use, as autocast's bias gradient does. Summed
+    with tl.sum instead, each block's reduction across the rows' lanes (shuffles) was the
+    kernel's largest stall (ncu, H100)."""
     rows = blk * BM + tl.arange(0, BM)
     rmask = (rows < N)[:, None]
     offs = rows[:, None] * DK + cols[None, :]
@@ -197,19 +204,28 @@ def _wgrad_block(blk, ys_ptr, dys_ptr, w1t, b1, w2t, b2, w3, dw1t, dw2t, dw3, db
     g = tl.dot(y, w1t) + b1[None, :]
     u = tl.dot(y, w2t) + b2[None, :]
     dg, du, h = _gate_grads(g, u, tl.dot(dy, w3), TANH, DROP)   # rows past N: dy = 0, no share
-    dw1t += tl.dot(tl.trans(y), _mm(dg, INTERP))
-    dw2t += tl.dot(tl.trans(y), _mm(du, INTERP))
+    dgb, dub = _mm(dg, INTERP), _mm(du, INTERP)
+    dw1t += tl.dot(tl.trans(y), dgb)
+    dw2t += tl.dot(tl.trans(y), dub)
     dw3 += tl.dot(tl.trans(dy), _mm(h, INTERP))
-    db1 += tl.sum(dg, axis=0)
-    db2 += tl.sum(du, axis=0)
-    db3 += tl.sum(dy.to(tl.float32), axis=0)
+    if BIAS_DOT:
+        e = _mm(((tl.arange(0, 16)[:, None] == 0) & (tl.arange(0, BM)[None, :] >= 0)).to(tl.float32), INTERP)
+        db1 += tl.dot(e, dgb)
+        db2 += tl.dot(e, dub)
+        if first_chunk:
+            db3 += tl.dot(e, dy)
+    else:
+        db1 += tl.sum(dg, axis=0)
+        db2 += tl.sum(du, axis=0)
+        if first_chunk:
+            db3 += tl.sum(dy.to(tl.float32), axis=0)
     return dw1t, dw2t, dw3, db1, db2, db3
 
 
 @triton.jit
 def _learner_bwd_weights(ys_ptr, dys_ptr, w1_desc, b1_ptr, w2_desc, b2_ptr, w3_desc, part_ptr, N, P,
                          A: tl.constexpr, DK: tl.constexpr, INTERP: tl.constexpr, TANH: tl.constexpr,
-                         DROP: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr):
+                         DROP: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr, BIAS_DOT: tl.constexpr):
     """Program (p, c, g): GLU g's hidden chunk c over row blocks p, p + P, p + 2P, ...;
     writes part[g, p, c] = [dU1^T | dU2^T | dU3 (each [DK, BH]) | dc1 | dc2 | dc3]."""
     p, c, gi = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -222,22 +238,29 @@ def _learner_bwd_weights(ys_ptr, dys_ptr, w1_desc, b1_ptr, w2_desc, b2_ptr, w3_d
     dw1t = tl.zeros((DK, BH), tl.float32)
     dw2t = tl.zeros((DK, BH), tl.float32)
     dw3 = tl.zeros((DK, BH), tl.float32)
-    db1 = tl.zeros((BH,), tl.float32)
-    db2 = tl.zeros((BH,), tl.float32)
-    db3 = tl.zeros((DK,), tl.float32)
+    if BIAS_DOT:   # the bias sums in row 0 of [16, n] (_wgrad_block)
+        db1 = tl.zeros((16, BH), tl.float32)
+        db2 = tl.zeros((16, BH), tl.float32)
+        db3 = tl.zeros((16, DK), tl.float32)
+    else:
+        db1 = tl.zeros((BH,), tl.float32)
+        db2 = tl.zeros((BH,), tl.float32)
+        db3 = tl.zeros((DK,), tl.float32)
     nblocks = tl.cdiv(N, BM)
     if INTERP:   # the interpreter fails on range() with runtime bounds (numpy 2)
         blk = p
         while blk < nblocks:
             dw1t, dw2t, dw3, db1, db2, db3 = _wgrad_block(
-                blk, ys_ptr, dys_ptr, w1t, b1, w2t, b2, w3, dw1t, dw2t, dw3, db1, db2, db3, N, cols,
-                DK, INTERP, TANH, DROP, BM)
+                blk, ys_ptr, dys_ptr, w1t, b1, w2t, b2, w3, dw1t, dw2t, dw3, db1, db2, db3, N, cols, c == 0,
+                DK, INTERP, TANH, DROP, BM, BIAS_DOT)
             blk += P
     else:
         for blk in tl.range(p, nblocks, P):
             dw1t, dw2t, dw3, db1, db2, db3 = _wgrad_block(
-                blk, ys_ptr, dys_ptr, w1t, b1, w2t, b2, w3, dw1t, dw2t, dw3, db1, db2, db3, N, cols,
-                DK, INTERP, TANH, DROP, BM)
+                blk, ys_ptr, dys_ptr, w1t, b1, w2t, b2, w3, dw1t, dw2t, dw3, db1, db2, db3, N, cols, c == 0,
+                DK, INTERP, TANH, DROP, BM, BIAS_DOT)
+    if BIAS_DOT:
+        db1, db2, db3 = tl.sum(db1, axis=0), tl.sum(db2, axis=0), tl.sum(db3, axis=0)
     hid = tl.arange(0, BH)
     BD: tl.constexpr = BH * DK
     tile = cols[:, None] * BH + hid[None, :]

@@ -37,24 +37,17 @@ import torch
 from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 from deepspeed.runtime.utils import get_global_norm_of_tensors
 
+from .host_copy import HostCopy
+
 
 class SkipFlag:
     """Whether one optimizer step was skipped. Reading it waits for that step only."""
 
     def __init__(self, bad: torch.Tensor):
-        self.event = None
-        if bad.is_cuda:
-            self.host = torch.empty((), dtype=torch.bool, pin_memory=True)
-            self.host.copy_(bad, non_blocking=True)
-            self.event = torch.cuda.Event()
-            self.event.record()
-        else:
-            self.host = bad
+        self.copy = HostCopy(bad)
 
     def __bool__(self) -> bool:
-        if self.event is not None:
-            self.event.synchronize()
-        return bool(self.host)
+        return bool(self.copy.read()[0])
 
 
 class DeviceSkip:

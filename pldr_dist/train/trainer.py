@@ -21,6 +21,7 @@ from torch.profiler import record_function
 from ..data.loader import BatchesAhead
 from ..errors import PLDRError, cli_main
 from ..model.flops import flops_per_token
+from ..parallel.host_copy import HostCopy
 from .checkpoint import CheckpointManager
 from .config import RunConfig, load_config, validate
 from .metrics import GStats, MetricsLog, peak_memory_mib
@@ -221,7 +222,9 @@ class Trainer:
         # Throughput is measured over the steps between log lines, each line written once the
         # next step is queued (`flush_log`): reading the loss waits for the GPU to finish its step,
         # so each interval's wall time is the GPU's (as Megatron's interval timer), and the GPU has
-        # the next step to run meanwhile instead of idling while the host launches it.
+        # the next step to run meanwhile instead of idling while the host launches it. The loss
+        # and norm are read from a pinned copy (`HostCopy`): a plain .item() would wait for the
+        # step queued after them too.
         self.interval = (time.time(), self.step)
         while self.step < cfg.train.steps:
             t0 = time.time()
@@ -246,7 +249,8 @@ class Trainer:
             self.read_skips(self.step - 1)  # this step's flag is read with its log line or a step later
             values = self.gstats.collect() if want_g else {}
             if self.step % cfg.log.every == 0 or self.step == cfg.train.steps or values:
-                self.pending_log = (self.step, self.tokens, loss, lr, run.grad_norm(), values, time.time() - t0)
+                self.pending_log = (self.step, self.tokens, HostCopy(loss, run.grad_norm()), lr, values,
+                                    time.time() - t0)
             else:
                 self.metrics.eta(self.step, time.time() - t0)
             evaluated = due(self.step, cfg.eval.every)
@@ -281,15 +285,15 @@ class Trainer:
         that must follow the line (an evaluation, a checkpoint, the end, a stop, an injected fault)."""
         if self.pending_log is None:
             return
-        step, tokens, loss, lr, norm, values, step_time = self.pending_log
+        step, tokens, read, lr, values, step_time = self.pending_log
         self.pending_log = None
         self.read_skips(step)
-        loss_value = float(loss)
+        loss_value, norm = read.read()
         now = time.time()
         start, start_step = self.interval
         self.interval = (now, step)
         values = {**values, **self.step_metrics(loss_value, lr, (now - start) / max(step - start_step, 1), tokens,
-                                                float(norm) if norm is not None else float("nan"))}
+                                                float("nan") if norm is None else norm)}
         cfg = self.cfg
         console = (f"step {step}/{cfg.train.steps} loss {loss_value:.4f} lr {lr:.2e} "
                    f"{values['tokens_per_s']:,.0f} tok/s {values['tflops_per_device']:.2f} TFLOP/s/dev"
