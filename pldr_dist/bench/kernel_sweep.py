@@ -14,34 +14,42 @@ import traceback
 
 # (BM, BH, warps, stages): the open questions of the last ncu profile (H100, pldr-110m mb128):
 # the weight-gradient kernel's 32-row blocks run its recomputed products on the Ampere-style
-# tensor-core instructions (HMMA; a Hopper warpgroup product, HGMMA, needs 64 rows) and it
-# spills; narrower hidden chunks (BH = 32) halve the live gate/up/hidden values of every
-# kernel. Earlier lists: git history (kernels_sweep.txt).
-FWD = [(128, 32, 8, 2), (64, 32, 4, 2)]
-ROWS = [(128, 32, 8, 2), (64, 32, 4, 2)]
-WGRAD = [(64, 64, 4, 2), (64, 64, 8, 2), (64, 64, 8, 3), (128, 64, 8, 2), (64, 32, 4, 2)]
+# tensor-core instructions (HMMA; a Hopper warpgroup product, HGMMA, needs 64 rows). Answered
+# on an H100 (kernels/h100/kernels_sweep, git history): 64-row blocks at 4 or 8 warps, 128-row
+# blocks and 32-wide hidden chunks in any kernel were all slower than today's configs.
+FWD = []
+ROWS = []
+WGRAD = [(64, 64, 4, 2), (64, 64, 4, 3)]
 PER_SM = []
-BIAS_DOT = [False]   # the weight-gradient kernel's bias sums by tl.sum (today: on the tensor cores)
+# metric_kernel switches, each set against today's: the bias sums by tl.sum (today on the tensor
+# cores); the GLU chunk loops software-pipelined by the compiler instead of unrolled; the
+# weight-gradient kernel's rows read through TMA, its row-block loop warp-specialized.
+FLAGS = [{"WGRAD_BIAS_DOT": False}, {"FWD_PIPE": True}, {"ROWS_PIPE": True}, {"WGRAD_TMA": True},
+         {"WGRAD_WS": True}, {"WGRAD_TMA": True, "WGRAD_WS": True}]
 
 
 @contextlib.contextmanager
-def configs(fwd=None, rows=None, wgrad=None, per_sm=None, bias_dot=None):
+def configs(fwd=None, rows=None, wgrad=None, per_sm=None, flags=None):
     """metric_kernel with one setting replaced for the duration (and today's afterwards)."""
     from ..model import metric_kernel as mk
-    saved = (mk._learner_fwd_tuned, mk.BWD_ROWS_CONFIGS, mk.WGRAD_CONFIGS, mk.PROGRAMS_PER_SM, mk.WGRAD_BIAS_DOT)
+    flags = flags or {}
+    saved = (mk._learner_fwd_tuned, mk.BWD_ROWS_CONFIGS, mk.WGRAD_CONFIGS, mk.PROGRAMS_PER_SM)
+    saved_flags = {k: getattr(mk, k) for k in flags}
     try:
-        if fwd:
-            mk._learner_fwd_tuned = mk.fwd_autotuned([fwd])
+        for k, v in flags.items():
+            setattr(mk, k, v)
+        if fwd or flags:   # a new autotuner: its cache is keyed by shape only
+            mk._learner_fwd_tuned = mk.fwd_autotuned([fwd] if fwd else mk.FWD_CONFIGS)
         mk.BWD_ROWS_CONFIGS = [rows] if rows else mk.BWD_ROWS_CONFIGS
         mk.WGRAD_CONFIGS = [wgrad] if wgrad else mk.WGRAD_CONFIGS
         mk.PROGRAMS_PER_SM = per_sm or mk.PROGRAMS_PER_SM
-        mk.WGRAD_BIAS_DOT = mk.WGRAD_BIAS_DOT if bias_dot is None else bias_dot
         mk._chosen.clear()
         mk._programs.cache_clear()
         yield
     finally:
-        (mk._learner_fwd_tuned, mk.BWD_ROWS_CONFIGS, mk.WGRAD_CONFIGS, mk.PROGRAMS_PER_SM,
-         mk.WGRAD_BIAS_DOT) = saved
+        mk._learner_fwd_tuned, mk.BWD_ROWS_CONFIGS, mk.WGRAD_CONFIGS, mk.PROGRAMS_PER_SM = saved
+        for k, v in saved_flags.items():
+            setattr(mk, k, v)
         mk._chosen.clear()
         mk._programs.cache_clear()
 
@@ -53,7 +61,7 @@ def candidates() -> list:
     out += [(f"bwd rows {c}", {"rows": c}) for c in ROWS]
     out += [(f"wgrad {c}", {"wgrad": c}) for c in WGRAD]
     out += [(f"wgrad {p}/SM", {"per_sm": p}) for p in PER_SM]
-    out += [(f"wgrad bias {'dot' if b else 'tl.sum'}", {"bias_dot": b}) for b in BIAS_DOT]
+    out += [(" ".join(f"{k}={v}" for k, v in f.items()), {"flags": f}) for f in FLAGS]
     return out
 
 

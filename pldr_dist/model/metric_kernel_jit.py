@@ -76,7 +76,8 @@ def _biases(b1_ptr, b2_ptr, gi, c, A: tl.constexpr, BH: tl.constexpr):
 
 @triton.jit
 def _glu_rows(y, gi, w1_desc, b1_ptr, w2_desc, b2_ptr, w3_desc, b3_ptr, cols, A: tl.constexpr,
-              BM: tl.constexpr, DK: tl.constexpr, BH: tl.constexpr, INTERP: tl.constexpr, TANH: tl.constexpr):
+              BM: tl.constexpr, DK: tl.constexpr, BH: tl.constexpr, INTERP: tl.constexpr, TANH: tl.constexpr,
+              PIPE: tl.constexpr):
     """GLU gi, U3(silu(U1 y + c1) * (U2 y + c2)) + c3, of a row block y [BM, DK] (fp32):
     fp32 [BM, DK]. w3_desc reads U3^T ([A, DK] per GLU).
 
@@ -86,6 +87,14 @@ def _glu_rows(y, gi, w1_desc, b1_ptr, w2_desc, b2_ptr, w3_desc, b3_ptr, cols, A:
     yb = _mm(y, INTERP)
     b3 = tl.load(b3_ptr + gi * DK + cols).to(tl.float32)
     NCHUNK: tl.constexpr = (A + BH - 1) // BH
+    if PIPE:   # a loop the compiler software-pipelines (loads and products of the next chunk ahead)
+        acc = tl.zeros((BM, DK), tl.float32)
+        for c in tl.range(0, NCHUNK):
+            b1, b2 = _biases(b1_ptr, b2_ptr, gi, c, A, BH)
+            g = tl.dot(yb, tl.trans(_tile(w1_desc, gi, c, BH, DK, INTERP))) + b1[None, :]
+            u = tl.dot(yb, tl.trans(_tile(w2_desc, gi, c, BH, DK, INTERP))) + b2[None, :]
+            acc += tl.dot(_mm(g * _sigmoid(g, TANH) * u, INTERP), _tile(w3_desc, gi, c, BH, DK, INTERP))
+        return acc + b3[None, :]
     b1, b2 = _biases(b1_ptr, b2_ptr, gi, 0, A, BH)
     acc = tl.zeros((BM, DK), tl.float32)
     for c in tl.static_range(NCHUNK):
@@ -101,27 +110,42 @@ def _glu_rows(y, gi, w1_desc, b1_ptr, w2_desc, b2_ptr, w3_desc, b3_ptr, cols, A:
 
 
 @triton.jit
+def _glu_chunk_bwd(dx, yb, dyb, gi, c, w1_desc, b1_ptr, w2_desc, b2_ptr, w3_desc, A: tl.constexpr,
+                   DK: tl.constexpr, BH: tl.constexpr, INTERP: tl.constexpr, TANH: tl.constexpr,
+                   DROP: tl.constexpr):
+    """dx plus hidden chunk c's share of the input gradient of GLU gi (hidden state recomputed)."""
+    w1, b1, w2, b2 = _gate_up_weights(w1_desc, b1_ptr, w2_desc, b2_ptr, gi, c, A, BH, DK, INTERP)
+    g = tl.dot(yb, tl.trans(w1)) + b1[None, :]
+    u = tl.dot(yb, tl.trans(w2)) + b2[None, :]
+    w3t = _tile(w3_desc, gi, c, BH, DK, INTERP)
+    dg, du, _ = _gate_grads(g, u, tl.dot(dyb, tl.trans(w3t)), TANH, DROP)
+    dx = tl.dot(_mm(dg, INTERP), w1, dx)
+    return tl.dot(_mm(du, INTERP), w2, dx)
+
+
+@triton.jit
 def _glu_rows_bwd(yb, dyb, gi, w1_desc, b1_ptr, w2_desc, b2_ptr, w3_desc, A: tl.constexpr,
                   BM: tl.constexpr, DK: tl.constexpr, BH: tl.constexpr, INTERP: tl.constexpr,
-                  TANH: tl.constexpr, DROP: tl.constexpr):
+                  TANH: tl.constexpr, DROP: tl.constexpr, PIPE: tl.constexpr):
     """The input gradient of GLU gi for a row block: input yb, output gradient dyb
-    (matmul operands [BM, DK]); the hidden state is recomputed chunk by chunk."""
+    (matmul operands [BM, DK]); the hidden state is recomputed chunk by chunk. PIPE: a loop
+    the compiler software-pipelines (else unrolled)."""
     dx = tl.zeros((BM, DK), tl.float32)
-    for c in tl.static_range((A + BH - 1) // BH):
-        w1, b1, w2, b2 = _gate_up_weights(w1_desc, b1_ptr, w2_desc, b2_ptr, gi, c, A, BH, DK, INTERP)
-        g = tl.dot(yb, tl.trans(w1)) + b1[None, :]
-        u = tl.dot(yb, tl.trans(w2)) + b2[None, :]
-        w3t = _tile(w3_desc, gi, c, BH, DK, INTERP)
-        dg, du, _ = _gate_grads(g, u, tl.dot(dyb, tl.trans(w3t)), TANH, DROP)
-        dx += tl.dot(_mm(dg, INTERP), w1)
-        dx += tl.dot(_mm(du, INTERP), w2)
+    if PIPE:
+        for c in tl.range(0, (A + BH - 1) // BH):
+            dx = _glu_chunk_bwd(dx, yb, dyb, gi, c, w1_desc, b1_ptr, w2_desc, b2_ptr, w3_desc, A, DK, BH,
+                                INTERP, TANH, DROP)
+    else:
+        for c in tl.static_range((A + BH - 1) // BH):
+            dx = _glu_chunk_bwd(dx, yb, dyb, gi, c, w1_desc, b1_ptr, w2_desc, b2_ptr, w3_desc, A, DK, BH,
+                                INTERP, TANH, DROP)
     return dx
 
 
 @triton.jit
 def _learner_fwd(x_ptr, lnw_ptr, lnb_ptr, w1_desc, b1_ptr, w2_desc, b2_ptr, w3_desc, b3_ptr, out_ptr, z_ptr,
                  ys_ptr, N, eps, A: tl.constexpr, R: tl.constexpr, NG: tl.constexpr, DK: tl.constexpr,
-                 INTERP: tl.constexpr, TANH: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr):
+                 INTERP: tl.constexpr, TANH: tl.constexpr, PIPE: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr):
     """One row block through LN_0 and all R units; stores z_r (fp32), every GLU's input as
     its products see it (bf16, ys [R*NG, N, DK]) and the output (fp32).
     lnw/lnb [R+1, DK] stack the input LayerNorm and the units' (fp32); the weights are
@@ -136,7 +160,7 @@ def _learner_fwd(x_ptr, lnw_ptr, lnb_ptr, w1_desc, b1_ptr, w2_desc, b2_ptr, w3_d
         for j in range(NG):
             tl.store(ys_ptr + (r * NG + j) * N * DK + offs, y.to(tl.bfloat16), mask=rmask)
             y = _glu_rows(y, r * NG + j, w1_desc, b1_ptr, w2_desc, b2_ptr, w3_desc, b3_ptr, cols,
-                          A, BM, DK, BH, INTERP, TANH)
+                          A, BM, DK, BH, INTERP, TANH, PIPE)
         z = y + a
         tl.store(z_ptr + r * N * DK + offs, z, mask=rmask)
         a = _layer_norm(z, lnw_ptr + (r + 1) * DK, lnb_ptr + (r + 1) * DK, cols, eps, DK)
@@ -147,7 +171,8 @@ def _learner_fwd(x_ptr, lnw_ptr, lnb_ptr, w1_desc, b1_ptr, w2_desc, b2_ptr, w3_d
 def _learner_bwd_rows(x_desc, z_desc, ys_desc, dout_desc, lnw_ptr, w1_desc, b1_ptr, w2_desc, b2_ptr, w3_desc,
                       dx_desc, dys_desc, lnpart_ptr, eps,
                       A: tl.constexpr, R: tl.constexpr, NG: tl.constexpr, DK: tl.constexpr, BH: tl.constexpr,
-                      INTERP: tl.constexpr, TANH: tl.constexpr, DROP: tl.constexpr, BM: tl.constexpr):
+                      INTERP: tl.constexpr, TANH: tl.constexpr, DROP: tl.constexpr, PIPE: tl.constexpr,
+                      BM: tl.constexpr):
     """One row block back through all units: dx, every GLU's output gradient (bf16, for the
     weight gradients) and this block's LayerNorm-parameter partials
     lnpart[block, k] = (dweight, dbias) of LN_k [2, DK].
@@ -175,7 +200,7 @@ def _learner_bwd_rows(x_desc, z_desc, ys_desc, dout_desc, lnw_ptr, w1_desc, b1_p
             dys_desc.store([gi, row0, 0], dy.to(tl.bfloat16).reshape(1, BM, DK))
             y = _mm(ys_desc.load([gi, row0, 0]).reshape(BM, DK), INTERP)
             dy = _glu_rows_bwd(y, _mm(dy, INTERP), gi, w1_desc, b1_ptr, w2_desc, b2_ptr, w3_desc,
-                               A, BM, DK, BH, INTERP, TANH, DROP)
+                               A, BM, DK, BH, INTERP, TANH, DROP, PIPE)
         da = dz + dy                 # residual branch + GLU chain
     dx, dgam, dbet = _layer_norm_bwd(x_desc.load([row0, 0]).to(tl.float32), da, lnw_ptr, cols, eps, DK, DROP)
     tl.store(part + cols, dgam)
@@ -184,9 +209,9 @@ def _learner_bwd_rows(x_desc, z_desc, ys_desc, dout_desc, lnw_ptr, w1_desc, b1_p
 
 
 @triton.jit
-def _wgrad_block(blk, ys_ptr, dys_ptr, w1t, b1, w2t, b2, w3, dw1t, dw2t, dw3, db1, db2, db3, N, cols, first_chunk,
-                 DK: tl.constexpr, INTERP: tl.constexpr, TANH: tl.constexpr, DROP: tl.constexpr,
-                 BM: tl.constexpr, BIAS_DOT: tl.constexpr):
+def _wgrad_block(blk, gi, ys_ptr, dys_ptr, w1t, b1, w2t, b2, w3, dw1t, dw2t, dw3, db1, db2, db3, N, cols,
+                 first_chunk, DK: tl.constexpr, INTERP: tl.constexpr, TANH: tl.constexpr, DROP: tl.constexpr,
+                 BM: tl.constexpr, BIAS_DOT: tl.constexpr, TMA: tl.constexpr):
     """One row block's share of one GLU chunk's weight gradients, added to the sums (the
     dU1, dU2 sums transposed, [DK, BH], as in glu_kernel). dc3 is summed by the chunk-0
     programs only (every chunk sees the same dy).
@@ -196,11 +221,15 @@ def _wgrad_block(blk, ys_ptr, dys_ptr, w1t, b1, w2t, b2, w3, dw1t, dw2t, dw3, db
     zeros), over the bf16 dg the weight products use, as autocast's bias gradient does. Summed
     with tl.sum instead, each block's reduction across the rows' lanes (shuffles) was the
     kernel's largest stall (ncu, H100)."""
-    rows = blk * BM + tl.arange(0, BM)
-    rmask = (rows < N)[:, None]
-    offs = rows[:, None] * DK + cols[None, :]
-    y = _mm(tl.load(ys_ptr + offs, mask=rmask, other=0.0), INTERP)
-    dy = _mm(tl.load(dys_ptr + offs, mask=rmask, other=0.0), INTERP)
+    if TMA:    # descriptors of [G, N, DK]: rows past N arrive as zeros
+        y = _mm(ys_ptr.load([gi, blk * BM, 0]).reshape(BM, DK), INTERP)
+        dy = _mm(dys_ptr.load([gi, blk * BM, 0]).reshape(BM, DK), INTERP)
+    else:
+        rows = blk * BM + tl.arange(0, BM)
+        rmask = (rows < N)[:, None]
+        offs = rows[:, None] * DK + cols[None, :]
+        y = _mm(tl.load(ys_ptr + gi * N * DK + offs, mask=rmask, other=0.0), INTERP)
+        dy = _mm(tl.load(dys_ptr + gi * N * DK + offs, mask=rmask, other=0.0), INTERP)
     g = tl.dot(y, w1t) + b1[None, :]
     u = tl.dot(y, w2t) + b2[None, :]
     dg, du, h = _gate_grads(g, u, tl.dot(dy, w3), TANH, DROP)   # rows past N: dy = 0, no share
@@ -225,14 +254,13 @@ def _wgrad_block(blk, ys_ptr, dys_ptr, w1t, b1, w2t, b2, w3, dw1t, dw2t, dw3, db
 @triton.jit
 def _learner_bwd_weights(ys_ptr, dys_ptr, w1_desc, b1_ptr, w2_desc, b2_ptr, w3_desc, part_ptr, N, P,
                          A: tl.constexpr, DK: tl.constexpr, INTERP: tl.constexpr, TANH: tl.constexpr,
-                         DROP: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr, BIAS_DOT: tl.constexpr):
+                         DROP: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr, BIAS_DOT: tl.constexpr,
+                         TMA: tl.constexpr, WS: tl.constexpr):
     """Program (p, c, g): GLU g's hidden chunk c over row blocks p, p + P, p + 2P, ...;
     writes part[g, p, c] = [dU1^T | dU2^T | dU3 (each [DK, BH]) | dc1 | dc2 | dc3]."""
     p, c, gi = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NCHUNK: tl.constexpr = (A + BH - 1) // BH
     cols = tl.arange(0, DK)
-    ys_ptr += gi * N * DK
-    dys_ptr += gi * N * DK
     w1, b1, w2, b2 = _gate_up_weights(w1_desc, b1_ptr, w2_desc, b2_ptr, gi, c, A, BH, DK, INTERP)
     w1t, w2t, w3 = tl.trans(w1), tl.trans(w2), tl.trans(_tile(w3_desc, gi, c, BH, DK, INTERP))
     dw1t = tl.zeros((DK, BH), tl.float32)
@@ -251,14 +279,14 @@ def _learner_bwd_weights(ys_ptr, dys_ptr, w1_desc, b1_ptr, w2_desc, b2_ptr, w3_d
         blk = p
         while blk < nblocks:
             dw1t, dw2t, dw3, db1, db2, db3 = _wgrad_block(
-                blk, ys_ptr, dys_ptr, w1t, b1, w2t, b2, w3, dw1t, dw2t, dw3, db1, db2, db3, N, cols, c == 0,
-                DK, INTERP, TANH, DROP, BM, BIAS_DOT)
+                blk, gi, ys_ptr, dys_ptr, w1t, b1, w2t, b2, w3, dw1t, dw2t, dw3, db1, db2, db3, N, cols, c == 0,
+                DK, INTERP, TANH, DROP, BM, BIAS_DOT, TMA)
             blk += P
     else:
-        for blk in tl.range(p, nblocks, P):
+        for blk in tl.range(p, nblocks, P, warp_specialize=WS):
             dw1t, dw2t, dw3, db1, db2, db3 = _wgrad_block(
-                blk, ys_ptr, dys_ptr, w1t, b1, w2t, b2, w3, dw1t, dw2t, dw3, db1, db2, db3, N, cols, c == 0,
-                DK, INTERP, TANH, DROP, BM, BIAS_DOT)
+                blk, gi, ys_ptr, dys_ptr, w1t, b1, w2t, b2, w3, dw1t, dw2t, dw3, db1, db2, db3, N, cols, c == 0,
+                DK, INTERP, TANH, DROP, BM, BIAS_DOT, TMA)
     if BIAS_DOT:
         db1, db2, db3 = tl.sum(db1, axis=0), tl.sum(db2, axis=0), tl.sum(db3, axis=0)
     hid = tl.arange(0, BH)
