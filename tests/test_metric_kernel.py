@@ -12,7 +12,7 @@ from subprocess_checks import run_checks
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHECKS = ["op_matches_fp64", "broken_derivative_fails", "deterministic", "unaligned_input", "opcheck",
-          "fast_path_uses_op", "rejects_bad_head_dim"]
+          "no_zero_gradients_for_saved_outputs", "fast_path_uses_op", "rejects_bad_head_dim"]
 
 
 @pytest.fixture(scope="module")

@@ -87,3 +87,14 @@ def test_gpu_idle_splits_the_idle_time_by_the_innermost_phase_and_names_the_host
     assert rounded(host_waits(events, steps=2, top=3)["where"])["pldr:optimizer_step -"] == (0.5, 0.5)
     # a CPU run's timeline has no GPU events
     assert gpu_idle([e for e in events if e["cat"] not in ("kernel", "gpu_memcpy")], steps=2) is None
+
+
+def test_host_copy_returns_each_value_as_a_number():
+    """The trainer's log line reads its step's loss and gradient norm through HostCopy (on GPUs a
+    pinned copy waited on by event, so the read does not wait for the next step): tensors come
+    back as numbers, numbers and None as they are."""
+    from pldr_dist.parallel.host_copy import HostCopy
+
+    copy = HostCopy(torch.tensor(2.5), None, 3, torch.tensor([True]))
+    assert copy.read() == [2.5, None, 3, True]
+    assert copy.read() == [2.5, None, 3, True]     # a second read gives the same
