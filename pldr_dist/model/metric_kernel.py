@@ -82,7 +82,8 @@ WGRAD_BIAS_DOT = True   # bias sums on the tensor cores (metric_kernel_jit._wgra
 # Under measurement (pldr-bench kernels --sweep): the GLU chunk loops as software-pipelined
 # loops instead of unrolled (forward, row kernel); the weight-gradient rows through TMA, its
 # row-block loop warp-specialized.
-FWD_PIPE, ROWS_PIPE, WGRAD_TMA, WGRAD_WS = False, False, False, False
+# The forward's row loads and stores through TMA as well (FWD_TMA).
+FWD_PIPE, ROWS_PIPE, WGRAD_TMA, WGRAD_WS, FWD_TMA = False, False, False, False, False
 INTERP_BM, INTERP_BH = 32, 16   # Triton's interpreter (tests): fewer, larger programs run faster
 PROGRAMS_PER_SM = 4  # weight-gradient programs: ~4 per SM over all (chunk, GLU) pairs
 # sigmoid through tanh.approx on the GPU (see glu_kernel.SIGMOID_TANH); read at each call.
@@ -108,9 +109,15 @@ if triton is not None:
                                     _learner_sum_partials)
 
     def _weight_blocks(nargs):
-        """Autotuner pre-hook: the weight descriptors' tiles follow the config's BH."""
+        """Autotuner pre-hook: the weight descriptors' tiles follow the config's BH, the row
+        descriptors' (FWD_TMA) its BM."""
+        bm, dk = nargs["BM"], nargs["DK"]
         for name in ("w1_desc", "w2_desc", "w3_desc"):
-            nargs[name].block_shape = [1, nargs["BH"], nargs["DK"]]
+            nargs[name].block_shape = [1, nargs["BH"], dk]
+        for name, block in (("x_ptr", [bm, dk]), ("out_ptr", [bm, dk]), ("z_ptr", [1, bm, dk]),
+                            ("ys_ptr", [1, bm, dk])):
+            if isinstance(nargs.get(name), TensorDescriptor):
+                nargs[name].block_shape = block
 
     def fwd_autotuned(configs: list):
         """The forward kernel autotuned over (BM, BH, warps, stages) configs, per shape."""
@@ -224,9 +231,14 @@ def metric_learner_op(x: Tensor, in_w: Tensor, in_b: Tensor, u1_w: Tensor, u1_b:
     ys = torch.empty(R * n, n_rows, dk, device=x.device, dtype=torch.bfloat16)
     if n_rows:
         grid = lambda meta: (triton.cdiv(n_rows, meta["BM"]),)  # noqa: E731
-        _learner_fwd_tuned[grid](x, lnw, lnb, w1, u1_b.contiguous(), w2, u2_b.contiguous(), w3, u3_b.contiguous(),
-                                 out, z, ys, n_rows, eps, A=a, R=R, NG=n, DK=dk, INTERP=_INTERP, TANH=_tanh(),
-                                 PIPE=FWD_PIPE)
+        rows_io = (x, out, z, ys)
+        if FWD_TMA:   # blocks set per config (_weight_blocks)
+            x = _aligned(x)
+            rows_io = [TensorDescriptor.from_tensor(t, [16] * (t.dim() - 1) + [dk]) for t in (x, out, z, ys)]
+        xi, outi, zi, ysi = rows_io
+        _learner_fwd_tuned[grid](xi, lnw, lnb, w1, u1_b.contiguous(), w2, u2_b.contiguous(), w3, u3_b.contiguous(),
+                                 outi, zi, ysi, n_rows, eps, A=a, R=R, NG=n, DK=dk, INTERP=_INTERP, TANH=_tanh(),
+                                 PIPE=FWD_PIPE, TMA_IO=FWD_TMA)
     return out, z, ys
 
 

@@ -145,26 +145,44 @@ def _glu_rows_bwd(yb, dyb, gi, w1_desc, b1_ptr, w2_desc, b2_ptr, w3_desc, A: tl.
 @triton.jit
 def _learner_fwd(x_ptr, lnw_ptr, lnb_ptr, w1_desc, b1_ptr, w2_desc, b2_ptr, w3_desc, b3_ptr, out_ptr, z_ptr,
                  ys_ptr, N, eps, A: tl.constexpr, R: tl.constexpr, NG: tl.constexpr, DK: tl.constexpr,
-                 INTERP: tl.constexpr, TANH: tl.constexpr, PIPE: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr):
+                 INTERP: tl.constexpr, TANH: tl.constexpr, PIPE: tl.constexpr, TMA_IO: tl.constexpr,
+                 BM: tl.constexpr, BH: tl.constexpr):
     """One row block through LN_0 and all R units; stores z_r (fp32), every GLU's input as
     its products see it (bf16, ys [R*NG, N, DK]) and the output (fp32).
     lnw/lnb [R+1, DK] stack the input LayerNorm and the units' (fp32); the weights are
-    descriptors of [R*NG, A, DK] bf16 tensors (GLU g = r * NG + j; U3 transposed)."""
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    descriptors of [R*NG, A, DK] bf16 tensors (GLU g = r * NG + j; U3 transposed).
+    TMA_IO: x, out ([N, DK], blocks [BM, DK]), z and ys ([R or R*NG, N, DK], blocks
+    [1, BM, DK]) are TMA descriptors, as in the row kernel: no per-element addresses and row
+    masks ([BM, DK] each, 32 registers a thread at 8 warps) held across the units."""
+    row0 = tl.program_id(0) * BM
     cols = tl.arange(0, DK)
-    rmask = (rows < N)[:, None]
-    offs = rows[:, None] * DK + cols[None, :]
-    a = _layer_norm(tl.load(x_ptr + offs, mask=rmask, other=0.0).to(tl.float32), lnw_ptr, lnb_ptr, cols, eps, DK)
+    if TMA_IO:
+        x = x_ptr.load([row0, 0])
+    else:
+        rows = row0 + tl.arange(0, BM)
+        rmask = (rows < N)[:, None]
+        offs = rows[:, None] * DK + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=rmask, other=0.0)
+    a = _layer_norm(x.to(tl.float32), lnw_ptr, lnb_ptr, cols, eps, DK)
     for r in range(R):
         y = a
         for j in range(NG):
-            tl.store(ys_ptr + (r * NG + j) * N * DK + offs, y.to(tl.bfloat16), mask=rmask)
+            if TMA_IO:
+                ys_ptr.store([r * NG + j, row0, 0], y.to(tl.bfloat16).reshape(1, BM, DK))
+            else:
+                tl.store(ys_ptr + (r * NG + j) * N * DK + offs, y.to(tl.bfloat16), mask=rmask)
             y = _glu_rows(y, r * NG + j, w1_desc, b1_ptr, w2_desc, b2_ptr, w3_desc, b3_ptr, cols,
                           A, BM, DK, BH, INTERP, TANH, PIPE)
         z = y + a
-        tl.store(z_ptr + r * N * DK + offs, z, mask=rmask)
+        if TMA_IO:
+            z_ptr.store([r, row0, 0], z.reshape(1, BM, DK))
+        else:
+            tl.store(z_ptr + r * N * DK + offs, z, mask=rmask)
         a = _layer_norm(z, lnw_ptr + (r + 1) * DK, lnb_ptr + (r + 1) * DK, cols, eps, DK)
-    tl.store(out_ptr + offs, a, mask=rmask)
+    if TMA_IO:
+        out_ptr.store([row0, 0], a)
+    else:
+        tl.store(out_ptr + offs, a, mask=rmask)
 
 
 @triton.jit
