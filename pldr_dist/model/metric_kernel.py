@@ -79,11 +79,11 @@ FWD_CONFIGS = [(128, 64, 8, 2), (64, 64, 4, 2), (64, 64, 4, 1), (128, 64, 8, 1),
 BWD_ROWS_CONFIGS = [(128, 64, 8, 2), (128, 64, 8, 1), (64, 32, 4, 1), (128, 32, 8, 1), (32, 32, 4, 1)]
 WGRAD_CONFIGS = [(32, 64, 4, 3), (32, 32, 4, 1)]
 WGRAD_BIAS_DOT = True   # bias sums on the tensor cores (metric_kernel_jit._wgrad_block)
-# Under measurement (pldr-bench kernels --sweep): the GLU chunk loops as software-pipelined
-# loops instead of unrolled (forward, row kernel); the weight-gradient rows through TMA, its
-# row-block loop warp-specialized.
-# The forward's row loads and stores through TMA as well (FWD_TMA).
-FWD_PIPE, ROWS_PIPE, WGRAD_TMA, WGRAD_WS, FWD_TMA = False, False, False, False, False
+# Under measurement (`pldr-bench kernels --sweep` flips each; same numbers either way,
+# test_metric_kernel): the GLU chunk loops as software-pipelined loops instead of unrolled
+# (forward, row kernel), the forward's rows through TMA, the weight-gradient rows through TMA
+# and its row-block loop warp-specialized. Kept where the sweep shows a gain, else removed.
+FWD_PIPE, ROWS_PIPE, FWD_TMA, WGRAD_TMA, WGRAD_WS = False, False, False, False, False
 INTERP_BM, INTERP_BH = 32, 16   # Triton's interpreter (tests): fewer, larger programs run faster
 PROGRAMS_PER_SM = 4  # weight-gradient programs: ~4 per SM over all (chunk, GLU) pairs
 # sigmoid through tanh.approx on the GPU (see glu_kernel.SIGMOID_TANH); read at each call.
