@@ -19,7 +19,7 @@ import traceback
 # blocks and 32-wide hidden chunks in any kernel were all slower than today's configs.
 FWD = []
 ROWS = []
-WGRAD = [(64, 64, 4, 2), (64, 64, 4, 3)]
+WGRAD = []
 PER_SM = []
 # metric_kernel switches, each set against today's: the bias sums by tl.sum (today on the tensor
 # cores); the GLU chunk loops software-pipelined by the compiler instead of unrolled; the
@@ -28,6 +28,8 @@ PER_SM = []
 FLAGS = [{"WGRAD_BIAS_DOT": False}, {"FWD_PIPE": True}, {"ROWS_PIPE": True}, {"WGRAD_TMA": True},
          {"WGRAD_WS": True}, {"WGRAD_TMA": True, "WGRAD_WS": True}, {"FWD_TMA": True},
          {"FWD_TMA": True, "FWD_PIPE": True}]
+# Settings changed together: 64-row weight-gradient blocks (HGMMA) fed by TMA.
+COMBOS = [("wgrad (64, 64, 4, 2) WGRAD_TMA=True", {"wgrad": (64, 64, 4, 2), "flags": {"WGRAD_TMA": True}})]
 
 
 @contextlib.contextmanager
@@ -64,7 +66,7 @@ def candidates() -> list:
     out += [(f"wgrad {c}", {"wgrad": c}) for c in WGRAD]
     out += [(f"wgrad {p}/SM", {"per_sm": p}) for p in PER_SM]
     out += [(" ".join(f"{k}={v}" for k, v in f.items()), {"flags": f}) for f in FLAGS]
-    return out
+    return out + COMBOS
 
 
 def sweep(shapes, device, iters: int, refs: dict, log, checkpoint) -> list:
