@@ -71,6 +71,9 @@ def test_gpu_idle_splits_the_idle_time_by_the_innermost_phase_and_names_the_host
                                                       "pldr:forward": 7.5, "pldr:optimizer_step": 7.5})
     assert list(summary["idle_by_phase"])[:2] == ["pldr:backward", "(outside the step's phases)"]
     assert [(g["ms"], g["at_ms"]) for g in summary["gaps"]] == [(40, 90), (25, 45)]
+    # each kernel's own time a step (overlaps not removed: k1 and k2 both count), largest first
+    assert summary["kernels"] == pytest.approx({"k4": 40, "k2": 12.5, "k1": 12.5, "k3": 10, "copy": 5, "k5": 2.5})
+    assert list(summary["kernels"])[0] == "k4"
     assert summary["gaps"][0]["host"] == {}
     assert summary["gaps"][1]["host"] == pytest.approx({"aten::copy_": 15, "pldr::glu": 10})
     lines = gpu_idle_lines(summary)

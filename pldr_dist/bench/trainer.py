@@ -176,6 +176,30 @@ def table(results: list, device: str, a) -> str:
     return "\n".join(lines)
 
 
+KERNEL_ROWS = 30
+
+
+def kernel_table(results: list, top: int = KERNEL_ROWS) -> str:
+    """The profiled GPU runs' time a step by kernel (train/profiling.gpu_idle), side by side: the
+    `top` kernels whose time differs most between the runs first, i.e. what one variant adds or
+    removes (PLGA against G = I: the deductive path's kernels; a change against --baseline: what
+    it made faster). Empty with fewer than two such runs."""
+    runs = [r for r in results if r.gpu_idle and r.gpu_idle.get("kernels")]
+    if len(runs) < 2:
+        return ""
+    ms = lambda r, name: r.gpu_idle["kernels"].get(name, 0.0)  # noqa: E731
+    names = {name for r in runs for name in r.gpu_idle["kernels"]}
+    spread = {name: max(ms(r, name) for r in runs) - min(ms(r, name) for r in runs) for name in names}
+    heads = [f"{r.variant}/{r.package}" for r in runs]
+    width = max(10, *(len(h) for h in heads))
+    row = lambda values, label: " ".join(f"{v:>{width}.3f}" for v in values) + f"  {label}"  # noqa: E731
+    lines = [f"# GPU time a step (ms) by kernel over the profiled steps; the {top} kernels whose time differs most "
+             f"between the runs", " ".join(f"{h:>{width}}" for h in heads) + "  kernel",
+             row([r.gpu_idle["busy_ms"] for r in runs], "(GPU busy, any kernel)")]
+    lines += [row([ms(r, name) for r in runs], name) for name in sorted(names, key=lambda n: (-spread[n], n))[:top]]
+    return "\n".join(lines)
+
+
 def run(a, log=print) -> list:
     variants = [parse_variant(v) for v in (a.variant or ["default:"])]   # bad input refused before any work
     a.work = os.path.abspath(a.work)   # a --baseline package runs in its own folder: paths must not be relative
@@ -202,6 +226,9 @@ def run(a, log=print) -> list:
                                            micro_batch))
                 write(a, results, device)    # after every run: a time limit still leaves the finished ones
     log(table(results, device, a))
+    kernels = kernel_table(results)
+    if kernels:
+        log(kernels)
     return results
 
 
@@ -215,8 +242,9 @@ def write(a, results: list, device: str) -> None:
         return
     os.makedirs(a.out, exist_ok=True)
     stem = os.path.join(a.out, a.name or f"trainer_{a.config}")
+    kernels = kernel_table(results)
     with open(stem + ".txt", "w") as f:
-        f.write(table(results, device, a) + "\n")
+        f.write(table(results, device, a) + "\n" + (f"\n{kernels}\n" if kernels else ""))
     with open(stem + ".json", "w") as f:
         json.dump({"device": device, "args": {k: v for k, v in vars(a).items() if k != "func"},
                    "results": [asdict(r) for r in results]}, f, indent=1)

@@ -55,6 +55,7 @@ def host_reads(events) -> dict:
 
 
 GPU_EVENTS = ("kernel", "gpu_memcpy", "gpu_memset")
+KERNEL_NAME, KERNEL_MIN_MS = 100, 0.005   # gpu_idle's per-kernel times: name length kept, smallest kept
 HOST_EVENTS = ("cpu_op", "python_function", "user_annotation")
 OUTSIDE = "(outside the step's phases)"
 # CUDA calls in which the host waits for the GPU (a blocking `.to()` is cudaMemcpyAsync, then a
@@ -98,8 +99,10 @@ def gpu_idle(trace_events: list, steps: int, top: int = 5) -> Optional[dict]:
     dicts, times in us), per step: `span_ms` (from the first step's start, or its first kernel, to
     the last kernel's end), `busy_ms` (some kernel, copy or memset running, on any stream),
     `busy` (their ratio), `idle_by_phase` (the idle time under each innermost `pldr:` range of
-    the step, train/build.py, or OUTSIDE them: the trainer's bookkeeping), and the `top`
-    longest `gaps` with the host ops that ran during each. None without GPU events (a CPU run)."""
+    the step, train/build.py, or OUTSIDE them: the trainer's bookkeeping), the `top`
+    longest `gaps` with the host ops that ran during each, and `kernels`: each kernel's (copy's,
+    memset's) GPU time a step by name, largest first, those of at least KERNEL_MIN_MS (what
+    `pldr-bench trainer` compares between runs). None without GPU events (a CPU run)."""
     spans = [e for e in trace_events if e.get("ph") == "X" and "dur" in e]
     gpu = sorted((e["ts"], e["ts"] + e["dur"]) for e in spans if e.get("cat") in GPU_EVENTS)
     if not gpu:
@@ -132,9 +135,15 @@ def gpu_idle(trace_events: list, steps: int, top: int = 5) -> Optional[dict]:
         ops = sorted(during.items(), key=lambda kv: -kv[1])[:4]
         longest.append({"ms": (b - a) / 1e3, "at_ms": (a - start) / 1e3, "host": {n: t / 1e3 for n, t in ops}})
     per_step = 1e3 * steps
+    kernels: dict = {}
+    for e in spans:
+        if e.get("cat") in GPU_EVENTS:
+            name = e["name"][:KERNEL_NAME]
+            kernels[name] = kernels.get(name, 0.0) + e["dur"] / per_step
     return {"span_ms": (end - start) / per_step, "busy_ms": busy / per_step, "busy": busy / (end - start),
             "idle_by_phase": {n: t / per_step for n, t in sorted(idle_by_phase.items(), key=lambda kv: -kv[1])},
-            "gaps": longest, "host_waits": host_waits(trace_events, steps, top)}
+            "gaps": longest, "host_waits": host_waits(trace_events, steps, top),
+            "kernels": {n: ms for n, ms in sorted(kernels.items(), key=lambda kv: -kv[1]) if ms >= KERNEL_MIN_MS}}
 
 
 def gpu_idle_lines(summary: dict) -> list:
