@@ -97,14 +97,16 @@ def switches_give_the_same_numbers():
         out.backward(torch.randn(ROWS, DK, generator=torch.Generator().manual_seed(4)))
         return [out.detach(), x.grad] + [p.grad for p in metric_kernel.learner_params(m)]
     today = run()
-    for flag in ("FWD_PIPE", "FWD_TMA", "ROWS_PIPE", "WGRAD_TMA", "WGRAD_WS"):
-        saved = getattr(metric_kernel, flag)
-        setattr(metric_kernel, flag, not saved)
-        try:
-            assert all(torch.equal(a, b) for a, b in zip(run(), today)), flag
-        finally:
-            setattr(metric_kernel, flag, saved)
-    print("every switch gives today's numbers")
+    flags = ("FWD_PIPE", "FWD_TMA", "ROWS_PIPE", "WGRAD_TMA", "WGRAD_WS")   # all at once: one run, every path
+    saved = {flag: getattr(metric_kernel, flag) for flag in flags}
+    try:
+        for flag in flags:
+            setattr(metric_kernel, flag, not saved[flag])
+        assert all(torch.equal(a, b) for a, b in zip(run(), today)), f"one of {flags} changes the numbers"
+    finally:
+        for flag, value in saved.items():
+            setattr(metric_kernel, flag, value)
+    print("the switches give today's numbers")
 
 
 def broken_derivative_fails():
