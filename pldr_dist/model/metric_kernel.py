@@ -28,7 +28,9 @@ Backward, three launches, no atomics:
     [R*n, N, dk]: with ys what the weight gradients need; freed after the backward).
  2. `_learner_bwd_weights`, programs (p, chunk, GLU): `glu_kernel`'s weight-gradient scheme
     for all R*n GLUs in one launch. Program p sums row blocks p, p+P, p+2P, ... of one GLU's
-    hidden chunk in registers (fp32) and writes one partial; P is fixed per device.
+    hidden chunk in registers (fp32) and writes one partial; P is fixed per device. The bias
+    gradients are sums over rows done as products on the tensor cores (`_wgrad_block`), of the
+    bf16 gate/up/output gradients the weight products use, as autocast's bias gradient is.
  3. `_learner_sum_partials` adds the P partials in a fixed order and writes each gradient in
     its parameter's stacked layout and dtype; the LayerNorm partials are summed by torch over
     the row-block axis (a fixed-shape reduction).
