@@ -80,7 +80,6 @@ FWD_CONFIGS = [(128, 64, 8, 2), (64, 64, 4, 2), (64, 64, 4, 1), (128, 64, 8, 1),
 # Weight gradients: more programs per SM 1.26 ms against 1.38 (2/SM), 1.27 (8/SM).
 BWD_ROWS_CONFIGS = [(128, 64, 8, 2), (128, 64, 8, 1), (64, 32, 4, 1), (128, 32, 8, 1), (32, 32, 4, 1)]
 WGRAD_CONFIGS = [(32, 64, 4, 3), (32, 32, 4, 1)]
-WGRAD_BIAS_DOT = True   # bias sums on the tensor cores (metric_kernel_jit._wgrad_block)
 # Under measurement (`pldr-bench kernels --sweep` flips each; same numbers either way,
 # test_metric_kernel): the GLU chunk loops as software-pipelined loops instead of unrolled
 # (forward, row kernel), the forward's rows through TMA, the weight-gradient rows through TMA
@@ -289,11 +288,10 @@ def metric_learner_backward(dout: Tensor, x: Tensor, z: Tensor, ys: Tensor, in_w
         P = _programs(dev, nchunk * G)
         part = torch.empty(G, P, nchunk, 3 * bh * dk + 2 * bh + dk, device=dev, dtype=torch.float32)
         w1, w2, w3 = _weight_descs(u1_w, u2_w, u3_w, bh)
-        tma = WGRAD_TMA
-        rows_in = [TensorDescriptor.from_tensor(t, [1, bm, dk]) if tma else t for t in (ys, dys)]
+        rows_in = [TensorDescriptor.from_tensor(t, [1, bm, dk]) if WGRAD_TMA else t for t in (ys, dys)]
         _learner_bwd_weights[(P, nchunk, G)](*rows_in, w1, b1, w2, b2, w3, part, n_rows, P, A=a, DK=dk,
                                              INTERP=_INTERP, TANH=tanh, DROP=drop, BM=bm, BH=bh,
-                                             BIAS_DOT=WGRAD_BIAS_DOT, TMA=tma, WS=WGRAD_WS and not _INTERP,
+                                             TMA=WGRAD_TMA, WS=WGRAD_WS and not _INTERP,
                                              num_warps=warps, num_stages=stages)
         _learner_sum_partials[(triton.cdiv(part.shape[-1], SUM_BLOCK), nchunk, G)](
             part, *grads, P, A=a, DK=dk, BH=bh, BLOCK=SUM_BLOCK, PB=SUM_ROWS)

@@ -75,37 +75,43 @@ def _biases(b1_ptr, b2_ptr, gi, c, A: tl.constexpr, BH: tl.constexpr):
 
 
 @triton.jit
+def _glu_chunk(acc, yb, gi, c, b1, b2, w1_desc, w2_desc, w3_desc, BH: tl.constexpr, DK: tl.constexpr,
+               INTERP: tl.constexpr, TANH: tl.constexpr):
+    """acc plus hidden chunk c's share of GLU gi's output (c3 not included), given the chunk's
+    biases c1, c2."""
+    g = tl.dot(yb, tl.trans(_tile(w1_desc, gi, c, BH, DK, INTERP))) + b1[None, :]
+    u = tl.dot(yb, tl.trans(_tile(w2_desc, gi, c, BH, DK, INTERP))) + b2[None, :]
+    h = g * _sigmoid(g, TANH) * u
+    return acc + tl.dot(_mm(h, INTERP), _tile(w3_desc, gi, c, BH, DK, INTERP))
+
+
+@triton.jit
 def _glu_rows(y, gi, w1_desc, b1_ptr, w2_desc, b2_ptr, w3_desc, b3_ptr, cols, A: tl.constexpr,
               BM: tl.constexpr, DK: tl.constexpr, BH: tl.constexpr, INTERP: tl.constexpr, TANH: tl.constexpr,
               PIPE: tl.constexpr):
     """GLU gi, U3(silu(U1 y + c1) * (U2 y + c2)) + c3, of a row block y [BM, DK] (fp32):
     fp32 [BM, DK]. w3_desc reads U3^T ([A, DK] per GLU).
 
-    The biases are loaded one chunk ahead (c3 at the start): loaded where they are used,
-    their global-load latency was the forward's largest stall (ncu, H100: ~25% of the
-    stall samples waited on these loads)."""
+    Unrolled (PIPE off), the biases are loaded one chunk ahead (c3 at the start): loaded where
+    they are used, their global-load latency was the forward's largest stall (ncu, H100: ~25%
+    of the stall samples waited on these loads). PIPE: a loop the compiler software-pipelines
+    (loads and products of the next chunk ahead) instead."""
     yb = _mm(y, INTERP)
     b3 = tl.load(b3_ptr + gi * DK + cols).to(tl.float32)
     NCHUNK: tl.constexpr = (A + BH - 1) // BH
-    if PIPE:   # a loop the compiler software-pipelines (loads and products of the next chunk ahead)
-        acc = tl.zeros((BM, DK), tl.float32)
+    acc = tl.zeros((BM, DK), tl.float32)
+    if PIPE:
         for c in tl.range(0, NCHUNK):
             b1, b2 = _biases(b1_ptr, b2_ptr, gi, c, A, BH)
-            g = tl.dot(yb, tl.trans(_tile(w1_desc, gi, c, BH, DK, INTERP))) + b1[None, :]
-            u = tl.dot(yb, tl.trans(_tile(w2_desc, gi, c, BH, DK, INTERP))) + b2[None, :]
-            acc += tl.dot(_mm(g * _sigmoid(g, TANH) * u, INTERP), _tile(w3_desc, gi, c, BH, DK, INTERP))
-        return acc + b3[None, :]
-    b1, b2 = _biases(b1_ptr, b2_ptr, gi, 0, A, BH)
-    acc = tl.zeros((BM, DK), tl.float32)
-    for c in tl.static_range(NCHUNK):
-        if c + 1 < NCHUNK:
-            nb1, nb2 = _biases(b1_ptr, b2_ptr, gi, c + 1, A, BH)
-        g = tl.dot(yb, tl.trans(_tile(w1_desc, gi, c, BH, DK, INTERP))) + b1[None, :]
-        u = tl.dot(yb, tl.trans(_tile(w2_desc, gi, c, BH, DK, INTERP))) + b2[None, :]
-        h = g * _sigmoid(g, TANH) * u
-        acc += tl.dot(_mm(h, INTERP), _tile(w3_desc, gi, c, BH, DK, INTERP))
-        if c + 1 < NCHUNK:
-            b1, b2 = nb1, nb2
+            acc = _glu_chunk(acc, yb, gi, c, b1, b2, w1_desc, w2_desc, w3_desc, BH, DK, INTERP, TANH)
+    else:
+        b1, b2 = _biases(b1_ptr, b2_ptr, gi, 0, A, BH)
+        for c in tl.static_range(NCHUNK):
+            if c + 1 < NCHUNK:
+                nb1, nb2 = _biases(b1_ptr, b2_ptr, gi, c + 1, A, BH)
+            acc = _glu_chunk(acc, yb, gi, c, b1, b2, w1_desc, w2_desc, w3_desc, BH, DK, INTERP, TANH)
+            if c + 1 < NCHUNK:
+                b1, b2 = nb1, nb2
     return acc + b3[None, :]
 
 
@@ -229,16 +235,16 @@ def _learner_bwd_rows(x_desc, z_desc, ys_desc, dout_desc, lnw_ptr, w1_desc, b1_p
 @triton.jit
 def _wgrad_block(blk, gi, ys_ptr, dys_ptr, w1t, b1, w2t, b2, w3, dw1t, dw2t, dw3, db1, db2, db3, N, cols,
                  first_chunk, DK: tl.constexpr, INTERP: tl.constexpr, TANH: tl.constexpr, DROP: tl.constexpr,
-                 BM: tl.constexpr, BIAS_DOT: tl.constexpr, TMA: tl.constexpr):
+                 BM: tl.constexpr, TMA: tl.constexpr):
     """One row block's share of one GLU chunk's weight gradients, added to the sums (the
     dU1, dU2 sums transposed, [DK, BH], as in glu_kernel). dc3 is summed by the chunk-0
     programs only (every chunk sees the same dy).
 
-    BIAS_DOT: the bias sums come from the tensor cores, dot(e, dg) with e [16, BM] one in row 0
-    and zero elsewhere: the column sums land in row 0 of a [16, BH] sum (rows 1-15 stay exact
-    zeros), over the bf16 dg the weight products use, as autocast's bias gradient does. Summed
-    with tl.sum instead, each block's reduction across the rows' lanes (shuffles) was the
-    kernel's largest stall (ncu, H100)."""
+    The bias sums come from the tensor cores, dot(e, dg) with e [16, BM] one in row 0 and zero
+    elsewhere: the column sums land in row 0 of a [16, BH] sum (rows 1-15 stay exact zeros),
+    over the bf16 dg the weight products use, as autocast's bias gradient does. Summed with
+    tl.sum, each block's reduction across the rows' lanes (shuffles) was the kernel's largest
+    stall (ncu, H100), and the kernel took 1.28 ms against 1.00 (pldr-110m mb 128)."""
     if TMA:    # descriptors of [G, N, DK]: rows past N arrive as zeros
         y = _mm(ys_ptr.load([gi, blk * BM, 0]).reshape(BM, DK), INTERP)
         dy = _mm(dys_ptr.load([gi, blk * BM, 0]).reshape(BM, DK), INTERP)
@@ -255,25 +261,19 @@ def _wgrad_block(blk, gi, ys_ptr, dys_ptr, w1t, b1, w2t, b2, w3, dw1t, dw2t, dw3
     dw1t += tl.dot(tl.trans(y), dgb)
     dw2t += tl.dot(tl.trans(y), dub)
     dw3 += tl.dot(tl.trans(dy), _mm(h, INTERP))
-    if BIAS_DOT:
-        e = _mm(((tl.arange(0, 16)[:, None] == 0) & (tl.arange(0, BM)[None, :] >= 0)).to(tl.float32), INTERP)
-        db1 += tl.dot(e, dgb)
-        db2 += tl.dot(e, dub)
-        if first_chunk:
-            db3 += tl.dot(e, dy)
-    else:
-        db1 += tl.sum(dg, axis=0)
-        db2 += tl.sum(du, axis=0)
-        if first_chunk:
-            db3 += tl.sum(dy.to(tl.float32), axis=0)
+    e = _mm(((tl.arange(0, 16)[:, None] == 0) & (tl.arange(0, BM)[None, :] >= 0)).to(tl.float32), INTERP)
+    db1 += tl.dot(e, dgb)
+    db2 += tl.dot(e, dub)
+    if first_chunk:
+        db3 += tl.dot(e, dy)
     return dw1t, dw2t, dw3, db1, db2, db3
 
 
 @triton.jit
 def _learner_bwd_weights(ys_ptr, dys_ptr, w1_desc, b1_ptr, w2_desc, b2_ptr, w3_desc, part_ptr, N, P,
                          A: tl.constexpr, DK: tl.constexpr, INTERP: tl.constexpr, TANH: tl.constexpr,
-                         DROP: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr, BIAS_DOT: tl.constexpr,
-                         TMA: tl.constexpr, WS: tl.constexpr):
+                         DROP: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr, TMA: tl.constexpr,
+                         WS: tl.constexpr):
     """Program (p, c, g): GLU g's hidden chunk c over row blocks p, p + P, p + 2P, ...;
     writes part[g, p, c] = [dU1^T | dU2^T | dU3 (each [DK, BH]) | dc1 | dc2 | dc3]."""
     p, c, gi = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -284,29 +284,23 @@ def _learner_bwd_weights(ys_ptr, dys_ptr, w1_desc, b1_ptr, w2_desc, b2_ptr, w3_d
     dw1t = tl.zeros((DK, BH), tl.float32)
     dw2t = tl.zeros((DK, BH), tl.float32)
     dw3 = tl.zeros((DK, BH), tl.float32)
-    if BIAS_DOT:   # the bias sums in row 0 of [16, n] (_wgrad_block)
-        db1 = tl.zeros((16, BH), tl.float32)
-        db2 = tl.zeros((16, BH), tl.float32)
-        db3 = tl.zeros((16, DK), tl.float32)
-    else:
-        db1 = tl.zeros((BH,), tl.float32)
-        db2 = tl.zeros((BH,), tl.float32)
-        db3 = tl.zeros((DK,), tl.float32)
+    db1 = tl.zeros((16, BH), tl.float32)   # the bias sums in row 0 (_wgrad_block)
+    db2 = tl.zeros((16, BH), tl.float32)
+    db3 = tl.zeros((16, DK), tl.float32)
     nblocks = tl.cdiv(N, BM)
     if INTERP:   # the interpreter fails on range() with runtime bounds (numpy 2)
         blk = p
         while blk < nblocks:
             dw1t, dw2t, dw3, db1, db2, db3 = _wgrad_block(
                 blk, gi, ys_ptr, dys_ptr, w1t, b1, w2t, b2, w3, dw1t, dw2t, dw3, db1, db2, db3, N, cols, c == 0,
-                DK, INTERP, TANH, DROP, BM, BIAS_DOT, TMA)
+                DK, INTERP, TANH, DROP, BM, TMA)
             blk += P
     else:
         for blk in tl.range(p, nblocks, P, warp_specialize=WS):
             dw1t, dw2t, dw3, db1, db2, db3 = _wgrad_block(
                 blk, gi, ys_ptr, dys_ptr, w1t, b1, w2t, b2, w3, dw1t, dw2t, dw3, db1, db2, db3, N, cols, c == 0,
-                DK, INTERP, TANH, DROP, BM, BIAS_DOT, TMA)
-    if BIAS_DOT:
-        db1, db2, db3 = tl.sum(db1, axis=0), tl.sum(db2, axis=0), tl.sum(db3, axis=0)
+                DK, INTERP, TANH, DROP, BM, TMA)
+    db1, db2, db3 = tl.sum(db1, axis=0), tl.sum(db2, axis=0), tl.sum(db3, axis=0)
     hid = tl.arange(0, BH)
     BD: tl.constexpr = BH * DK
     tile = cols[:, None] * BH + hid[None, :]
