@@ -28,6 +28,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
+import torch._functorch.config as functorch_config
 
 from . import glu_kernel, metric_kernel
 from .head_loss import compute_dtype
@@ -158,6 +159,11 @@ def optimize_for_training(model: PLDRModel, compile: bool = True, packed: bool =
     dynamo = torch._dynamo.config
     dynamo.cache_size_limit = max(dynamo.cache_size_limit, 64)
     dynamo.accumulated_cache_size_limit = max(dynamo.accumulated_cache_size_limit, 512)
+    # A0's autograd.Function (layers._Density) would make AOTAutograd skip its cache, so every
+    # process re-traced and re-partitioned each layer's joint graph (~5 s a rank for the tiny
+    # test model on 2 CPU cores; more for a real model at each restart). The function's traced
+    # forward and backward are part of the graph that keys the cache: editing either misses it.
+    functorch_config.autograd_cache_allow_custom_autograd_functions = True
     options = dict(fullgraph=True, dynamic=False, backend=backend)
     mode = {"mode": "reduce-overhead"} if cuda_graphs and backend == "inductor" else {}
     for layer in model.layers:
