@@ -86,29 +86,6 @@ def op_matches_fp64():
         assert not bad, f"{wdtype}: errors above {TOL}: {bad}"
 
 
-def switches_give_the_same_numbers():
-    """metric_kernel's kernel switches under measurement (pipelined chunk loops, TMA rows,
-    warp specialization: `pldr-bench kernels --sweep` times them) change how the kernels run,
-    not what they compute: output and gradients equal today's path bit for bit."""
-    def run():
-        m = make_learner()
-        x = torch.randn(ROWS, DK, generator=torch.Generator().manual_seed(3), requires_grad=True)
-        out = metric_kernel.metric_learner(x, *metric_kernel.learner_params(m), eps=m.eps)
-        out.backward(torch.randn(ROWS, DK, generator=torch.Generator().manual_seed(4)))
-        return [out.detach(), x.grad] + [p.grad for p in metric_kernel.learner_params(m)]
-    today = run()
-    flags = ("FWD_PIPE", "FWD_TMA", "ROWS_PIPE", "WGRAD_TMA", "WGRAD_WS")   # all at once: one run, every path
-    saved = {flag: getattr(metric_kernel, flag) for flag in flags}
-    try:
-        for flag in flags:
-            setattr(metric_kernel, flag, not saved[flag])
-        assert all(torch.equal(a, b) for a, b in zip(run(), today)), f"one of {flags} changes the numbers"
-    finally:
-        for flag, value in saved.items():
-            setattr(metric_kernel, flag, value)
-    print("the switches give today's numbers")
-
-
 def broken_derivative_fails():
     """Dropping one term of a derivative must fail the fp64 comparison: the LayerNorm
     backward's projection term (1), silu's g*s*(1-s) term (2)."""

@@ -61,18 +61,21 @@ def test_trainer_suite_runs_a_baseline_package_with_relative_paths(tmp_path, mon
 
 def test_kernel_table_puts_the_kernels_that_differ_most_between_profiled_runs_first():
     """pldr-bench trainer's per-kernel comparison (GPU time a step from each profiled run): a
-    kernel only one run has, or whose time changed most, comes first; a run without a GPU
+    kernel only one run has, or whose time changed most, comes first; inductor's kernels that
+    differ only in their counter are one row; a run without a GPU
     profile is left out; fewer than two profiled runs give no table."""
     from pldr_dist.bench.trainer import Result, kernel_table
 
     def result(variant, kernels, busy):
         return Result(variant, "this", 0, gpu_idle={"busy_ms": busy, "kernels": kernels})
-    plga = result("plga", {"gemm": 10.0, "learner_fwd": 2.0, "norm": 1.0}, 13.0)
-    ident = result("g_identity", {"gemm": 9.5, "norm": 1.0}, 10.5)
+    plga = result("plga", {"gemm": 10.0, "learner_fwd": 2.0, "triton_per_fused_norm_14": 1.0}, 13.0)
+    ident = result("g_identity", {"gemm": 9.5, "triton_per_fused_norm_10": 0.25, "triton_per_fused_norm_3": 0.75}, 10.5)
     cpu = Result("cpu", "this", 0)
     lines = kernel_table([plga, ident, cpu]).splitlines()
     assert lines[1].split() == ["plga/this", "g_identity/this", "kernel"]
     assert lines[2].split()[:2] == ["13.000", "10.500"]
-    assert [line.split()[-1] for line in lines[3:]] == ["learner_fwd", "gemm", "norm"]
+    # inductor's kernels are merged by name less their counter (the same fusion in each run)
+    assert [line.split()[-1] for line in lines[3:]] == ["learner_fwd", "gemm", "triton_per_fused_norm_N"]
+    assert lines[-1].split()[:2] == ["1.000", "1.000"]
     assert lines[3].split()[:2] == ["2.000", "0.000"]
     assert kernel_table([plga, cpu]) == ""

@@ -21,15 +21,12 @@ FWD = []
 ROWS = []
 WGRAD = []
 PER_SM = []
-# metric_kernel switches, each set against today's: the GLU chunk loops software-pipelined by the
-# compiler instead of unrolled; the forward's rows through TMA descriptors (no [BM, DK] addresses
-# and masks in registers); the weight-gradient kernel's rows read through TMA, its row-block loop
-# warp-specialized. (The bias sums by tl.sum lost to the tensor cores' on an H100 and are gone.)
-FLAGS = [{"FWD_PIPE": True}, {"ROWS_PIPE": True}, {"WGRAD_TMA": True},
-         {"WGRAD_WS": True}, {"WGRAD_TMA": True, "WGRAD_WS": True}, {"FWD_TMA": True},
-         {"FWD_TMA": True, "FWD_PIPE": True}]
-# Settings changed together: 64-row weight-gradient blocks (HGMMA) fed by TMA.
-COMBOS = [("wgrad (64, 64, 4, 2) WGRAD_TMA=True", {"wgrad": (64, 64, 4, 2), "flags": {"WGRAD_TMA": True}})]
+# metric_kernel switches (module flags), each set against today's, and settings changed together
+# (label, {"wgrad": config, "flags": {...}}). Answered on an H100 (kernels/h100/kernels_sweep,
+# git history): the rows through TMA paid in the forward (kept), not in the weight-gradient
+# kernel; software-pipelined chunk loops and a warp-specialized row-block loop were slower.
+FLAGS = []
+COMBOS = []
 
 
 @contextlib.contextmanager

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -179,6 +180,18 @@ def table(results: list, device: str, a) -> str:
 KERNEL_ROWS = 30
 
 
+def _merged_kernels(kernels: dict) -> dict:
+    """Kernel times with inductor's generated kernels merged by their name less its counter
+    (triton_poi_fused_mul_silu_view_12 -> ..._view_N): each compiled graph numbers its kernels
+    itself, so the same fusion had a different name in each run and the table listed it twice,
+    once per run, as if one variant had added it and the other removed it."""
+    out: dict = {}
+    for name, t in kernels.items():
+        key = re.sub(r"_\d+$", "_N", name) if name.startswith("triton_") else name
+        out[key] = out.get(key, 0.0) + t
+    return out
+
+
 def kernel_table(results: list, top: int = KERNEL_ROWS) -> str:
     """The profiled GPU runs' time a step by kernel (train/profiling.gpu_idle), side by side: the
     `top` kernels whose time differs most between the runs first, i.e. what one variant adds or
@@ -187,8 +200,9 @@ def kernel_table(results: list, top: int = KERNEL_ROWS) -> str:
     runs = [r for r in results if r.gpu_idle and r.gpu_idle.get("kernels")]
     if len(runs) < 2:
         return ""
-    ms = lambda r, name: r.gpu_idle["kernels"].get(name, 0.0)  # noqa: E731
-    names = {name for r in runs for name in r.gpu_idle["kernels"]}
+    by_name = [_merged_kernels(r.gpu_idle["kernels"]) for r in runs]
+    ms = lambda r, name: by_name[runs.index(r)].get(name, 0.0)  # noqa: E731
+    names = {name for kernels in by_name for name in kernels}
     spread = {name: max(ms(r, name) for r in runs) - min(ms(r, name) for r in runs) for name in names}
     heads = [f"{r.variant}/{r.package}" for r in runs]
     width = max(10, *(len(h) for h in heads))

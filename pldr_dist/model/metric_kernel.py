@@ -12,8 +12,8 @@ a_dff in chunks of BH units: a_dff = 170 is padded to 192 *inside* the kernel (t
 memory accelerator, TMA, fills weight rows past a_dff with zeros and the bias loads are
 masked, so padded units add exact zeros; the parameters keep their shape). Per chunk the
 gate, up and hidden values of the row block live in registers; the weights (bf16, ~1 MB for a
-pldr-110m learner) stream from L2 through TMA, tile by tile, without per-element addresses
-in registers. Saved for the backward: x (the op's input), the pre-norm residual sums z_r,
+pldr-110m learner) stream from L2 through TMA, tile by tile, and the rows go in and out
+through TMA too, so no per-element addresses are held in registers. Saved for the backward: x (the op's input), the pre-norm residual sums z_r,
 fp32 [R, N, dk] (the LayerNorms' statistics are recomputed from them), and each GLU's input in
 the bf16 its products used, ys [R*n, N, dk] (2 KB a row for pldr-110m, ~0.6 GB for its five
 layers at micro-batch 64). No hidden (a_dff-wide) activation is stored.
@@ -80,11 +80,6 @@ FWD_CONFIGS = [(128, 64, 8, 2), (64, 64, 4, 2), (64, 64, 4, 1), (128, 64, 8, 1),
 # Weight gradients: more programs per SM 1.26 ms against 1.38 (2/SM), 1.27 (8/SM).
 BWD_ROWS_CONFIGS = [(128, 64, 8, 2), (128, 64, 8, 1), (64, 32, 4, 1), (128, 32, 8, 1), (32, 32, 4, 1)]
 WGRAD_CONFIGS = [(32, 64, 4, 3), (32, 32, 4, 1)]
-# Under measurement (`pldr-bench kernels --sweep` flips each; same numbers either way,
-# test_metric_kernel): the GLU chunk loops as software-pipelined loops instead of unrolled
-# (forward, row kernel), the forward's rows through TMA, the weight-gradient rows through TMA
-# and its row-block loop warp-specialized. Kept where the sweep shows a gain, else removed.
-FWD_PIPE, ROWS_PIPE, FWD_TMA, WGRAD_TMA, WGRAD_WS = False, False, False, False, False
 INTERP_BM, INTERP_BH = 32, 16   # Triton's interpreter (tests): fewer, larger programs run faster
 PROGRAMS_PER_SM = 4  # weight-gradient programs: ~4 per SM over all (chunk, GLU) pairs
 # sigmoid through tanh.approx on the GPU (see glu_kernel.SIGMOID_TANH); read at each call.
@@ -111,14 +106,13 @@ if triton is not None:
 
     def _weight_blocks(nargs):
         """Autotuner pre-hook: the weight descriptors' tiles follow the config's BH, the row
-        descriptors' (FWD_TMA) its BM."""
+        descriptors' its BM."""
         bm, dk = nargs["BM"], nargs["DK"]
         for name in ("w1_desc", "w2_desc", "w3_desc"):
             nargs[name].block_shape = [1, nargs["BH"], dk]
-        for name, block in (("x_ptr", [bm, dk]), ("out_ptr", [bm, dk]), ("z_ptr", [1, bm, dk]),
-                            ("ys_ptr", [1, bm, dk])):
-            if isinstance(nargs.get(name), TensorDescriptor):
-                nargs[name].block_shape = block
+        for name, block in (("x_desc", [bm, dk]), ("out_desc", [bm, dk]), ("z_desc", [1, bm, dk]),
+                            ("ys_desc", [1, bm, dk])):
+            nargs[name].block_shape = block
 
     def fwd_autotuned(configs: list):
         """The forward kernel autotuned over (BM, BH, warps, stages) configs, per shape."""
@@ -223,7 +217,7 @@ def metric_learner_op(x: Tensor, in_w: Tensor, in_b: Tensor, u1_w: Tensor, u1_b:
     """(A [N, dk] fp32, and for the backward the residual sums z [R, N, dk] fp32 and the GLUs'
     inputs ys [R*n, N, dk] bf16) for rows x [N, dk] of A0; weights in `MetricLearner`'s stacked
     layout. Use `metric_learner` (returns A only)."""
-    x = x.contiguous()
+    x = _aligned(x)
     n_rows, dk, R, n, a = _dims(x, u1_w)
     lnw, lnb = _ln_params(in_w, in_b, norm_w, norm_b)
     w1, w2, w3 = _weight_descs(u1_w, u2_w, u3_w, 16)   # tiles set per config (_weight_blocks)
@@ -232,14 +226,10 @@ def metric_learner_op(x: Tensor, in_w: Tensor, in_b: Tensor, u1_w: Tensor, u1_b:
     ys = torch.empty(R * n, n_rows, dk, device=x.device, dtype=torch.bfloat16)
     if n_rows:
         grid = lambda meta: (triton.cdiv(n_rows, meta["BM"]),)  # noqa: E731
-        rows_io = (x, out, z, ys)
-        if FWD_TMA:   # blocks set per config (_weight_blocks)
-            x = _aligned(x)
-            rows_io = [TensorDescriptor.from_tensor(t, [16] * (t.dim() - 1) + [dk]) for t in (x, out, z, ys)]
-        xi, outi, zi, ysi = rows_io
-        _learner_fwd_tuned[grid](xi, lnw, lnb, w1, u1_b.contiguous(), w2, u2_b.contiguous(), w3, u3_b.contiguous(),
-                                 outi, zi, ysi, n_rows, eps, A=a, R=R, NG=n, DK=dk, INTERP=_INTERP, TANH=_tanh(),
-                                 PIPE=FWD_PIPE, TMA_IO=FWD_TMA)
+        # row descriptors: blocks set per config (_weight_blocks)
+        xd, outd, zd, ysd = (TensorDescriptor.from_tensor(t, [16] * (t.dim() - 1) + [dk]) for t in (x, out, z, ys))
+        _learner_fwd_tuned[grid](xd, lnw, lnb, w1, u1_b.contiguous(), w2, u2_b.contiguous(), w3, u3_b.contiguous(),
+                                 outd, zd, ysd, n_rows, eps, A=a, R=R, NG=n, DK=dk, INTERP=_INTERP, TANH=_tanh())
     return out, z, ys
 
 
@@ -279,7 +269,7 @@ def metric_learner_backward(dout: Tensor, x: Tensor, z: Tensor, ys: Tensor, in_w
         w1, w2, w3 = _weight_descs(u1_w, u2_w, u3_w, bh)
         _learner_bwd_rows[(part.shape[0],)](xd, zd, ysd, doutd, lnw, w1, b1, w2, b2, w3, dxd, dysd, part, eps,
                                             A=a, R=R, NG=n, DK=dk, BH=bh, INTERP=_INTERP, TANH=tanh,
-                                            DROP=drop, PIPE=ROWS_PIPE, BM=bm, num_warps=warps, num_stages=stages)
+                                            DROP=drop, BM=bm, num_warps=warps, num_stages=stages)
         lnpart[:] = [part]
     _launch_first("_learner_bwd_rows", dev, BWD_ROWS_CONFIGS, rows)
 
@@ -288,10 +278,8 @@ def metric_learner_backward(dout: Tensor, x: Tensor, z: Tensor, ys: Tensor, in_w
         P = _programs(dev, nchunk * G)
         part = torch.empty(G, P, nchunk, 3 * bh * dk + 2 * bh + dk, device=dev, dtype=torch.float32)
         w1, w2, w3 = _weight_descs(u1_w, u2_w, u3_w, bh)
-        rows_in = [TensorDescriptor.from_tensor(t, [1, bm, dk]) if WGRAD_TMA else t for t in (ys, dys)]
-        _learner_bwd_weights[(P, nchunk, G)](*rows_in, w1, b1, w2, b2, w3, part, n_rows, P, A=a, DK=dk,
+        _learner_bwd_weights[(P, nchunk, G)](ys, dys, w1, b1, w2, b2, w3, part, n_rows, P, A=a, DK=dk,
                                              INTERP=_INTERP, TANH=tanh, DROP=drop, BM=bm, BH=bh,
-                                             TMA=WGRAD_TMA, WS=WGRAD_WS and not _INTERP,
                                              num_warps=warps, num_stages=stages)
         _learner_sum_partials[(triton.cdiv(part.shape[-1], SUM_BLOCK), nchunk, G)](
             part, *grads, P, A=a, DK=dk, BH=bh, BLOCK=SUM_BLOCK, PB=SUM_ROWS)

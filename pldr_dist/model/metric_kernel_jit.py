@@ -87,31 +87,25 @@ def _glu_chunk(acc, yb, gi, c, b1, b2, w1_desc, w2_desc, w3_desc, BH: tl.constex
 
 @triton.jit
 def _glu_rows(y, gi, w1_desc, b1_ptr, w2_desc, b2_ptr, w3_desc, b3_ptr, cols, A: tl.constexpr,
-              BM: tl.constexpr, DK: tl.constexpr, BH: tl.constexpr, INTERP: tl.constexpr, TANH: tl.constexpr,
-              PIPE: tl.constexpr):
+              BM: tl.constexpr, DK: tl.constexpr, BH: tl.constexpr, INTERP: tl.constexpr, TANH: tl.constexpr):
     """GLU gi, U3(silu(U1 y + c1) * (U2 y + c2)) + c3, of a row block y [BM, DK] (fp32):
     fp32 [BM, DK]. w3_desc reads U3^T ([A, DK] per GLU).
 
-    Unrolled (PIPE off), the biases are loaded one chunk ahead (c3 at the start): loaded where
-    they are used, their global-load latency was the forward's largest stall (ncu, H100: ~25%
-    of the stall samples waited on these loads). PIPE: a loop the compiler software-pipelines
-    (loads and products of the next chunk ahead) instead."""
+    The chunk loop is unrolled, the biases loaded one chunk ahead (c3 at the start): loaded
+    where they are used, their global-load latency was the forward's largest stall (ncu, H100:
+    ~25% of the stall samples). A loop the compiler software-pipelines instead was slower once
+    the rows came through TMA (kernels/h100/kernels_sweep: 0.598 against 0.568 ms)."""
     yb = _mm(y, INTERP)
     b3 = tl.load(b3_ptr + gi * DK + cols).to(tl.float32)
     NCHUNK: tl.constexpr = (A + BH - 1) // BH
     acc = tl.zeros((BM, DK), tl.float32)
-    if PIPE:
-        for c in tl.range(0, NCHUNK):
-            b1, b2 = _biases(b1_ptr, b2_ptr, gi, c, A, BH)
-            acc = _glu_chunk(acc, yb, gi, c, b1, b2, w1_desc, w2_desc, w3_desc, BH, DK, INTERP, TANH)
-    else:
-        b1, b2 = _biases(b1_ptr, b2_ptr, gi, 0, A, BH)
-        for c in tl.static_range(NCHUNK):
-            if c + 1 < NCHUNK:
-                nb1, nb2 = _biases(b1_ptr, b2_ptr, gi, c + 1, A, BH)
-            acc = _glu_chunk(acc, yb, gi, c, b1, b2, w1_desc, w2_desc, w3_desc, BH, DK, INTERP, TANH)
-            if c + 1 < NCHUNK:
-                b1, b2 = nb1, nb2
+    b1, b2 = _biases(b1_ptr, b2_ptr, gi, 0, A, BH)
+    for c in tl.static_range(NCHUNK):
+        if c + 1 < NCHUNK:
+            nb1, nb2 = _biases(b1_ptr, b2_ptr, gi, c + 1, A, BH)
+        acc = _glu_chunk(acc, yb, gi, c, b1, b2, w1_desc, w2_desc, w3_desc, BH, DK, INTERP, TANH)
+        if c + 1 < NCHUNK:
+            b1, b2 = nb1, nb2
     return acc + b3[None, :]
 
 
@@ -132,71 +126,51 @@ def _glu_chunk_bwd(dx, yb, dyb, gi, c, w1_desc, b1_ptr, w2_desc, b2_ptr, w3_desc
 @triton.jit
 def _glu_rows_bwd(yb, dyb, gi, w1_desc, b1_ptr, w2_desc, b2_ptr, w3_desc, A: tl.constexpr,
                   BM: tl.constexpr, DK: tl.constexpr, BH: tl.constexpr, INTERP: tl.constexpr,
-                  TANH: tl.constexpr, DROP: tl.constexpr, PIPE: tl.constexpr):
+                  TANH: tl.constexpr, DROP: tl.constexpr):
     """The input gradient of GLU gi for a row block: input yb, output gradient dyb
-    (matmul operands [BM, DK]); the hidden state is recomputed chunk by chunk. PIPE: a loop
-    the compiler software-pipelines (else unrolled)."""
+    (matmul operands [BM, DK]); the hidden state is recomputed chunk by chunk, in an unrolled
+    loop (software-pipelined by the compiler it was slower: 1.165 against 0.893 ms,
+    kernels/h100/kernels_sweep)."""
     dx = tl.zeros((BM, DK), tl.float32)
-    if PIPE:
-        for c in tl.range(0, (A + BH - 1) // BH):
-            dx = _glu_chunk_bwd(dx, yb, dyb, gi, c, w1_desc, b1_ptr, w2_desc, b2_ptr, w3_desc, A, DK, BH,
-                                INTERP, TANH, DROP)
-    else:
-        for c in tl.static_range((A + BH - 1) // BH):
-            dx = _glu_chunk_bwd(dx, yb, dyb, gi, c, w1_desc, b1_ptr, w2_desc, b2_ptr, w3_desc, A, DK, BH,
-                                INTERP, TANH, DROP)
+    for c in tl.static_range((A + BH - 1) // BH):
+        dx = _glu_chunk_bwd(dx, yb, dyb, gi, c, w1_desc, b1_ptr, w2_desc, b2_ptr, w3_desc, A, DK, BH,
+                            INTERP, TANH, DROP)
     return dx
 
 
 @triton.jit
-def _learner_fwd(x_ptr, lnw_ptr, lnb_ptr, w1_desc, b1_ptr, w2_desc, b2_ptr, w3_desc, b3_ptr, out_ptr, z_ptr,
-                 ys_ptr, N, eps, A: tl.constexpr, R: tl.constexpr, NG: tl.constexpr, DK: tl.constexpr,
-                 INTERP: tl.constexpr, TANH: tl.constexpr, PIPE: tl.constexpr, TMA_IO: tl.constexpr,
-                 BM: tl.constexpr, BH: tl.constexpr):
+def _learner_fwd(x_desc, lnw_ptr, lnb_ptr, w1_desc, b1_ptr, w2_desc, b2_ptr, w3_desc, b3_ptr, out_desc, z_desc,
+                 ys_desc, N, eps, A: tl.constexpr, R: tl.constexpr, NG: tl.constexpr, DK: tl.constexpr,
+                 INTERP: tl.constexpr, TANH: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr):
     """One row block through LN_0 and all R units; stores z_r (fp32), every GLU's input as
     its products see it (bf16, ys [R*NG, N, DK]) and the output (fp32).
     lnw/lnb [R+1, DK] stack the input LayerNorm and the units' (fp32); the weights are
     descriptors of [R*NG, A, DK] bf16 tensors (GLU g = r * NG + j; U3 transposed).
-    TMA_IO: x, out ([N, DK], blocks [BM, DK]), z and ys ([R or R*NG, N, DK], blocks
-    [1, BM, DK]) are TMA descriptors, as in the row kernel: no per-element addresses and row
-    masks ([BM, DK] each, 32 registers a thread at 8 warps) held across the units."""
+    x, out ([N, DK], blocks [BM, DK]), z and ys ([R or R*NG, N, DK], blocks [1, BM, DK]) are
+    TMA descriptors, as in the row kernel (rows past N load as zeros and are not stored): no
+    per-element addresses and row masks ([BM, DK] each, 32 registers a thread at 8 warps) held
+    across the units (N, the row count, is the autotuner's key). Through pointers this kernel took 0.690 ms against 0.568 (pldr-110m mb
+    128, H100, kernels/h100/kernels_sweep)."""
     row0 = tl.program_id(0) * BM
     cols = tl.arange(0, DK)
-    if TMA_IO:
-        x = x_ptr.load([row0, 0])
-    else:
-        rows = row0 + tl.arange(0, BM)
-        rmask = (rows < N)[:, None]
-        offs = rows[:, None] * DK + cols[None, :]
-        x = tl.load(x_ptr + offs, mask=rmask, other=0.0)
-    a = _layer_norm(x.to(tl.float32), lnw_ptr, lnb_ptr, cols, eps, DK)
+    a = _layer_norm(x_desc.load([row0, 0]).to(tl.float32), lnw_ptr, lnb_ptr, cols, eps, DK)
     for r in range(R):
         y = a
         for j in range(NG):
-            if TMA_IO:
-                ys_ptr.store([r * NG + j, row0, 0], y.to(tl.bfloat16).reshape(1, BM, DK))
-            else:
-                tl.store(ys_ptr + (r * NG + j) * N * DK + offs, y.to(tl.bfloat16), mask=rmask)
+            ys_desc.store([r * NG + j, row0, 0], y.to(tl.bfloat16).reshape(1, BM, DK))
             y = _glu_rows(y, r * NG + j, w1_desc, b1_ptr, w2_desc, b2_ptr, w3_desc, b3_ptr, cols,
-                          A, BM, DK, BH, INTERP, TANH, PIPE)
+                          A, BM, DK, BH, INTERP, TANH)
         z = y + a
-        if TMA_IO:
-            z_ptr.store([r, row0, 0], z.reshape(1, BM, DK))
-        else:
-            tl.store(z_ptr + r * N * DK + offs, z, mask=rmask)
+        z_desc.store([r, row0, 0], z.reshape(1, BM, DK))
         a = _layer_norm(z, lnw_ptr + (r + 1) * DK, lnb_ptr + (r + 1) * DK, cols, eps, DK)
-    if TMA_IO:
-        out_ptr.store([row0, 0], a)
-    else:
-        tl.store(out_ptr + offs, a, mask=rmask)
+    out_desc.store([row0, 0], a)
 
 
 @triton.jit
 def _learner_bwd_rows(x_desc, z_desc, ys_desc, dout_desc, lnw_ptr, w1_desc, b1_ptr, w2_desc, b2_ptr, w3_desc,
                       dx_desc, dys_desc, lnpart_ptr, eps,
                       A: tl.constexpr, R: tl.constexpr, NG: tl.constexpr, DK: tl.constexpr, BH: tl.constexpr,
-                      INTERP: tl.constexpr, TANH: tl.constexpr, DROP: tl.constexpr, PIPE: tl.constexpr,
-                      BM: tl.constexpr):
+                      INTERP: tl.constexpr, TANH: tl.constexpr, DROP: tl.constexpr, BM: tl.constexpr):
     """One row block back through all units: dx, every GLU's output gradient (bf16, for the
     weight gradients) and this block's LayerNorm-parameter partials
     lnpart[block, k] = (dweight, dbias) of LN_k [2, DK].
@@ -224,7 +198,7 @@ def _learner_bwd_rows(x_desc, z_desc, ys_desc, dout_desc, lnw_ptr, w1_desc, b1_p
             dys_desc.store([gi, row0, 0], dy.to(tl.bfloat16).reshape(1, BM, DK))
             y = _mm(ys_desc.load([gi, row0, 0]).reshape(BM, DK), INTERP)
             dy = _glu_rows_bwd(y, _mm(dy, INTERP), gi, w1_desc, b1_ptr, w2_desc, b2_ptr, w3_desc,
-                               A, BM, DK, BH, INTERP, TANH, DROP, PIPE)
+                               A, BM, DK, BH, INTERP, TANH, DROP)
         da = dz + dy                 # residual branch + GLU chain
     dx, dgam, dbet = _layer_norm_bwd(x_desc.load([row0, 0]).to(tl.float32), da, lnw_ptr, cols, eps, DK, DROP)
     tl.store(part + cols, dgam)
@@ -235,7 +209,7 @@ def _learner_bwd_rows(x_desc, z_desc, ys_desc, dout_desc, lnw_ptr, w1_desc, b1_p
 @triton.jit
 def _wgrad_block(blk, gi, ys_ptr, dys_ptr, w1t, b1, w2t, b2, w3, dw1t, dw2t, dw3, db1, db2, db3, N, cols,
                  first_chunk, DK: tl.constexpr, INTERP: tl.constexpr, TANH: tl.constexpr, DROP: tl.constexpr,
-                 BM: tl.constexpr, TMA: tl.constexpr):
+                 BM: tl.constexpr):
     """One row block's share of one GLU chunk's weight gradients, added to the sums (the
     dU1, dU2 sums transposed, [DK, BH], as in glu_kernel). dc3 is summed by the chunk-0
     programs only (every chunk sees the same dy).
@@ -244,16 +218,15 @@ def _wgrad_block(blk, gi, ys_ptr, dys_ptr, w1t, b1, w2t, b2, w3, dw1t, dw2t, dw3
     elsewhere: the column sums land in row 0 of a [16, BH] sum (rows 1-15 stay exact zeros),
     over the bf16 dg the weight products use, as autocast's bias gradient does. Summed with
     tl.sum, each block's reduction across the rows' lanes (shuffles) was the kernel's largest
-    stall (ncu, H100), and the kernel took 1.28 ms against 1.00 (pldr-110m mb 128)."""
-    if TMA:    # descriptors of [G, N, DK]: rows past N arrive as zeros
-        y = _mm(ys_ptr.load([gi, blk * BM, 0]).reshape(BM, DK), INTERP)
-        dy = _mm(dys_ptr.load([gi, blk * BM, 0]).reshape(BM, DK), INTERP)
-    else:
-        rows = blk * BM + tl.arange(0, BM)
-        rmask = (rows < N)[:, None]
-        offs = rows[:, None] * DK + cols[None, :]
-        y = _mm(tl.load(ys_ptr + gi * N * DK + offs, mask=rmask, other=0.0), INTERP)
-        dy = _mm(tl.load(dys_ptr + gi * N * DK + offs, mask=rmask, other=0.0), INTERP)
+    stall (ncu, H100), and the kernel took 1.28 ms against 1.00 (pldr-110m mb 128). The rows
+    come through pointers: through TMA descriptors, or with the row-block loop
+    warp-specialized, the kernel was slower (1.060 / 1.006 against 0.984 ms, H100,
+    kernels/h100/kernels_sweep)."""
+    rows = blk * BM + tl.arange(0, BM)
+    rmask = (rows < N)[:, None]
+    offs = rows[:, None] * DK + cols[None, :]
+    y = _mm(tl.load(ys_ptr + gi * N * DK + offs, mask=rmask, other=0.0), INTERP)
+    dy = _mm(tl.load(dys_ptr + gi * N * DK + offs, mask=rmask, other=0.0), INTERP)
     g = tl.dot(y, w1t) + b1[None, :]
     u = tl.dot(y, w2t) + b2[None, :]
     dg, du, h = _gate_grads(g, u, tl.dot(dy, w3), TANH, DROP)   # rows past N: dy = 0, no share
@@ -272,8 +245,7 @@ def _wgrad_block(blk, gi, ys_ptr, dys_ptr, w1t, b1, w2t, b2, w3, dw1t, dw2t, dw3
 @triton.jit
 def _learner_bwd_weights(ys_ptr, dys_ptr, w1_desc, b1_ptr, w2_desc, b2_ptr, w3_desc, part_ptr, N, P,
                          A: tl.constexpr, DK: tl.constexpr, INTERP: tl.constexpr, TANH: tl.constexpr,
-                         DROP: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr, TMA: tl.constexpr,
-                         WS: tl.constexpr):
+                         DROP: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr):
     """Program (p, c, g): GLU g's hidden chunk c over row blocks p, p + P, p + 2P, ...;
     writes part[g, p, c] = [dU1^T | dU2^T | dU3 (each [DK, BH]) | dc1 | dc2 | dc3]."""
     p, c, gi = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -293,13 +265,13 @@ def _learner_bwd_weights(ys_ptr, dys_ptr, w1_desc, b1_ptr, w2_desc, b2_ptr, w3_d
         while blk < nblocks:
             dw1t, dw2t, dw3, db1, db2, db3 = _wgrad_block(
                 blk, gi, ys_ptr, dys_ptr, w1t, b1, w2t, b2, w3, dw1t, dw2t, dw3, db1, db2, db3, N, cols, c == 0,
-                DK, INTERP, TANH, DROP, BM, TMA)
+                DK, INTERP, TANH, DROP, BM)
             blk += P
     else:
-        for blk in tl.range(p, nblocks, P, warp_specialize=WS):
+        for blk in tl.range(p, nblocks, P):
             dw1t, dw2t, dw3, db1, db2, db3 = _wgrad_block(
                 blk, gi, ys_ptr, dys_ptr, w1t, b1, w2t, b2, w3, dw1t, dw2t, dw3, db1, db2, db3, N, cols, c == 0,
-                DK, INTERP, TANH, DROP, BM, TMA)
+                DK, INTERP, TANH, DROP, BM)
     db1, db2, db3 = tl.sum(db1, axis=0), tl.sum(db2, axis=0), tl.sum(db3, axis=0)
     hid = tl.arange(0, BH)
     BD: tl.constexpr = BH * DK
