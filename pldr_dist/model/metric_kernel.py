@@ -13,10 +13,11 @@ memory accelerator, TMA, fills weight rows past a_dff with zeros and the bias lo
 masked, so padded units add exact zeros; the parameters keep their shape). Per chunk the
 gate, up and hidden values of the row block live in registers; the weights (bf16, ~1 MB for a
 pldr-110m learner) stream from L2 through TMA, tile by tile, and the rows go in and out
-through TMA too, so no per-element addresses are held in registers. Saved for the backward: x (the op's input), the pre-norm residual sums z_r,
-fp32 [R, N, dk] (the LayerNorms' statistics are recomputed from them), and each GLU's input in
-the bf16 its products used, ys [R*n, N, dk] (2 KB a row for pldr-110m, ~0.6 GB for its five
-layers at micro-batch 64). No hidden (a_dff-wide) activation is stored.
+through TMA too, so no per-element addresses are held in registers. Saved for the backward:
+x (the op's input), the pre-norm residual sums z_r, fp32 [R, N, dk] (the LayerNorms'
+statistics are recomputed from them), and each GLU's input in the bf16 its products used, ys
+[R*n, N, dk] (2 KB a row for pldr-110m, ~0.6 GB for its five layers at micro-batch 64). No
+hidden (a_dff-wide) activation is stored.
 
 Backward, three launches, no atomics:
  1. `_learner_bwd_rows`, one program per row block: walks the units in reverse; LayerNorm
