@@ -149,8 +149,8 @@ def _learner_fwd(x_desc, lnw_ptr, lnb_ptr, w1_desc, b1_ptr, w2_desc, b2_ptr, w3_
     x, out ([N, DK], blocks [BM, DK]), z and ys ([R or R*NG, N, DK], blocks [1, BM, DK]) are
     TMA descriptors, as in the row kernel (rows past N load as zeros and are not stored): no
     per-element addresses and row masks ([BM, DK] each, 32 registers a thread at 8 warps) held
-    across the units (N, the row count, is the autotuner's key). Through pointers this kernel took 0.690 ms against 0.568 (pldr-110m mb
-    128, H100, kernels/h100/kernels_sweep)."""
+    across the units. Through pointers this kernel took 0.690 ms against 0.568 (pldr-110m mb
+    128, H100, kernels/h100/kernels_sweep). N, the row count, is the autotuner's key."""
     row0 = tl.program_id(0) * BM
     cols = tl.arange(0, DK)
     a = _layer_norm(x_desc.load([row0, 0]).to(tl.float32), lnw_ptr, lnb_ptr, cols, eps, DK)
