@@ -200,17 +200,17 @@ def kernel_table(results: list, top: int = KERNEL_ROWS) -> str:
     runs = [r for r in results if r.gpu_idle and r.gpu_idle.get("kernels")]
     if len(runs) < 2:
         return ""
-    by_name = [_merged_kernels(r.gpu_idle["kernels"]) for r in runs]
-    ms = lambda r, name: by_name[runs.index(r)].get(name, 0.0)  # noqa: E731
-    names = {name for kernels in by_name for name in kernels}
-    spread = {name: max(ms(r, name) for r in runs) - min(ms(r, name) for r in runs) for name in names}
+    merged = [_merged_kernels(r.gpu_idle["kernels"]) for r in runs]
+    times = lambda name: [kernels.get(name, 0.0) for kernels in merged]  # noqa: E731
+    names = {name for kernels in merged for name in kernels}
+    spread = {name: max(times(name)) - min(times(name)) for name in names}
     heads = [f"{r.variant}/{r.package}" for r in runs]
     width = max(10, *(len(h) for h in heads))
     row = lambda values, label: " ".join(f"{v:>{width}.3f}" for v in values) + f"  {label}"  # noqa: E731
     lines = [f"# GPU time a step (ms) by kernel over the profiled steps; the {top} kernels whose time differs most "
              f"between the runs", " ".join(f"{h:>{width}}" for h in heads) + "  kernel",
              row([r.gpu_idle["busy_ms"] for r in runs], "(GPU busy, any kernel)")]
-    lines += [row([ms(r, name) for r in runs], name) for name in sorted(names, key=lambda n: (-spread[n], n))[:top]]
+    lines += [row(times(name), name) for name in sorted(names, key=lambda n: (-spread[n], n))[:top]]
     return "\n".join(lines)
 
 

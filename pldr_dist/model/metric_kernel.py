@@ -105,7 +105,7 @@ if triton is not None:
     from .metric_kernel_jit import (_learner_bwd_rows, _learner_bwd_weights, _learner_fwd,  # noqa: F401
                                     _learner_sum_partials)
 
-    def _weight_blocks(nargs):
+    def _descriptor_blocks(nargs):
         """Autotuner pre-hook: the weight descriptors' tiles follow the config's BH, the row
         descriptors' its BM."""
         bm, dk = nargs["BM"], nargs["DK"]
@@ -118,7 +118,7 @@ if triton is not None:
     def fwd_autotuned(configs: list):
         """The forward kernel autotuned over (BM, BH, warps, stages) configs, per shape."""
         return triton.autotune(
-            [triton.Config({"BM": bm, "BH": bh}, num_warps=w, num_stages=s, pre_hook=_weight_blocks)
+            [triton.Config({"BM": bm, "BH": bh}, num_warps=w, num_stages=s, pre_hook=_descriptor_blocks)
              for bm, bh, w, s in configs],
             key=["N", "A", "R", "NG", "DK"])(_learner_fwd)
 
@@ -221,13 +221,13 @@ def metric_learner_op(x: Tensor, in_w: Tensor, in_b: Tensor, u1_w: Tensor, u1_b:
     x = _aligned(x)
     n_rows, dk, R, n, a = _dims(x, u1_w)
     lnw, lnb = _ln_params(in_w, in_b, norm_w, norm_b)
-    w1, w2, w3 = _weight_descs(u1_w, u2_w, u3_w, 16)   # tiles set per config (_weight_blocks)
+    w1, w2, w3 = _weight_descs(u1_w, u2_w, u3_w, 16)   # tiles set per config (_descriptor_blocks)
     out = torch.empty(n_rows, dk, device=x.device, dtype=torch.float32)
     z = torch.empty(R, n_rows, dk, device=x.device, dtype=torch.float32)
     ys = torch.empty(R * n, n_rows, dk, device=x.device, dtype=torch.bfloat16)
     if n_rows:
         grid = lambda meta: (triton.cdiv(n_rows, meta["BM"]),)  # noqa: E731
-        # row descriptors: blocks set per config (_weight_blocks)
+        # row descriptors: blocks set per config (_descriptor_blocks)
         xd, outd, zd, ysd = (TensorDescriptor.from_tensor(t, [16] * (t.dim() - 1) + [dk]) for t in (x, out, z, ys))
         _learner_fwd_tuned[grid](xd, lnw, lnb, w1, u1_b.contiguous(), w2, u2_b.contiguous(), w3, u3_b.contiguous(),
                                  outd, zd, ysd, n_rows, eps, A=a, R=R, NG=n, DK=dk, INTERP=_INTERP, TANH=_tanh())
