@@ -40,3 +40,21 @@ def test_kernels_bench_smoke(tmp_path, capsys):
     assert {("attn d64", "flash"), ("attn d64", "cudnn"), ("8192^3", "matmul")} <= set(rows)   # the roofs, listed
     table = (out / "kernels.txt").read_text()
     assert "skipped (needs CUDA)" in table and "eager" in table
+
+
+def test_kernel_resources_compile_for_hopper_on_the_cpu(tmp_path):
+    """`pldr-bench kernels --resources`: the kernels compiled for sm_90 here, their registers read
+    from the cubin; a config's register cap reaches ptxas (what the op's fifth config entry does)."""
+    from pldr_dist.bench.cli import main
+    from pldr_dist.bench.kernel_resources import programs_per_sm
+
+    # what ncu reported on an H100 for the forward (254 registers, 8 warps, 164 KB shared memory):
+    # one program an SM, held by registers and shared memory alike; 168 registers at 4 warps: three
+    assert programs_per_sm(254, 8, 164 * 1024)[0] == 1 and programs_per_sm(168, 4, 16384) == (3, "registers")
+    assert main(["kernels", "--resources", "--smoke", "--out", str(tmp_path), "--name", "res"]) == 0
+    rows = json.loads((tmp_path / "res.json").read_text())["results"]
+    assert [r["kernel"] for r in rows] == ["_learner_fwd", "_learner_bwd_rows"] + ["_learner_bwd_weights"] * 2
+    assert all(r["status"] == "ok" and r["registers"] > 0 and r["per_sm"] >= 1 for r in rows)
+    free, capped = rows[2], rows[3]
+    assert capped["config"].endswith(", 128)") and capped["registers"] <= 128 < free["registers"]
+    assert "sm_90" in (tmp_path / "res.txt").read_text()

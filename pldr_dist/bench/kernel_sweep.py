@@ -12,21 +12,25 @@ from __future__ import annotations
 import contextlib
 import traceback
 
-# (BM, BH, warps, stages): the open questions of the last ncu profile (H100, pldr-110m mb128):
-# the weight-gradient kernel's 32-row blocks run its recomputed products on the Ampere-style
-# tensor-core instructions (HMMA; a Hopper warpgroup product, HGMMA, needs 64 rows). Answered
-# on an H100 (kernels/h100/kernels_sweep, git history): 64-row blocks at 4 or 8 warps, 128-row
-# blocks and 32-wide hidden chunks in any kernel were all slower than today's configs.
-FWD = []
-ROWS = []
-WGRAD = []
+# (BM, BH, warps, stages[, register cap]). Answered on an H100 (kernels/h100/kernels_sweep, git
+# history): 64-row blocks at 4 or 8 warps, 128-row blocks and 32-wide hidden chunks in any
+# kernel were all slower than today's configs. Open: occupancy. Today's row kernels run one
+# 8-warp program per SM (255 registers a thread, and the two-stage loops take ~170-200 KB of
+# shared memory), so nothing hides a program's waits on its own products. One-stage programs of
+# 4 warps capped at 168 registers fit three to an SM, with a few hundred bytes of spills, at the
+# price of streaming each GLU's weights once per 64 rows instead of 128 and of no prefetching of
+# the next GLU's weights (`pldr-bench kernels --resources`: benchmarks/results/kernels/sm90).
+FWD = [(64, 32, 4, 1, 168), (64, 64, 4, 1, 168), (128, 32, 8, 1, 128)]
+ROWS = [(64, 32, 4, 1, 168), (64, 32, 4, 1), (128, 32, 8, 1, 128)]
+WGRAD = [(32, 32, 4, 3, 168)]
 PER_SM = []
 # metric_kernel switches (module flags), each set against today's, and settings changed together
 # (label, {"wgrad": config, "flags": {...}}). Answered on an H100 (kernels/h100/kernels_sweep,
 # git history): the rows through TMA paid in the forward (kept), not in the weight-gradient
 # kernel; software-pipelined chunk loops and a warp-specialized row-block loop were slower.
 FLAGS = []
-COMBOS = []
+COMBOS = [("wgrad (32, 32, 4, 3, 168) 3/SM", {"wgrad": (32, 32, 4, 3, 168), "per_sm": 3}),
+          ("wgrad (32, 32, 4, 3, 168) 6/SM", {"wgrad": (32, 32, 4, 3, 168), "per_sm": 6})]
 
 
 @contextlib.contextmanager

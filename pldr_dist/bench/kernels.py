@@ -26,6 +26,7 @@ exits 1. `--smoke` runs on the CPU: the eager path in fp32 at a small shape; the
 are listed as skipped.
 
     pldr-bench kernels --out benchmarks/results/kernels/h200
+    pldr-bench kernels --resources --out benchmarks/results/kernels/sm90   # any machine: occupancy
 """
 from __future__ import annotations
 
@@ -367,6 +368,10 @@ def write(a, rows: list, meta: dict) -> None:
 
 def run(a, log=print) -> list:
     shapes = parse_shapes(a.shapes or (SMOKE_SHAPES if a.smoke else SHAPES))   # bad input refused first
+    if a.resources:
+        from ..model.config import preset
+        from .kernel_resources import run as resources
+        return resources(a, preset("tiny" if a.smoke and not a.shapes else shapes[0][0]), log)
     import torch
     from ..model import metric_kernel
     from ..model.config import preset
@@ -423,5 +428,9 @@ def add_parser(sub) -> None:
     p.add_argument("--matmul-size", type=int, default=8192, help="N of the N^3 bf16 matmul roof")
     p.add_argument("--sweep", action="store_true",
                    help="then time the whole-learner op under each candidate kernel config (kernel_sweep.py)")
+    p.add_argument("--resources", action="store_true",
+                   help="instead, no GPU needed: registers, spills, shared memory and programs per SM of each "
+                        "whole-learner kernel config compiled for sm_90, for the first shape's learner "
+                        "(kernel_resources.py; smoke: the tiny preset)")
     report.add_common(p, "kernels")     # --out, --name, --smoke (CPU: the eager path at a small shape)
     p.set_defaults(func=run)

@@ -59,7 +59,8 @@ try:
 except ImportError:  # CPU-only installs: the PyTorch learner is used instead
     triton = None
 
-# Configs: (BM rows per block, BH hidden units per chunk, warps, pipeline stages). With
+# Configs: (BM rows per block, BH hidden units per chunk, warps, pipeline stages[, register
+# cap per thread: ptxas spills above it, and more programs fit on an SM]). With
 # dk = 64 a [64, 64] fp32 tile costs 32 registers per thread at 4 warps; the chunk's gate, up,
 # hidden and their gradients are what fills the register file, so wide chunks need 8 warps
 # (BH = 64 at 4 warps spilled in the backward). The first guesses (BH = 32, one stage: several
@@ -94,6 +95,11 @@ _INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 SUM_BLOCK, SUM_ROWS = (1024 if _INTERP else 64), 8
 
 
+def _maxnreg(config: tuple):
+    """A config's register cap, None (ptxas decides) unless it has a fifth entry."""
+    return config[4] if len(config) > 4 else None
+
+
 def available(x: torch.Tensor) -> bool:
     """Whether the kernels can run on x: CUDA with Triton, or Triton's CPU interpreter."""
     if triton is None:
@@ -118,8 +124,8 @@ if triton is not None:
     def fwd_autotuned(configs: list):
         """The forward kernel autotuned over (BM, BH, warps, stages) configs, per shape."""
         return triton.autotune(
-            [triton.Config({"BM": bm, "BH": bh}, num_warps=w, num_stages=s, pre_hook=_descriptor_blocks)
-             for bm, bh, w, s in configs],
+            [triton.Config({"BM": c[0], "BH": c[1]}, num_warps=c[2], num_stages=c[3], maxnreg=_maxnreg(c),
+                           pre_hook=_descriptor_blocks) for c in configs],
             key=["N", "A", "R", "NG", "DK"])(_learner_fwd)
 
     _learner_fwd_tuned = fwd_autotuned([(INTERP_BM, INTERP_BH, 1, 1)] if _INTERP else FWD_CONFIGS)
@@ -263,25 +269,25 @@ def metric_learner_backward(dout: Tensor, x: Tensor, z: Tensor, ys: Tensor, in_w
     dys = torch.empty_like(ys)
     lnpart = []
 
-    def rows(bm, bh, warps, stages):
+    def rows(bm, bh, warps, stages, maxnreg=None):
         part = torch.empty(triton.cdiv(n_rows, bm), R + 1, 2, dk, device=dev, dtype=torch.float32)
         xd, doutd, dxd = (TensorDescriptor.from_tensor(t, [bm, dk]) for t in (x, dout, dx))
         zd, ysd, dysd = (TensorDescriptor.from_tensor(t, [1, bm, dk]) for t in (z, ys, dys))
         w1, w2, w3 = _weight_descs(u1_w, u2_w, u3_w, bh)
         _learner_bwd_rows[(part.shape[0],)](xd, zd, ysd, doutd, lnw, w1, b1, w2, b2, w3, dxd, dysd, part, eps,
                                             A=a, R=R, NG=n, DK=dk, BH=bh, INTERP=_INTERP, TANH=tanh,
-                                            DROP=drop, BM=bm, num_warps=warps, num_stages=stages)
+                                            DROP=drop, BM=bm, num_warps=warps, num_stages=stages, maxnreg=maxnreg)
         lnpart[:] = [part]
     _launch_first("_learner_bwd_rows", dev, BWD_ROWS_CONFIGS, rows)
 
-    def weights(bm, bh, warps, stages):
+    def weights(bm, bh, warps, stages, maxnreg=None):
         nchunk = triton.cdiv(a, bh)
         P = _programs(dev, nchunk * G)
         part = torch.empty(G, P, nchunk, 3 * bh * dk + 2 * bh + dk, device=dev, dtype=torch.float32)
         w1, w2, w3 = _weight_descs(u1_w, u2_w, u3_w, bh)
         _learner_bwd_weights[(P, nchunk, G)](ys, dys, w1, b1, w2, b2, w3, part, n_rows, P, A=a, DK=dk,
                                              INTERP=_INTERP, TANH=tanh, DROP=drop, BM=bm, BH=bh,
-                                             num_warps=warps, num_stages=stages)
+                                             num_warps=warps, num_stages=stages, maxnreg=maxnreg)
         _learner_sum_partials[(triton.cdiv(part.shape[-1], SUM_BLOCK), nchunk, G)](
             part, *grads, P, A=a, DK=dk, BH=bh, BLOCK=SUM_BLOCK, PB=SUM_ROWS)
     _launch_first("_learner_bwd_weights", dev, WGRAD_CONFIGS, weights)
