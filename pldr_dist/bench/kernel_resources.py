@@ -145,9 +145,13 @@ def table(rows: list, title: str) -> str:
 
 def run(a, cfg, log=print) -> list:
     """The table for cfg's learner shape (a_dff, dk, R, n); written like every suite's."""
-    import triton
-
+    from ..errors import InputError
     from . import report
+    try:
+        import triton
+    except ImportError:
+        raise InputError("--resources compiles the kernels with Triton, which is not installed: "
+                         "pip install triton (or pip install -e '.[test]')") from None
     rows = [measure(kernel, cfg, config, role) for kernel, config, role in configs(a.smoke)]
     title = (f"# whole-learner kernels compiled for sm_90 (H100 / H200) on {report.device_name('cpu')}, Triton "
              f"{triton.__version__}; a_dff {cfg.a_dff}, dk {cfg.head_dim}, R {cfg.num_residual_units}, "
