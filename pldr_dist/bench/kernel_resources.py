@@ -45,35 +45,33 @@ def programs_per_sm(registers: int, warps: int, smem: int) -> tuple:
     return limits[limit], limit
 
 
-def _desc(dtype: str, shape: list) -> str:
-    return f"tensordesc<{dtype}[{', '.join(map(str, shape))}]>"
+# Argument types by parameter name, as the op launches the kernels under bf16 autocast (A0's
+# rows bf16, the output, residual sums and gradients into the op fp32): descriptors as
+# (dtype, block: weight tile, row block or one unit's row block); everything else a pointer's
+# element type or a scalar. The kernels' own parameter lists pick from it.
+_DESCRIPTORS = {"w1_desc": ("bf16", "weight"), "w2_desc": ("bf16", "weight"), "w3_desc": ("bf16", "weight"),
+                "x_desc": ("bf16", "rows"), "dx_desc": ("bf16", "rows"), "out_desc": ("fp32", "rows"),
+                "dout_desc": ("fp32", "rows"), "z_desc": ("fp32", "unit"), "ys_desc": ("bf16", "unit"),
+                "dys_desc": ("bf16", "unit")}
+_SCALARS = {"ys_ptr": "*bf16", "dys_ptr": "*bf16", "N": "i32", "P": "i32", "eps": "fp32"}   # other *_ptr: *fp32
 
 
-def _signature(kernel: str, bm: int, bh: int, dk: int) -> dict:
-    """Argument types as the op launches each kernel under bf16 autocast (A0 rows bf16, the
-    output and the residual sums fp32)."""
-    w = _desc("bf16", [1, bh, dk])
-    weights = dict(w1_desc=w, b1_ptr="*fp32", w2_desc=w, b2_ptr="*fp32", w3_desc=w)
-    rows, unit = [bm, dk], [1, bm, dk]
-    if kernel == "_learner_fwd":
-        return dict(x_desc=_desc("bf16", rows), lnw_ptr="*fp32", lnb_ptr="*fp32", **weights, b3_ptr="*fp32",
-                    out_desc=_desc("fp32", rows), z_desc=_desc("fp32", unit), ys_desc=_desc("bf16", unit),
-                    N="i32", eps="fp32")
-    if kernel == "_learner_bwd_rows":
-        return dict(x_desc=_desc("bf16", rows), z_desc=_desc("fp32", unit), ys_desc=_desc("bf16", unit),
-                    dout_desc=_desc("fp32", rows), lnw_ptr="*fp32", **weights, dx_desc=_desc("bf16", rows),
-                    dys_desc=_desc("bf16", unit), lnpart_ptr="*fp32", eps="fp32")
-    return dict(ys_ptr="*bf16", dys_ptr="*bf16", **weights, part_ptr="*fp32", N="i32", P="i32")
-
-
-def _constants(kernel: str, cfg, bm: int, bh: int) -> dict:
-    a, dk = cfg.a_dff, cfg.head_dim
-    common = dict(A=a, DK=dk, INTERP=False, TANH=True, BM=bm, BH=bh)
-    if kernel == "_learner_fwd":
-        return dict(common, R=cfg.num_residual_units, NG=cfg.glus_per_unit)
-    if kernel == "_learner_bwd_rows":
-        return dict(common, R=cfg.num_residual_units, NG=cfg.glus_per_unit, DROP=0)
-    return dict(common, DROP=0)
+def _signature(fn, cfg, bm: int, bh: int) -> tuple:
+    """(argument types, constexpr values) of a kernel's parameters for one config."""
+    dk = cfg.head_dim
+    blocks = {"weight": [1, bh, dk], "rows": [bm, dk], "unit": [1, bm, dk]}
+    values = dict(A=cfg.a_dff, DK=dk, R=cfg.num_residual_units, NG=cfg.glus_per_unit, INTERP=False, TANH=True,
+                  DROP=0, BM=bm, BH=bh)
+    sig, consts = {}, {}
+    for p in fn.params:
+        if p.is_constexpr:
+            sig[p.name], consts[p.name] = "constexpr", values[p.name]
+        elif p.name in _DESCRIPTORS:
+            dtype, block = _DESCRIPTORS[p.name]
+            sig[p.name] = f"tensordesc<{dtype}[{', '.join(map(str, blocks[block]))}]>"
+        else:
+            sig[p.name] = _SCALARS.get(p.name, "*fp32")
+    return sig, consts
 
 
 def _usage(cubin: bytes) -> tuple:
@@ -99,14 +97,13 @@ def measure(kernel: str, cfg, config: tuple, role: str) -> ResourceRow:
     from ..model import metric_kernel_jit as jit
     bm, bh, warps, stages = config[:4]
     row = ResourceRow(kernel, str(config), role)
-    sig = _signature(kernel, bm, bh, cfg.head_dim)
-    consts = _constants(kernel, cfg, bm, bh)
-    sig.update({k: "constexpr" for k in consts})
+    fn = getattr(jit, kernel)
+    sig, consts = _signature(fn, cfg, bm, bh)
     options = dict(num_warps=warps, num_stages=stages)
     if len(config) > 4:
         options["maxnreg"] = config[4]
     try:
-        compiled = triton.compile(ASTSource(getattr(jit, kernel), sig, constexprs=consts),
+        compiled = triton.compile(ASTSource(fn, sig, constexprs=consts),
                                   target=GPUTarget("cuda", 90, 32), options=options)
         row.registers, row.stack_bytes = _usage(compiled.asm["cubin"])
     except Exception as e:   # noqa: BLE001 - a config the compiler refuses is a row, not a failure
@@ -122,8 +119,9 @@ def configs(smoke: bool) -> list:
     from ..model import metric_kernel as mk
     from . import kernel_sweep as ks
     if smoke:   # one small config a kernel, and the weight-gradient one (~160 registers) capped
-        return [("_learner_fwd", (32, 16, 4, 1), "smoke"), ("_learner_bwd_rows", (32, 16, 4, 1), "smoke"),
-                ("_learner_bwd_weights", (32, 16, 4, 1), "smoke"), ("_learner_bwd_weights", (32, 16, 4, 1, 128), "smoke")]
+        small = (32, 16, 4, 1)
+        return [("_learner_fwd", small, "smoke"), ("_learner_bwd_rows", small, "smoke"),
+                ("_learner_bwd_weights", small, "smoke"), ("_learner_bwd_weights", small + (128,), "smoke")]
     out = [("_learner_fwd", c, "autotuned") for c in mk.FWD_CONFIGS]
     for kernel, today in (("_learner_bwd_rows", mk.BWD_ROWS_CONFIGS), ("_learner_bwd_weights", mk.WGRAD_CONFIGS)):
         out += [(kernel, c, "today (first)" if i == 0 else "today (fallback)") for i, c in enumerate(today)]

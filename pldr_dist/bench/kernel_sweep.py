@@ -16,10 +16,10 @@ import traceback
 # history): 64-row blocks at 4 or 8 warps, 128-row blocks and 32-wide hidden chunks in any
 # kernel were all slower than today's configs. Open: occupancy. Today the forward and the row
 # kernel run one 8-warp program per SM (255 registers a thread, and their two-stage loops take
-# ~190 KB of shared memory), so nothing hides a program's waits on its own products. One-stage programs of
-# 4 warps capped at 168 registers fit three to an SM, with a few hundred bytes of spills, at the
-# price of streaming each GLU's weights once per 64 rows instead of 128 and of no prefetching of
-# the next GLU's weights (`pldr-bench kernels --resources`: benchmarks/results/kernels/sm90).
+# ~190 KB of shared memory), so nothing hides a program's waits on its own products. One-stage
+# programs of 4 warps capped at 168 registers fit three to an SM, with a few hundred bytes of
+# spills, at the price of streaming each GLU's weights once per 64 rows instead of 128 and of no
+# prefetching of the next GLU's weights (`pldr-bench kernels --resources`: results/kernels/sm90).
 FWD = [(64, 32, 4, 1, 168), (64, 64, 4, 1, 168), (128, 32, 8, 1, 128)]
 ROWS = [(64, 32, 4, 1, 168), (64, 32, 4, 1), (128, 32, 8, 1, 128)]
 WGRAD = [(32, 32, 4, 3, 168)]

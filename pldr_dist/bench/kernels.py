@@ -368,13 +368,12 @@ def write(a, rows: list, meta: dict) -> None:
 
 def run(a, log=print) -> list:
     shapes = parse_shapes(a.shapes or (SMOKE_SHAPES if a.smoke else SHAPES))   # bad input refused first
+    from ..model.config import preset
     if a.resources:
-        from ..model.config import preset
         from .kernel_resources import run as resources
         return resources(a, preset("tiny" if a.smoke and not a.shapes else shapes[0][0]), log)
     import torch
     from ..model import metric_kernel
-    from ..model.config import preset
     t0 = time.time()
     cuda = torch.cuda.is_available() and not a.smoke
     device = torch.device("cuda" if cuda else "cpu")
