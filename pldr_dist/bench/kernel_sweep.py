@@ -14,23 +14,25 @@ import traceback
 
 # (BM, BH, warps, stages[, register cap]). Answered on an H100 (kernels/h100/kernels_sweep, git
 # history): 64-row blocks at 4 or 8 warps, 128-row blocks and 32-wide hidden chunks in any
-# kernel were all slower than today's configs. Open: occupancy. Today the forward and the row
-# kernel run one 8-warp program per SM (255 registers a thread, and their two-stage loops take
-# ~190 KB of shared memory), so nothing hides a program's waits on its own products. One-stage
-# programs of 4 warps capped at 168 registers fit three to an SM, with a few hundred bytes of
-# spills, at the price of streaming each GLU's weights once per 64 rows instead of 128 and of no
-# prefetching of the next GLU's weights (`pldr-bench kernels --resources`: results/kernels/sm90).
-FWD = [(64, 32, 4, 1, 168), (64, 64, 4, 1, 168), (128, 32, 8, 1, 128)]
-ROWS = [(64, 32, 4, 1, 168), (64, 32, 4, 1), (128, 32, 8, 1, 128)]
-WGRAD = [(32, 32, 4, 3, 168)]
+# kernel were all slower than today's configs; so was occupancy. The forward and the row kernel
+# run one 8-warp program per SM (255 registers, ~190 KB of shared memory); one-stage 4-warp
+# programs capped at 168 registers fit three to an SM (`pldr-bench kernels --resources`) but
+# took 0.95-1.38 ms against 0.587 (forward) and 1.44-1.98 against 0.914 (row kernel), pldr-110m
+# mb 128; weight gradients at 168 registers, 3 an SM, 1.19-1.51 against 1.01.
+FWD = []
+ROWS = []
+WGRAD = []
 PER_SM = []
 # metric_kernel switches (module flags), each set against today's, and settings changed together
 # (label, {"wgrad": config, "flags": {...}}). Answered on an H100 (kernels/h100/kernels_sweep,
 # git history): the rows through TMA paid in the forward (kept), not in the weight-gradient
 # kernel; software-pipelined chunk loops and a warp-specialized row-block loop were slower.
+# Gate and up values of a chunk from one product against U1 and U2 interleaved row by row (then
+# split in registers), in the forward and the row kernel: slower (0.670 / 1.112 ms against 0.584
+# / 0.903, pldr-110m mb128, H100, kernels/h100/kernels_sweep of 2026-12-06, git history).
 FLAGS = []
-COMBOS = [("wgrad (32, 32, 4, 3, 168) 3/SM", {"wgrad": (32, 32, 4, 3, 168), "per_sm": 3}),
-          ("wgrad (32, 32, 4, 3, 168) 6/SM", {"wgrad": (32, 32, 4, 3, 168), "per_sm": 6})]
+COMBOS = [("wgrad (32, 64, 4, 3)", {"wgrad": (32, 64, 4, 3)}), ("wgrad 2/SM", {"per_sm": 2}),
+          ("wgrad 8/SM", {"per_sm": 8})]
 
 
 @contextlib.contextmanager

@@ -29,9 +29,11 @@ Backward, three launches, no atomics:
     [R*n, N, dk]: with ys what the weight gradients need; freed after the backward).
  2. `_learner_bwd_weights`, programs (p, chunk, GLU): `glu_kernel`'s weight-gradient scheme
     for all R*n GLUs in one launch. Program p sums row blocks p, p+P, p+2P, ... of one GLU's
-    hidden chunk in registers (fp32) and writes one partial; P is fixed per device. The bias
-    gradients are sums over rows done as products on the tensor cores (`_wgrad_block`), of the
-    bf16 gate/up/output gradients the weight products use, as autocast's bias gradient is.
+    hidden chunk in registers (fp32) and writes one partial; P is fixed per device. Its
+    products are computed hidden-units-by-rows, so each has 64 on its M side and runs on
+    Hopper's warpgroup MMA. The bias gradients are sums over rows done as products on the
+    tensor cores (`_wgrad_block`), of the bf16 gate/up/output gradients the weight products
+    use, as autocast's bias gradient is.
  3. `_learner_sum_partials` adds the P partials in a fixed order and writes each gradient in
     its parameter's stacked layout and dtype; the LayerNorm partials are summed by torch over
     the row-block axis (a fixed-shape reduction).
@@ -79,9 +81,13 @@ FWD_CONFIGS = [(128, 64, 8, 2), (64, 64, 4, 2), (64, 64, 4, 1), (128, 64, 8, 1),
 # in shared memory. The stages change when data arrives, not the order of any sum: the errors
 # against fp32 came out equal to every digit (the weight-gradient configs, which do reorder sums,
 # moved them).
-# Weight gradients: more programs per SM 1.26 ms against 1.38 (2/SM), 1.27 (8/SM).
+# Weight gradients (products turned around, `_wgrad_block`): 64-row blocks at 4 warps 0.54 ms
+# against 0.63-0.66 for 32-row blocks and 1.15 at 8 warps (pldr-110m mb128, H100,
+# kernels/h100/kernels_sweep); the last fallback's 32-wide chunks put 32 on the M side (mma.sync).
+# Programs per SM: 2 / 8 took 0.600 / 0.531 ms against 0.544 at pldr-110m, 0.180 / 0.175 against
+# 0.169 at pldr-1b mb16.
 BWD_ROWS_CONFIGS = [(128, 64, 8, 2), (128, 64, 8, 1), (64, 32, 4, 1), (128, 32, 8, 1), (32, 32, 4, 1)]
-WGRAD_CONFIGS = [(32, 64, 4, 3), (32, 32, 4, 1)]
+WGRAD_CONFIGS = [(64, 64, 4, 3), (32, 64, 4, 3), (32, 32, 4, 1)]
 INTERP_BM, INTERP_BH = 32, 16   # Triton's interpreter (tests): fewer, larger programs run faster
 PROGRAMS_PER_SM = 4  # weight-gradient programs: ~4 per SM over all (chunk, GLU) pairs
 # sigmoid through tanh.approx on the GPU (see glu_kernel.SIGMOID_TANH); read at each call.

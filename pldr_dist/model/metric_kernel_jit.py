@@ -207,39 +207,43 @@ def _learner_bwd_rows(x_desc, z_desc, ys_desc, dout_desc, lnw_ptr, w1_desc, b1_p
 
 
 @triton.jit
-def _wgrad_block(blk, gi, ys_ptr, dys_ptr, w1t, b1, w2t, b2, w3, dw1t, dw2t, dw3, db1, db2, db3, N, cols,
-                 first_chunk, DK: tl.constexpr, INTERP: tl.constexpr, TANH: tl.constexpr, DROP: tl.constexpr,
-                 BM: tl.constexpr):
-    """One row block's share of one GLU chunk's weight gradients, added to the sums (the
-    dU1, dU2 sums transposed, [DK, BH], as in glu_kernel). dc3 is summed by the chunk-0
-    programs only (every chunk sees the same dy).
+def _wgrad_block(blk, gi, ys_ptr, dys_ptr, w1, b1, w2, b2, w3t, dw1, dw2, dw3t, db1, db2, db3, N, cols, first_chunk,
+                 DK: tl.constexpr, INTERP: tl.constexpr, TANH: tl.constexpr, DROP: tl.constexpr, BM: tl.constexpr):
+    """One row block's share of one GLU chunk's weight gradients, added to the sums dU1, dU2,
+    dU3^T ([BH, DK] each). dc3 is summed by the chunk-0 programs only (every chunk sees the same
+    dy).
 
-    The bias sums come from the tensor cores, dot(e, dg) with e [16, BM] one in row 0 and zero
-    elsewhere: the column sums land in row 0 of a [16, BH] sum (rows 1-15 stay exact zeros),
-    over the bf16 dg the weight products use, as autocast's bias gradient does. Summed with
-    tl.sum, each block's reduction across the rows' lanes (shuffles) was the kernel's largest
-    stall (ncu, H100), and the kernel took 1.28 ms against 1.00 (pldr-110m mb 128). The rows
-    come through pointers: through TMA descriptors, or with the row-block loop
-    warp-specialized, the kernel was slower (1.060 / 1.006 against 0.984 ms, H100,
-    kernels/h100/kernels_sweep)."""
+    Every product is turned around so that its M side is the chunk's BH hidden units or dk,
+    never the rows: gate, up and hidden-gradient values as [BH, BM] (U1 y^T, ...). Hopper's
+    warpgroup MMA (wgmma) takes 64 rows a warpgroup; computed as y U1^T, [BM, BH], the products
+    of a 32-row block compiled to mma.sync instead, and the kernel took 1.01 ms against 0.63
+    turned around (0.54 with 64-row blocks; pldr-110m mb 128, H100, kernels/h100/kernels_sweep).
+
+    The bias sums come from the tensor cores, dot(dg^T, e) with e [BM, 16] one in column 0 and
+    zero elsewhere: the row sums land in column 0 of a [BH, 16] sum (columns 1-15 stay exact
+    zeros), over the bf16 dg the weight products use, as autocast's bias gradient does. Summed
+    with tl.sum, each block's reduction across lanes (shuffles) was the kernel's largest stall
+    (ncu, H100): 1.28 ms against 1.00. The rows come through pointers: through TMA descriptors,
+    or with the row-block loop warp-specialized, the kernel was slower (1.060 / 1.006 against
+    0.984 ms, H100, kernels/h100/kernels_sweep, before the products were turned around)."""
     rows = blk * BM + tl.arange(0, BM)
     rmask = (rows < N)[:, None]
     offs = rows[:, None] * DK + cols[None, :]
     y = _mm(tl.load(ys_ptr + gi * N * DK + offs, mask=rmask, other=0.0), INTERP)
     dy = _mm(tl.load(dys_ptr + gi * N * DK + offs, mask=rmask, other=0.0), INTERP)
-    g = tl.dot(y, w1t) + b1[None, :]
-    u = tl.dot(y, w2t) + b2[None, :]
-    dg, du, h = _gate_grads(g, u, tl.dot(dy, w3), TANH, DROP)   # rows past N: dy = 0, no share
+    g = tl.dot(w1, tl.trans(y)) + b1[:, None]
+    u = tl.dot(w2, tl.trans(y)) + b2[:, None]
+    dg, du, h = _gate_grads(g, u, tl.dot(w3t, tl.trans(dy)), TANH, DROP)   # rows past N: dy = 0, no share
     dgb, dub = _mm(dg, INTERP), _mm(du, INTERP)
-    dw1t += tl.dot(tl.trans(y), dgb)
-    dw2t += tl.dot(tl.trans(y), dub)
-    dw3 += tl.dot(tl.trans(dy), _mm(h, INTERP))
-    e = _mm(((tl.arange(0, 16)[:, None] == 0) & (tl.arange(0, BM)[None, :] >= 0)).to(tl.float32), INTERP)
-    db1 += tl.dot(e, dgb)
-    db2 += tl.dot(e, dub)
+    dw1 += tl.dot(dgb, y)
+    dw2 += tl.dot(dub, y)
+    dw3t += tl.dot(_mm(h, INTERP), dy)
+    e = _mm(((tl.arange(0, BM)[:, None] >= 0) & (tl.arange(0, 16)[None, :] == 0)).to(tl.float32), INTERP)
+    db1 += tl.dot(dgb, e)
+    db2 += tl.dot(dub, e)
     if first_chunk:
-        db3 += tl.dot(e, dy)
-    return dw1t, dw2t, dw3, db1, db2, db3
+        db3 += tl.dot(tl.trans(dy), e)
+    return dw1, dw2, dw3t, db1, db2, db3
 
 
 @triton.jit
@@ -252,34 +256,34 @@ def _learner_bwd_weights(ys_ptr, dys_ptr, w1_desc, b1_ptr, w2_desc, b2_ptr, w3_d
     NCHUNK: tl.constexpr = (A + BH - 1) // BH
     cols = tl.arange(0, DK)
     w1, b1, w2, b2 = _gate_up_weights(w1_desc, b1_ptr, w2_desc, b2_ptr, gi, c, A, BH, DK, INTERP)
-    w1t, w2t, w3 = tl.trans(w1), tl.trans(w2), tl.trans(_tile(w3_desc, gi, c, BH, DK, INTERP))
-    dw1t = tl.zeros((DK, BH), tl.float32)
-    dw2t = tl.zeros((DK, BH), tl.float32)
-    dw3 = tl.zeros((DK, BH), tl.float32)
-    db1 = tl.zeros((16, BH), tl.float32)   # the bias sums in row 0 (_wgrad_block)
-    db2 = tl.zeros((16, BH), tl.float32)
-    db3 = tl.zeros((16, DK), tl.float32)
+    w3t = _tile(w3_desc, gi, c, BH, DK, INTERP)
+    dw1 = tl.zeros((BH, DK), tl.float32)
+    dw2 = tl.zeros((BH, DK), tl.float32)
+    dw3t = tl.zeros((BH, DK), tl.float32)
+    db1 = tl.zeros((BH, 16), tl.float32)   # the bias sums in column 0 (_wgrad_block)
+    db2 = tl.zeros((BH, 16), tl.float32)
+    db3 = tl.zeros((DK, 16), tl.float32)
     nblocks = tl.cdiv(N, BM)
     if INTERP:   # the interpreter fails on range() with runtime bounds (numpy 2)
         blk = p
         while blk < nblocks:
-            dw1t, dw2t, dw3, db1, db2, db3 = _wgrad_block(
-                blk, gi, ys_ptr, dys_ptr, w1t, b1, w2t, b2, w3, dw1t, dw2t, dw3, db1, db2, db3, N, cols, c == 0,
+            dw1, dw2, dw3t, db1, db2, db3 = _wgrad_block(
+                blk, gi, ys_ptr, dys_ptr, w1, b1, w2, b2, w3t, dw1, dw2, dw3t, db1, db2, db3, N, cols, c == 0,
                 DK, INTERP, TANH, DROP, BM)
             blk += P
     else:
         for blk in tl.range(p, nblocks, P):
-            dw1t, dw2t, dw3, db1, db2, db3 = _wgrad_block(
-                blk, gi, ys_ptr, dys_ptr, w1t, b1, w2t, b2, w3, dw1t, dw2t, dw3, db1, db2, db3, N, cols, c == 0,
+            dw1, dw2, dw3t, db1, db2, db3 = _wgrad_block(
+                blk, gi, ys_ptr, dys_ptr, w1, b1, w2, b2, w3t, dw1, dw2, dw3t, db1, db2, db3, N, cols, c == 0,
                 DK, INTERP, TANH, DROP, BM)
-    db1, db2, db3 = tl.sum(db1, axis=0), tl.sum(db2, axis=0), tl.sum(db3, axis=0)
+    db1, db2, db3 = tl.sum(db1, axis=1), tl.sum(db2, axis=1), tl.sum(db3, axis=1)
     hid = tl.arange(0, BH)
     BD: tl.constexpr = BH * DK
-    tile = cols[:, None] * BH + hid[None, :]
+    tile = hid[:, None] + cols[None, :] * BH     # a [BH, DK] sum into the [DK, BH] partial layout
     out = part_ptr + ((gi * P + p) * NCHUNK + c) * (3 * BD + 2 * BH + DK)
-    tl.store(out + tile, dw1t)
-    tl.store(out + BD + tile, dw2t)
-    tl.store(out + 2 * BD + tile, dw3)
+    tl.store(out + tile, dw1)
+    tl.store(out + BD + tile, dw2)
+    tl.store(out + 2 * BD + tile, dw3t)
     tl.store(out + 3 * BD + hid, db1)
     tl.store(out + 3 * BD + BH + hid, db2)
     tl.store(out + 3 * BD + 2 * BH + cols, db3)
