@@ -14,7 +14,8 @@ import traceback
 
 # (BM, BH, warps, stages[, register cap]). Answered on an H100 (kernels/h100/kernels_sweep, git
 # history): 64-row blocks at 4 or 8 warps, 128-row blocks and 32-wide hidden chunks in any
-# kernel were all slower than today's configs; so was occupancy. The forward and the row kernel
+# kernel were all slower than today's configs (the weight-gradient kernel's 64-row blocks pay
+# only since its products were turned around); so was occupancy. The forward and the row kernel
 # run one 8-warp program per SM (255 registers, ~190 KB of shared memory); one-stage 4-warp
 # programs capped at 168 registers fit three to an SM (`pldr-bench kernels --resources`) but
 # took 0.95-1.38 ms against 0.587 (forward) and 1.44-1.98 against 0.914 (row kernel), pldr-110m
