@@ -52,9 +52,9 @@ def assert_same_losses(got, ref, steps):
     equal at step 4 (the resharded weights), 2e-6 apart at step 5 (the first update, with the
     resharded Adam state) and 8e-5 at step 6 on one machine, under 5e-5 on others. Zeroed Adam
     moments in the resharded file moved step 4 by 1.9e-4; a loader 8 samples back, the back
-    leg's step 8 by 1.5e-3. The continuation after the
-    reshard back is compared with the run whose checkpoint was resharded. The resharded weights
-    themselves are compared bit for bit above."""
+    leg's step 8 by 1.5e-3. The continuation after the reshard back is compared with the run
+    whose checkpoint was resharded. The resharded weights themselves are compared bit for bit
+    above."""
     assert sorted(got) == list(steps)
     for step in steps:
         assert abs(got[step] - ref[step]) <= 5e-5 * abs(ref[step]), (step, got[step], ref[step])

@@ -251,7 +251,8 @@ def _learner_bwd_weights(ys_ptr, dys_ptr, w1_desc, b1_ptr, w2_desc, b2_ptr, w3_d
                          A: tl.constexpr, DK: tl.constexpr, INTERP: tl.constexpr, TANH: tl.constexpr,
                          DROP: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr):
     """Program (p, c, g): GLU g's hidden chunk c over row blocks p, p + P, p + 2P, ...;
-    writes part[g, p, c] = [dU1^T | dU2^T | dU3 (each [DK, BH]) | dc1 | dc2 | dc3]."""
+    writes part[g, p, c] = [dU1 | dU2 | dU3^T (each [BH, DK], as `_wgrad_block` sums them) | dc1 |
+    dc2 | dc3]."""
     p, c, gi = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NCHUNK: tl.constexpr = (A + BH - 1) // BH
     cols = tl.arange(0, DK)
@@ -279,7 +280,7 @@ def _learner_bwd_weights(ys_ptr, dys_ptr, w1_desc, b1_ptr, w2_desc, b2_ptr, w3_d
     db1, db2, db3 = tl.sum(db1, axis=1), tl.sum(db2, axis=1), tl.sum(db3, axis=1)
     hid = tl.arange(0, BH)
     BD: tl.constexpr = BH * DK
-    tile = hid[:, None] + cols[None, :] * BH     # a [BH, DK] sum into the [DK, BH] partial layout
+    tile = hid[:, None] * DK + cols[None, :]
     out = part_ptr + ((gi * P + p) * NCHUNK + c) * (3 * BD + 2 * BH + DK)
     tl.store(out + tile, dw1)
     tl.store(out + BD + tile, dw2)
@@ -310,9 +311,9 @@ def _learner_sum_partials(part_ptr, dw1_ptr, db1_ptr, dw2_ptr, db2_ptr, dw3_ptr,
                        mask=pmask[:, None] & emask[None, :], other=0.0)
         p0 += PB
     acc = tl.sum(acc, axis=0)
-    seg = e // BD                    # 0, 1, 2: dU1^T, dU2^T, dU3 tiles [DK, BH]; 3: biases
+    seg = e // BD                    # 0, 1, 2: dU1, dU2, dU3^T tiles [BH, DK]; 3: biases
     k = e % BD
-    d, jj = k // BH, c * BH + k % BH
+    jj, d = c * BH + k // DK, k % DK
     tmask = emask & (jj < A)
     wofs = gi * A * DK
     tl.store(dw1_ptr + wofs + jj * DK + d, acc.to(dw1_ptr.dtype.element_ty), mask=tmask & (seg == 0))
