@@ -165,10 +165,25 @@ def optimize_for_training(model: PLDRModel, compile: bool = True, packed: bool =
     # forward and backward are part of the graph that keys the cache: editing either misses it.
     functorch_config.autograd_cache_allow_custom_autograd_functions = True
     options = dict(fullgraph=True, dynamic=False, backend=backend)
-    mode = {"mode": "reduce-overhead"} if cuda_graphs and backend == "inductor" else {}
+    if backend == "inductor":
+        options["options"] = inductor_options(cuda_graphs)
     for layer in model.layers:
         if hooks_outside:
-            layer.forward = torch.compile(layer.forward, **options, **mode)
+            layer.forward = torch.compile(layer.forward, **options)
         else:
-            layer.compile(**options, **mode)
+            layer.compile(**options)
     return fused
+
+
+def inductor_options(cuda_graphs: bool) -> dict:
+    """Inductor settings of the compiled layers (per compile call, not process-wide).
+
+    triton.cudagraphs is what mode="reduce-overhead" sets (mode and options exclude each other).
+    force_shape_pad: the sequence is 1023 positions (1024-token samples, shifted), so A0 = q~^T q~,
+    q~ G and their gradients are batched products with an unaligned dimension. Inductor would
+    time each one padded and unpadded in isolation and keep the faster (`pad_mm`); on the H100
+    that choice flipped between compiles of the same code, and the unpadded form, timed as the
+    faster product, cost ~7 ms a pldr-1b step (mb 32): an Ampere-era align-1 GEMM and a 12 ms
+    rotary kernel writing q~ in the layout that GEMM reads. Padding always makes the compile
+    the same every time."""
+    return {"triton.cudagraphs": cuda_graphs, "force_shape_pad": True}
