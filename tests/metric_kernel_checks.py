@@ -15,9 +15,9 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
 import torch  # noqa: E402
 
-from pldr_dist.model import PLDRModel, metric_kernel  # noqa: E402
+from pldr_dist.model import PLDRModel, head_products, metric_kernel  # noqa: E402
 from pldr_dist.model.config import preset  # noqa: E402
-from pldr_dist.model.fast import FusedMetricLearner, optimize_for_training  # noqa: E402
+from pldr_dist.model.fast import FastPLGA, FusedMetricLearner, optimize_for_training  # noqa: E402
 from pldr_dist.model.plga import MetricLearner  # noqa: E402
 
 ROWS, DK, A = 40, 16, 24
@@ -243,6 +243,109 @@ def fast_path_uses_op():
     fp32_eager, _, _ = loss_and_grads(False, autocast=False)
     assert abs(fp32.item() - fp32_eager.item()) < 1e-5
     print(f"fast path ok: loss fused {fused.item():.5f} per-GLU {per_glu.item():.5f} eager {eager.item():.5f}")
+
+
+def _head_inputs(seed=0):
+    """q [B, h, S, dk] laid out [B, S, h, dk] as the projections give it (S = 37: a partial last
+    tile of 32 rows), a non-symmetric G [B, h, dk, dk] in fp32 as the power law gives it."""
+    torch.manual_seed(seed)
+    q = torch.randn(2, 37, 3, DK, dtype=torch.bfloat16).transpose(1, 2)
+    return q, torch.randn(2, 3, DK, DK)
+
+
+def head_products_match_fp64():
+    """A0 = q^T q, q G and their gradients (dq through each, dG) within bf16 accuracy of fp64
+    on the values the kernels multiply; outputs laid out like q; the same bits twice; a
+    transposed G in the backward (a plausible bug) would be far outside the tolerance."""
+    q, g = _head_inputs()
+    q, g = q.requires_grad_(), g.requires_grad_()
+    a0, qg = head_products.density(q), head_products.times_g(q, g)
+    assert a0.dtype == qg.dtype == torch.bfloat16 and qg.stride() == q.stride(), (a0.dtype, qg.stride())
+    q64 = q.detach().double().requires_grad_()
+    g64 = g.detach().to(torch.bfloat16).double().requires_grad_()   # autocast's matmul rounds G
+    torch.manual_seed(1)
+    da0, dqg = torch.randn(2, 3, DK, DK).to(torch.bfloat16), torch.randn(2, 3, 37, DK).to(torch.bfloat16)
+    a0r, qgr = q64.transpose(-1, -2) @ q64, q64 @ g64
+    dq_a = torch.autograd.grad(a0, q, da0, retain_graph=True)[0]
+    dq_g, dg = torch.autograd.grad(qg, (q, g), dqg)
+    dq_ar = torch.autograd.grad(a0r, q64, da0.double())[0]
+    dq_gr, dgr = torch.autograd.grad(qgr, (q64, g64), dqg.double())
+    errs = {name: _rel(got.double(), ref) for name, got, ref in (
+        ("A0", a0, a0r), ("qG", qg, qgr), ("dq (A0)", dq_a, dq_ar), ("dq (qG)", dq_g, dq_gr), ("dG", dg, dgr))}
+    assert all(e < TOL for e in errs.values()), errs
+    assert dg.dtype == torch.float32 and dq_g.stride() == dqg.stride()
+    wrong = _rel(dq_g.double(), dqg.double() @ g64.detach())           # G where G^T belongs
+    assert wrong > 10 * TOL, wrong
+    again = torch.autograd.grad(head_products.times_g(q, g), (q, g), dqg)
+    assert torch.equal(again[0], dq_g) and torch.equal(again[1], dg)
+    torch.library.opcheck(head_products.density, (q.detach().requires_grad_(),),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    torch.library.opcheck(head_products.times_g, (q.detach().requires_grad_(), g.detach().requires_grad_()),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    torch.library.opcheck(head_products.times_g_backward, (dqg, q.detach(), g.detach()),
+                          test_utils=("test_schema", "test_faketensor"))
+    fixed = torch.randn(3, DK, DK).to(torch.bfloat16)      # G = I models: [h, dk, dk], no gradient
+    qf = q.detach().requires_grad_()
+    out = head_products.times_g(qf, fixed)
+    (dqf,) = torch.autograd.grad(out, qf, dqg)
+    fixed64 = fixed.double()
+    errs["qG fixed"] = _rel(out.double(), q64.detach() @ fixed64)
+    errs["dq fixed"] = _rel(dqf.double(), dqg.double() @ fixed64.transpose(-1, -2))
+    assert errs["qG fixed"] < TOL and errs["dq fixed"] < TOL, errs
+    print("head products ok: " + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()) + f"; transposed G {wrong:.2f}")
+
+
+def fast_path_uses_head_products():
+    """The fast path's PLGA (use_head_products=True; on CPUs the default keeps the ops to CUDA)
+    runs A0 and q G through the ops, once each a layer, with the loss within bf16 of the same
+    fast path without them, compiled and not the same numbers; a G = I model's q G too."""
+    calls = {"density": 0, "times_g": 0}
+
+    def counted(name):
+        op = getattr(head_products, name)
+
+        def call(*args):
+            calls[name] += 1
+            return op(*args)
+        return call
+    torch.manual_seed(0)
+    cfg = preset("tiny", num_heads=2, d_model=2 * DK, head_dim=DK, a_dff=A, num_layers=2)
+    base = PLDRModel(cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 17))
+
+    def loss_and_grads(on, compile=False):
+        model = copy.deepcopy(base)
+        optimize_for_training(model, compile=compile, cuda_graphs=False, backend="aot_eager")
+        for module in model.modules():
+            if isinstance(module, FastPLGA):
+                module.use_head_products = on
+        with torch.autocast("cpu", torch.bfloat16):
+            loss = model(tokens[:, :-1], targets=tokens[:, 1:])
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    originals = {name: getattr(head_products, name) for name in calls}
+    try:
+        for name in calls:
+            setattr(head_products, name, counted(name))
+        ops, grads = loss_and_grads(True)
+        assert calls == {"density": cfg.num_layers, "times_g": cfg.num_layers}, calls
+        compiled, cgrads = loss_and_grads(True, compile=True)
+        assert torch.equal(ops, compiled) and all(torch.equal(a, b) for a, b in zip(grads, cgrads))
+        calls.update(density=0, times_g=0)
+        plain, _ = loss_and_grads(None)
+        assert calls == {"density": 0, "times_g": 0}, "use_head_products=None must keep the ops to CUDA"
+        base = PLDRModel(preset("tiny", num_heads=2, d_model=2 * DK, head_dim=DK, num_layers=1, mode="v510G"))
+        fixed_g, _ = loss_and_grads(True)
+        assert calls == {"density": 0, "times_g": 1}, calls
+        fixed_plain, _ = loss_and_grads(None)
+    finally:
+        for name, op in originals.items():
+            setattr(head_products, name, op)
+    assert abs(ops.item() - plain.item()) / plain.item() < 1e-2, (ops.item(), plain.item())
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert abs(fixed_g.item() - fixed_plain.item()) / fixed_plain.item() < 1e-2, (fixed_g.item(), fixed_plain.item())
+    print(f"fast path head products ok: loss {ops.item():.5f} against {plain.item():.5f} with torch.matmul")
 
 
 def rejects_bad_head_dim():

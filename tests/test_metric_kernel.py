@@ -12,7 +12,8 @@ from subprocess_checks import run_checks
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHECKS = ["op_matches_fp64", "broken_derivative_fails", "deterministic", "unaligned_input", "opcheck",
-          "no_zero_gradients_for_saved_outputs", "fast_path_uses_op", "rejects_bad_head_dim"]
+          "no_zero_gradients_for_saved_outputs", "fast_path_uses_op", "rejects_bad_head_dim",
+          "head_products_match_fp64", "fast_path_uses_head_products"]
 
 
 @pytest.fixture(scope="module")
@@ -58,3 +59,14 @@ def test_kernel_resources_compile_for_hopper_on_the_cpu(tmp_path):
     free, capped = rows[2], rows[3]
     assert capped["config"].endswith(", 128)") and capped["registers"] <= 128 < free["registers"]
     assert "sm_90" in (tmp_path / "res.txt").read_text()
+
+
+def test_head_products_bench_smoke(tmp_path):
+    """`pldr-bench kernels --head-products` on a CPU: the four products listed, skipped (their
+    numerics are the interpreter checks above); on a GPU the same rows are timed."""
+    from pldr_dist.bench.cli import main
+
+    assert main(["kernels", "--head-products", "--smoke", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "head_products.json").read_text())["results"]
+    assert [r["product"] for r in rows] == ["A0 = q^T q", "q G", "q G backward", "q (dA0 + dA0^T)"]
+    assert all(r["status"] == "skipped (needs CUDA)" for r in rows)

@@ -373,6 +373,9 @@ def run(a, log=print) -> list:
         from .kernel_resources import run as resources
         return resources(a, preset("tiny" if a.smoke and not a.shapes else shapes[0][0]), log)
     import torch
+    if a.head_products:
+        return head_products(a, shapes, torch.device("cuda" if torch.cuda.is_available() and not a.smoke else "cpu"),
+                             log)
     from ..model import metric_kernel
     t0 = time.time()
     cuda = torch.cuda.is_available() and not a.smoke
@@ -419,6 +422,27 @@ def run(a, log=print) -> list:
     return rows
 
 
+def head_products(a, shapes: list, device, log) -> list:
+    """The A0 and q G ops against torch.matmul (head_products_bench.py), one table."""
+    import torch
+    from . import head_products_bench as hpb
+    meta = {"device": report.device_name(device.type), "torch": torch.__version__}
+    rows = hpb.run(shapes, device, log)
+    text = hpb.table(rows, meta["device"])
+    if a.out:
+        os.makedirs(a.out, exist_ok=True)
+        stem = os.path.join(a.out, a.name or "head_products")
+        with open(stem + ".txt", "w") as f:
+            f.write(text + "\n")
+        with open(stem + ".json", "w") as f:
+            results = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(r).items()}
+                       for r in rows]
+            json.dump({"suite": "kernels", "part": "head_products", **meta,
+                       "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "results": results}, f, indent=1)
+    log(text)
+    return rows
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("kernels", help="metric-learner kernels: eager vs per-GLU Triton vs whole-learner op",
                        description=__doc__.splitlines()[0])
@@ -431,5 +455,8 @@ def add_parser(sub) -> None:
                    help="instead, no GPU needed: registers, spills, shared memory and programs per SM of each "
                         "whole-learner kernel config compiled for sm_90, for the first shape's learner "
                         "(kernel_resources.py; smoke: the tiny preset)")
+    p.add_argument("--head-products", action="store_true",
+                   help="instead: the A0 and q G Triton ops (model/head_products.py) against torch.matmul "
+                        "(head_products_bench.py)")
     report.add_common(p, "kernels")     # --out, --name, --smoke (CPU: the eager path at a small shape)
     p.set_defaults(func=run)

@@ -8,6 +8,9 @@
   elsewhere U1 and U2 run as one matrix product, with the hidden width (a_dff = 170 in the
   presets) zero-padded to a multiple of 8 so bf16 rows stay 16-byte aligned; the padding adds
   exact zeros. The parameters keep their names.
+- A0 = q~^T q~ and q~ G_LM run as Triton ops (`head_products`: one pass over q~ each, in the
+  layout the rotary kernel wrote, no padding of S = 1023), for a learned G and for a G = I
+  model's fixed one alike;
 - each decoder layer is compiled on its own (regional compilation: one graph reused by
   every layer, short compile times) with no graph breaks, so the metric learner, power
   law, rotary and norms become a few fused kernels, and attention on q~G_LM stays in the
@@ -30,7 +33,7 @@ import torch
 import torch.nn.functional as F
 import torch._functorch.config as functorch_config
 
-from . import glu_kernel, metric_kernel
+from . import glu_kernel, head_products, metric_kernel
 from .head_loss import compute_dtype
 from .layers import SwiGLU, rotary_cache
 from .model import PLDRModel
@@ -82,6 +85,29 @@ class FusedMetricLearner(MetricLearner):
         return F.linear(F.silu(gate) * up, F.pad(w3, (0, pad)), b3)
 
 
+class FastPLGA(PLGA):
+    """PLGA with A0 = q~^T q~ and q~ G_LM as Triton ops (`head_products`: one pass over q~
+    each, no padding) on bf16 work; same parameters and result (to bf16 rounding). A fixed G
+    (G = I models) takes the same q G op, so the two models' comparison stays like for like.
+    use_head_products: None (default) = on CUDA, True = also in Triton's CPU interpreter
+    (tests), False = torch.matmul."""
+
+    use_head_products = None
+
+    def _products_on(self, q: torch.Tensor) -> bool:
+        on = self.use_head_products
+        return (on is not False and q.dtype == torch.bfloat16 and head_products.available(q)
+                and (q.is_cuda or on is True))
+
+    def gram(self, q_rot: torch.Tensor) -> torch.Tensor:
+        return head_products.density(q_rot) if self._products_on(q_rot) else super().gram(q_rot)
+
+    def times_g(self, q: torch.Tensor, g_lm: torch.Tensor) -> torch.Tensor:
+        if (g_lm.dim() == 4 or not g_lm.requires_grad) and self._products_on(q):
+            return head_products.times_g(q, g_lm)
+        return super().times_g(q, g_lm)
+
+
 class PaddedSwiGLU(SwiGLU):
     """SwiGLU with the hidden width zero-padded to a multiple of FFN_ALIGN for the products:
     same parameters and result (padded units are silu(0) * 0 = 0 and meet zero columns of W3).
@@ -96,14 +122,15 @@ class PaddedSwiGLU(SwiGLU):
 
 
 @functools.lru_cache(maxsize=None)
-def _fused_class(cls: type) -> type:
-    """cls with FusedMetricLearner's GLUs, keeping whatever cls adds to MetricLearner (the
-    tensor-parallel gradient sharing of parallel/layers.py wraps forward)."""
-    if issubclass(cls, FusedMetricLearner):
+def _fast_class(cls: type, fast: type, prefix: str) -> type:
+    """cls with the methods of `fast` (a subclass of cls's model class), keeping whatever cls
+    adds to it (the tensor-parallel gradient sharing of parallel/layers.py wraps the learner's
+    forward; context parallelism's PLGA sums A0 over ranks)."""
+    if issubclass(cls, fast):
         return cls
-    if cls is MetricLearner:
-        return FusedMetricLearner
-    return type(f"Fused{cls.__name__}", (cls, FusedMetricLearner), {})
+    if cls is fast.__base__:
+        return fast
+    return type(f"{prefix}{cls.__name__}", (cls, fast), {})
 
 
 def fuse_metric_glus(model: PLDRModel, kernel: bool = True, fused_learner: bool = False) -> int:
@@ -113,7 +140,7 @@ def fuse_metric_glus(model: PLDRModel, kernel: bool = True, fused_learner: bool 
     count = 0
     for module in model.modules():
         if isinstance(module, MetricLearner):
-            module.__class__ = _fused_class(module.__class__)
+            module.__class__ = _fast_class(module.__class__, FusedMetricLearner, "Fused")
             module.use_kernel = kernel
             module.use_fused_learner = None if fused_learner else False
             R, n = module.shape
@@ -133,7 +160,8 @@ def optimize_for_training(model: PLDRModel, compile: bool = True, packed: bool =
     metric learner launches ~1000 small kernels a step, and without graphs the step waits on
     the CPU (call `torch.compiler.cudagraph_mark_step_begin()` before each step's forward).
     backend: torch.compile's backend ("aot_eager" in CPU tests). triton_glu: the metric
-    learner's GLUs run as Triton kernels where they can (CUDA, bf16; see `glu_kernel`);
+    learner's GLUs, A0 and q G run as Triton kernels where they can (CUDA, bf16; see
+    `glu_kernel`, `head_products`);
     fused_learner: as one op for the whole learner (`metric_kernel`) rather than per GLU.
     rope_cache, pad_ffn: the precomputed rotary table and the padded feed-forward (on by
     default; off only to measure what each gives). hooks_outside: compile each layer's forward
@@ -148,6 +176,9 @@ def optimize_for_training(model: PLDRModel, compile: bool = True, packed: bool =
         if type(module) is SwiGLU and pad_ffn and isinstance(module.w1, torch.nn.Linear) \
                 and module.w1.out_features % FFN_ALIGN:
             module.__class__ = PaddedSwiGLU
+        if isinstance(module, PLGA):     # (with G = I too: both models' q G through one op)
+            module.__class__ = _fast_class(module.__class__, FastPLGA, "Fast")
+            module.use_head_products = None if triton_glu else False
         if isinstance(module, PLGA) and rope_cache:
             cfg = module.cfg
             module.rope_cache = rotary_cache(cfg.context_length, cfg.head_dim, cfg.rope_base, cfg.rope_style, device)

@@ -170,7 +170,15 @@ class PLGA(nn.Module):
     # -- deductive path ---------------------------------------------------------------
     def metric_output(self, q_rot: torch.Tensor) -> torch.Tensor:
         """A from the rotated queries: A0 sums over every position (no mask, spec §3.3)."""
-        return self.metric(density(q_rot))
+        return self.metric(self.gram(q_rot))
+
+    def gram(self, q_rot: torch.Tensor) -> torch.Tensor:
+        """A0 = q~^T q~ [B, h, dk, dk] (the fast path computes it with a Triton op)."""
+        return density(q_rot)
+
+    def times_g(self, q: torch.Tensor, g_lm: torch.Tensor) -> torch.Tensor:
+        """q~ G_LM per batch element and head (the fast path computes it with a Triton op)."""
+        return torch.matmul(q, g_lm)
 
     def deductive(self, q_rot: torch.Tensor):
         """(A, A_LM, A_P, G_LM) for rotated queries [B, h, S, dk]."""
@@ -213,7 +221,7 @@ class PLGA(nn.Module):
                 terms = [c * dag_penalty(t) for c, t in ((c_a, a_lm), (c_p, a_p), (c_g, g_lm)) if c > 0]
                 penalty = sum(terms) if terms else None
 
-        q_g = q if self.skip_identity_g and not self.cfg.learned_g else torch.matmul(q, g_lm)
+        q_g = q if self.skip_identity_g and not self.cfg.learned_g else self.times_g(q, g_lm)
         return self.merge_heads(self.attend(q_g, k, v, bias)), penalty
 
     def project(self, x: torch.Tensor, offset) -> tuple:

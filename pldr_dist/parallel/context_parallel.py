@@ -27,7 +27,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..model.layers import density
 from ..model.plga import MASK_VALUE, PLGA
 from .mappings import gather_along, sum_everywhere
 
@@ -86,7 +85,7 @@ class ContextParallelPLGA(PLGA):
         return cached
 
     def metric_output(self, q_rot: torch.Tensor) -> torch.Tensor:
-        a0 = density(q_rot)                                        # this slice's share of the sum
+        a0 = self.gram(q_rot)                                      # this slice's share of the sum
         return self.metric(sum_everywhere(a0, self.cp_group))
 
     def attend(self, q_g, k, v, bias):

@@ -1,0 +1,116 @@
+"""`pldr-bench kernels --head-products`: the deductive path's products around the learner.
+
+Per shape (preset:micro-batch: q~ [B, h, S = 1023, dk] laid out [B, S, h, dk] as the
+projections give it, bf16) each Triton op of `model.head_products` against the torch.matmul
+calls it replaces (cuBLAS, eager, on the same tensors): A0 = q^T q, q G, the backward of q G
+(dG = q^T dqG and dq = dqG G^T) and A0's backward product q (dA0 + dA0^T). Times are CUDA
+events around 20 calls, median of 5; GB/s counts the bytes the op must move (its operands of
+q's size read once, its outputs written once); errors are the relative Frobenius error of the
+op and of torch, each against fp32 products of the same bf16 values.
+
+On a CPU (`--smoke`) the rows are listed as skipped: the ops' numerics are tested in Triton's
+interpreter (tests/metric_kernel_checks.py).
+"""
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+S = 1023
+
+
+@dataclass
+class ProductRow:
+    shape: str
+    product: str
+    status: str = "ok"
+    op_ms: float = float("nan")
+    torch_ms: float = float("nan")
+    op_gbs: float = float("nan")
+    op_err: float = float("nan")
+    torch_err: float = float("nan")
+    exit_code: int = 0
+
+
+def _time(fn, calls: int = 20, repeats: int = 5) -> float:
+    import torch
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return statistics.median(times)
+
+
+def _rel(got, ref) -> float:
+    return ((got.float() - ref).norm() / ref.norm()).item()
+
+
+def bench_shape(cfg, shape: str, mb: int, device) -> list:
+    """The four products at one shape; each a row."""
+    import torch
+    from ..model import head_products as hp
+    names = ("A0 = q^T q", "q G", "q G backward", "q (dA0 + dA0^T)")
+    if device.type != "cuda":
+        return [ProductRow(shape, n, "skipped (needs CUDA)") for n in names]
+    h, dk = cfg.num_heads, cfg.head_dim
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(mb, S, h, dk, device=device, dtype=torch.bfloat16, generator=g).transpose(1, 2)
+    dqg = torch.randn(mb, S, h, dk, device=device, dtype=torch.bfloat16, generator=g).transpose(1, 2)
+    glm = torch.randn(mb, h, dk, dk, device=device, generator=g) / dk ** 0.5      # fp32, as the power law gives it
+    da0 = torch.randn(mb, h, dk, dk, device=device, dtype=torch.bfloat16, generator=g)
+    gb, m = glm.to(torch.bfloat16), (da0 + da0.transpose(-1, -2))
+    qf, dqgf, gf, mf = q.float(), dqg.float(), gb.float(), m.float()
+    unit = q.numel() * 2 / 1e9      # GB of one q-sized bf16 tensor
+    cases = [
+        (names[0], lambda: hp.density(q), lambda: q.transpose(-1, -2) @ q, lambda: qf.transpose(-1, -2) @ qf, 1),
+        (names[1], lambda: hp.times_g(q, glm), lambda: q @ gb, lambda: qf @ gf, 2),
+        (names[2], lambda: hp.times_g_backward(dqg, q, glm),
+         lambda: (dqg @ gb.transpose(-1, -2), q.transpose(-1, -2) @ dqg),
+         lambda: (dqgf @ gf.transpose(-1, -2), qf.transpose(-1, -2) @ dqgf), 3),
+        (names[3], lambda: hp.head_product(q, m), lambda: q @ m, lambda: qf @ mf, 2),
+    ]
+    rows = []
+    for name, op, ref_torch, ref32, units in cases:
+        row = ProductRow(shape, name)
+        try:
+            out, mine, exact = op(), ref_torch(), ref32()
+            pairs = list(zip(out, exact)) if isinstance(exact, tuple) else [(out, exact)]
+            theirs = list(zip(mine, exact)) if isinstance(exact, tuple) else [(mine, exact)]
+            row.op_err = max(_rel(a, b) for a, b in pairs)
+            row.torch_err = max(_rel(a, b) for a, b in theirs)
+            row.op_ms, row.torch_ms = _time(op), _time(ref_torch)
+            row.op_gbs = units * unit / (row.op_ms / 1e3)
+        except Exception as e:   # noqa: BLE001 - a failing op is a reported row
+            row.status, row.exit_code = f"FAILED: {type(e).__name__}: {str(e).splitlines()[0][:100]}", 1
+        rows.append(row)
+    return rows
+
+
+def table(rows: list, device: str) -> str:
+    lines = [f"# {device}: the deductive path's products, Triton op (model/head_products.py) against "
+             f"torch.matmul on the same bf16 tensors; q~ [B, h, {S}, dk] laid out [B, S, h, dk]. "
+             "Errors: relative, against fp32 products",
+             f"{'shape':<16} {'product':<18} {'op ms':>8} {'torch ms':>9} {'speed-up':>8} {'op GB/s':>8} "
+             f"{'op err':>8} {'torch err':>9}  status"]
+    for r in rows:
+        if r.status != "ok":
+            lines.append(f"{r.shape:<16} {r.product:<18} {'':>8} {'':>9} {'':>8} {'':>8} {'':>8} {'':>9}  {r.status}")
+            continue
+        lines.append(f"{r.shape:<16} {r.product:<18} {r.op_ms:8.3f} {r.torch_ms:9.3f} {r.torch_ms / r.op_ms:8.2f} "
+                     f"{r.op_gbs:8.0f} {r.op_err:8.1e} {r.torch_err:9.1e}  ok")
+    return "\n".join(lines)
+
+
+def run(shapes: list, device, log) -> list:
+    from ..model.config import preset
+    rows = []
+    for name, mb in shapes:
+        rows += bench_shape(preset(name), f"{name} mb{mb}", mb, device)
+    return rows
