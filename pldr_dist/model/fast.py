@@ -195,26 +195,17 @@ def optimize_for_training(model: PLDRModel, compile: bool = True, packed: bool =
     # test model on 2 CPU cores; more for a real model at each restart). The function's traced
     # forward and backward are part of the graph that keys the cache: editing either misses it.
     functorch_config.autograd_cache_allow_custom_autograd_functions = True
+    # (A0 and q G are Triton ops, `FastPLGA`, not batched matmuls, because inductor's choice for
+    # them at S = 1023 was unstable: `pad_mm` times an unaligned product padded and unpadded in
+    # isolation and keeps the faster, and on a fresh H100 it kept the unpadded form, a 12 ms
+    # rotary kernel writing q~ transposed for an align-1 GEMM, ~7 ms a pldr-1b step. Forcing the
+    # padding (inductor's force_shape_pad) fixed that, 1.012x, but would pad every unaligned
+    # product, e.g. each large GEMM at B*1023 tokens with B odd, or S = 8191: not kept.)
     options = dict(fullgraph=True, dynamic=False, backend=backend)
-    if backend == "inductor":
-        options["options"] = inductor_options(cuda_graphs)
+    mode = {"mode": "reduce-overhead"} if cuda_graphs and backend == "inductor" else {}
     for layer in model.layers:
         if hooks_outside:
-            layer.forward = torch.compile(layer.forward, **options)
+            layer.forward = torch.compile(layer.forward, **options, **mode)
         else:
-            layer.compile(**options)
+            layer.compile(**options, **mode)
     return fused
-
-
-def inductor_options(cuda_graphs: bool) -> dict:
-    """Inductor settings of the compiled layers (per compile call, not process-wide).
-
-    triton.cudagraphs is what mode="reduce-overhead" sets (mode and options exclude each other).
-    force_shape_pad: the sequence is 1023 positions (1024-token samples, shifted), so A0 = q~^T q~,
-    q~ G and their gradients are batched products with an unaligned dimension. Inductor would
-    time each one padded and unpadded in isolation and keep the faster (`pad_mm`); on the H100
-    that choice flipped between compiles of the same code, and the unpadded form, timed as the
-    faster product, cost ~7 ms a pldr-1b step (mb 32): an Ampere-era align-1 GEMM and a 12 ms
-    rotary kernel writing q~ in the layout that GEMM reads. Padding always makes the compile
-    the same every time."""
-    return {"triton.cudagraphs": cuda_graphs, "force_shape_pad": True}
