@@ -3,18 +3,20 @@
 Per shape (preset:micro-batch: q~ [B, h, S = 1023, dk] laid out [B, S, h, dk] as the
 projections give it, bf16) each Triton op of `model.head_products` against the torch.matmul
 calls it replaces (cuBLAS, eager, on the same tensors): A0 = q^T q, q G, the backward of q G
-(dG = q^T dqG and dq = dqG G^T) and A0's backward product q (dA0 + dA0^T). Times are CUDA
-events around 20 calls, median of 5; GB/s counts the bytes the op must move (its operands of
-q's size read once, its outputs written once); errors are the relative Frobenius error of the
-op and of torch, each against fp32 products of the same bf16 values.
+(dG = q^T dqG and dq = dqG G^T) and A0's backward product q (dA0 + dA0^T). Times are the
+suite's (`kernels._time_graph`: CUDA-graph replays, median of --iters); GB/s counts the bytes
+the op must move (its operands of q's size read once, its outputs written once); errors are
+the relative Frobenius error of the op and of torch, each against fp32 products of the same
+bf16 values.
 
 On a CPU (`--smoke`) the rows are listed as skipped: the ops' numerics are tested in Triton's
 interpreter (tests/metric_kernel_checks.py).
 """
 from __future__ import annotations
 
-import statistics
 from dataclasses import dataclass
+
+from . import report
 
 S = 1023
 
@@ -32,30 +34,15 @@ class ProductRow:
     exit_code: int = 0
 
 
-def _time(fn, calls: int = 20, repeats: int = 5) -> float:
-    import torch
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(calls):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    return statistics.median(times)
-
-
 def _rel(got, ref) -> float:
     return ((got.float() - ref).norm() / ref.norm()).item()
 
 
-def bench_shape(cfg, shape: str, mb: int, device) -> list:
+def bench_shape(cfg, shape: str, mb: int, device, iters: int) -> list:
     """The four products at one shape; each a row."""
     import torch
     from ..model import head_products as hp
+    from .kernels import _time_graph
     names = ("A0 = q^T q", "q G", "q G backward", "q (dA0 + dA0^T)")
     if device.type != "cuda":
         return [ProductRow(shape, n, "skipped (needs CUDA)") for n in names]
@@ -85,7 +72,7 @@ def bench_shape(cfg, shape: str, mb: int, device) -> list:
             theirs = list(zip(mine, exact)) if isinstance(exact, tuple) else [(mine, exact)]
             row.op_err = max(_rel(a, b) for a, b in pairs)
             row.torch_err = max(_rel(a, b) for a, b in theirs)
-            row.op_ms, row.torch_ms = _time(op), _time(ref_torch)
+            (row.op_ms, _), (row.torch_ms, _) = _time_graph(op, iters), _time_graph(ref_torch, iters)
             row.op_gbs = units * unit / (row.op_ms / 1e3)
         except Exception as e:   # noqa: BLE001 - a failing op is a reported row
             row.status, row.exit_code = f"FAILED: {type(e).__name__}: {str(e).splitlines()[0][:100]}", 1
@@ -108,9 +95,14 @@ def table(rows: list, device: str) -> str:
     return "\n".join(lines)
 
 
-def run(shapes: list, device, log) -> list:
+def run(a, shapes: list, device, log) -> list:
+    """`pldr-bench kernels --head-products`: the rows of every shape, one table."""
     from ..model.config import preset
     rows = []
     for name, mb in shapes:
-        rows += bench_shape(preset(name), f"{name} mb{mb}", mb, device)
+        rows += bench_shape(preset(name), f"{name} mb{mb}", mb, device, a.iters or 20)
+    text = table(rows, report.device_name(device.type))
+    a.name = a.name or "head_products"
+    report.write(a, rows, text, report.device_name(device.type))
+    log(text)
     return rows

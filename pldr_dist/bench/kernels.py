@@ -360,8 +360,7 @@ def write(a, rows: list, meta: dict) -> None:
     with open(stem + ".txt", "w") as f:
         f.write(table(rows, meta["device"]) + "\n")
     with open(stem + ".json", "w") as f:
-        results = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(r).items()}
-                   for r in rows]      # NaN (not measured) as null: strict JSON
+        results = [report.strict(asdict(r)) for r in rows]
         json.dump({"suite": "kernels", **meta, "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                    "args": {k: v for k, v in vars(a).items() if k != "func"}, "results": results}, f, indent=1)
 
@@ -374,6 +373,7 @@ def run(a, log=print) -> list:
         return resources(a, preset("tiny" if a.smoke and not a.shapes else shapes[0][0]), log)
     import torch
     if a.head_products:
+        from .head_products_bench import run as head_products
         return head_products(a, shapes, torch.device("cuda" if torch.cuda.is_available() and not a.smoke else "cpu"),
                              log)
     from ..model import metric_kernel
@@ -419,27 +419,6 @@ def run(a, log=print) -> list:
     write(a, rows, meta)
     log(table(rows, meta["device"]))
     log(f"kernel configs: {meta.get('kernel_configs')}; {meta['wall_s']} s")
-    return rows
-
-
-def head_products(a, shapes: list, device, log) -> list:
-    """The A0 and q G ops against torch.matmul (head_products_bench.py), one table."""
-    import torch
-    from . import head_products_bench as hpb
-    meta = {"device": report.device_name(device.type), "torch": torch.__version__}
-    rows = hpb.run(shapes, device, log)
-    text = hpb.table(rows, meta["device"])
-    if a.out:
-        os.makedirs(a.out, exist_ok=True)
-        stem = os.path.join(a.out, a.name or "head_products")
-        with open(stem + ".txt", "w") as f:
-            f.write(text + "\n")
-        with open(stem + ".json", "w") as f:
-            results = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(r).items()}
-                       for r in rows]
-            json.dump({"suite": "kernels", "part": "head_products", **meta,
-                       "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "results": results}, f, indent=1)
-    log(text)
     return rows
 
 

@@ -3,6 +3,7 @@ table (`<out>/<name>.txt`) and results (`<out>/<name>.json`: device, arguments, 
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import time
@@ -30,7 +31,12 @@ def write(a, results: list, table: str, device: str) -> None:
         json.dump({"suite": suite, "device": device, "torch": torch.__version__,
                    "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                    "args": {k: v for k, v in vars(a).items() if k != "func"},
-                   "results": [asdict(r) for r in results]}, f, indent=1)
+                   "results": [strict(asdict(r)) for r in results]}, f, indent=1)
+
+
+def strict(row: dict) -> dict:
+    """NaN (not measured) as null: strict JSON."""
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
 
 
 def add_common(p, name_default: str) -> None:
