@@ -15,10 +15,10 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
 import torch  # noqa: E402
 
-from pldr_dist.model import PLDRModel, head_products, metric_kernel  # noqa: E402
+from pldr_dist.model import PLDRModel, head_products, metric_kernel, power_law_kernel  # noqa: E402
 from pldr_dist.model.config import preset  # noqa: E402
-from pldr_dist.model.fast import FastPLGA, FusedMetricLearner, optimize_for_training  # noqa: E402
-from pldr_dist.model.plga import MetricLearner  # noqa: E402
+from pldr_dist.model.fast import FastPLGA, FastPowerLaw, FusedMetricLearner, optimize_for_training  # noqa: E402
+from pldr_dist.model.plga import MetricLearner, PowerLaw  # noqa: E402
 
 ROWS, DK, A = 40, 16, 24
 NAMES = ("x", "in_norm.weight", "in_norm.bias", "u1_weight", "u1_bias", "u2_weight", "u2_bias",
@@ -346,6 +346,120 @@ def fast_path_uses_head_products():
     assert all(torch.isfinite(g).all() for g in grads)
     assert abs(fixed_g.item() - fixed_plain.item()) / fixed_plain.item() < 1e-2, (fixed_g.item(), fixed_plain.item())
     print(f"fast path head products ok: loss {ops.item():.5f} against {plain.item():.5f} with torch.matmul")
+
+
+POWER_NAMES = ("A", "W", "b", "P", "alpha", "beta")
+
+
+def _power_law_errors(upstream: str, seed=0) -> tuple:
+    """Relative errors against fp64 of the power-law op's three outputs and six gradients;
+    upstream "g": only G_LM gets a gradient (training), "all": A_LM and A_P too (the DAG
+    penalty). Weights as the model initialises them, b and beta moved off zero; A, W and alpha
+    (the first products' operands) hold bf16 values, since the interpreter rounds fp32 to bf16
+    towards zero where the GPU rounds to nearest: the reference then multiplies the same values
+    (the power law's gradient is ill-conditioned where A_LM is near 0, so a one-ulp difference
+    in W showed as 30% in dA)."""
+    torch.manual_seed(seed)
+    dk = 2 * DK            # two column blocks of the backward (BN = 16)
+    law = PowerLaw(preset("tiny", num_heads=3, head_dim=dk, d_model=3 * dk))
+    with torch.no_grad():
+        for name in ("W", "P", "alpha"):
+            torch.nn.init.xavier_normal_(getattr(law, name))
+        law.b.normal_(0.0, 0.3)
+        law.beta.normal_(0.0, 0.3)
+        for name in ("W", "alpha"):
+            getattr(law, name).copy_(getattr(law, name).bfloat16())
+    a = torch.randn(3, 3, dk, dk).bfloat16().float().requires_grad_()   # the learner's output (fp32)
+    outs = power_law_kernel.power_law(a, *law.parameters())
+    ref = copy.deepcopy(law).double()
+    ar = a.detach().double().requires_grad_()
+    refs = ref(ar)
+    ups = [torch.randn(a.shape) if upstream == "all" or i == 2 else None for i in range(3)]
+    torch.autograd.backward([o for o, u in zip(outs, ups) if u is not None], [u for u in ups if u is not None])
+    torch.autograd.backward([r for r, u in zip(refs, ups) if u is not None],
+                            [u.double() for u in ups if u is not None])
+    errs = {name: _rel(o.detach(), r.detach()) for name, o, r in zip(("A_LM", "A_P", "G_LM"), outs, refs)}
+    for name, t, r in zip(POWER_NAMES, (a, *law.parameters()), (ar, *ref.parameters())):
+        assert t.grad.dtype == t.dtype and t.grad.shape == t.shape, name
+        errs["d" + name] = _rel(t.grad, r.grad)
+    return errs, (a, *law.parameters()), outs
+
+
+def power_law_matches_fp64():
+    """A_LM, A_P, G_LM and every gradient within bf16 accuracy of fp64, with G_LM's gradient
+    alone and with all three outputs'; a dropped derivative term (each of two) fails; the
+    same bits twice; the ops' schemas, fake kernels and autograd registration (opcheck)."""
+    for upstream in ("g", "all"):
+        errs, inputs, _ = _power_law_errors(upstream)
+        print(f"power law ({upstream}): " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()))
+        assert all(e < TOL for e in errs.values()), errs
+    try:
+        for drop in (1, 2):
+            power_law_kernel.BREAK_DERIVATIVE = drop
+            errs, _, _ = _power_law_errors("g")
+            print(f"power law, broken derivative {drop}: dA={errs['dA']:.2f} dW={errs['dW']:.2f}")
+            assert errs["G_LM"] < TOL and min(errs["dA"], errs["dW"], errs["db"]) > 3 * TOL, errs
+    finally:
+        power_law_kernel.BREAK_DERIVATIVE = 0
+    _, inputs, _ = _power_law_errors("g")
+    _, again, _ = _power_law_errors("g")
+    assert all(torch.equal(x.grad, y.grad) for x, y in zip(inputs, again)), "two runs, different bits"
+    fresh = [t.detach().requires_grad_() for t in inputs]
+    torch.library.opcheck(power_law_kernel.power_law, tuple(fresh),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    dg = torch.randn(inputs[0].shape)
+    torch.library.opcheck(power_law_kernel.power_law_backward, (dg, None, dg, *(t.detach() for t in inputs[:5])),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def fast_path_uses_power_law():
+    """The fast path's power law (use_kernel=True; on CPUs the default keeps the op to CUDA)
+    runs the op once a layer, compiled and eager give the same bits, and the loss and
+    gradients are within bf16 of PowerLaw.forward's."""
+    calls = [0]
+    op = power_law_kernel.power_law
+
+    def counted(*args):
+        calls[0] += 1
+        return op(*args)
+    torch.manual_seed(0)
+    cfg = preset("tiny", num_heads=2, d_model=2 * DK, head_dim=DK, a_dff=A, num_layers=2)
+    base = PLDRModel(cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 17))
+
+    def loss_and_grads(on, compile=False):
+        model = copy.deepcopy(base)
+        optimize_for_training(model, compile=compile, cuda_graphs=False, backend="aot_eager")
+        for module in model.modules():
+            if isinstance(module, FastPowerLaw):
+                module.use_kernel = on
+        with torch.autocast("cpu", torch.bfloat16):
+            loss = model(tokens[:, :-1], targets=tokens[:, 1:])
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    power_law_kernel.power_law = counted
+    try:
+        ops, grads = loss_and_grads(True)
+        assert calls[0] == cfg.num_layers, calls
+        compiled, cgrads = loss_and_grads(True, compile=True)
+        calls[0] = 0
+        plain, pgrads = loss_and_grads(None)
+        assert calls[0] == 0, "use_kernel=None must keep the op to CUDA"
+    finally:
+        power_law_kernel.power_law = op
+    assert torch.equal(ops, compiled) and all(torch.equal(grads[n], cgrads[n]) for n in grads)
+    assert abs(ops.item() - plain.item()) / plain.item() < 1e-2, (ops.item(), plain.item())
+    exact = copy.deepcopy(base).double()
+    exact(tokens[:, :-1], targets=tokens[:, 1:]).backward()
+    ref = {n: p.grad for n, p in exact.named_parameters()}
+    power = [n for n in grads if ".attn.power." in n]
+    err_op = {n: _rel(grads[n], ref[n]) for n in power}
+    err_plain = {n: _rel(pgrads[n], ref[n]) for n in power}
+    print("power-law gradients against fp64, op / PowerLaw.forward (both bf16): "
+          + " ".join(f"{n.split('.', 1)[1]}={err_op[n]:.2f}/{err_plain[n]:.2f}" for n in power))
+    assert len(power) == 5 * cfg.num_layers
+    print(f"fast path power law ok: loss {ops.item():.5f} against {plain.item():.5f}")
 
 
 def rejects_bad_head_dim():

@@ -45,6 +45,21 @@ def test_data_suite_measures_tokenizer_shards_and_loader(tmp_path, capsys):
     assert all(r["value"] > 0 and r["exit_code"] == 0 for r in rows)
 
 
+def test_numerics_suite_compares_each_path_with_fp64(tmp_path, capsys):
+    import torch
+
+    from pldr_dist.bench.numerics import _errors
+    rows = run_suite(tmp_path, capsys, "numerics")
+    assert [(r["model"], r["path"]) for r in rows] == [("tiny", p) for p in ("eager", "fast", "fast-torch-power")]
+    for r in rows:     # bf16 against fp64: the loss to ~1e-4, gradients off but finite and nonzero
+        assert r["exit_code"] == 0 and 0 < r["loss_error"] < 1e-2
+        assert all(0 < r[k] < 100 for k in ("power_error", "learner_error", "rest_error"))
+    ref = {"l.attn.power.W": torch.ones(2, dtype=torch.float64), "l.attn.metric.u": torch.ones(3, dtype=torch.float64),
+           "l.wq": torch.full((4,), 2.0, dtype=torch.float64)}
+    got = dict(ref, **{"l.wq": torch.full((4,), 2.5)})
+    assert _errors(got, ref) == {"power": 0.0, "learner": 0.0, "rest": pytest.approx(0.25)}
+
+
 def test_bad_input_is_one_line(tmp_path, capsys):
     for argv, words in ((["step", "--model", "pldr-7b:8"], "--model 'pldr-7b:8'"),
                         (["step", "--model", "tiny:x"], "'x': give one integer"),

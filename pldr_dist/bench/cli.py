@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from ..errors import cli_main
-from . import data, decode, kernels, plot, step, trainer
+from . import data, decode, kernels, numerics, plot, step, trainer
 
 
 @cli_main("pldr-bench")
@@ -16,6 +16,7 @@ def main(argv=None) -> int:
     plot.add_parser(sub)
     kernels.add_parser(sub)
     step.add_parser(sub)
+    numerics.add_parser(sub)
     decode.add_parser(sub)
     data.add_parser(sub)
     a = p.parse_args(argv)

@@ -8,6 +8,8 @@
   elsewhere U1 and U2 run as one matrix product, with the hidden width (a_dff = 170 in the
   presets) zero-padded to a multiple of 8 so bf16 rows stay 16-byte aligned; the padding adds
   exact zeros. The parameters keep their names.
+- the power law runs as one Triton op forward and one backward (`power_law_kernel`: a
+  (batch, head)'s 64 x 64 tiles on the chip, the weight gradients summed in a fixed order);
 - A0 = q~^T q~ and q~ G_LM run as Triton ops (`head_products`: one pass over q~ each, in the
   layout the rotary kernel wrote, no padding of S = 1023), for a learned G and for a G = I
   model's fixed one alike;
@@ -33,11 +35,11 @@ import torch
 import torch.nn.functional as F
 import torch._functorch.config as functorch_config
 
-from . import glu_kernel, head_products, metric_kernel
+from . import glu_kernel, head_products, metric_kernel, power_law_kernel
 from .head_loss import compute_dtype
 from .layers import SwiGLU, rotary_cache
 from .model import PLDRModel
-from .plga import PLGA, MetricLearner
+from .plga import PLGA, MetricLearner, PowerLaw
 
 ALIGN = 8  # bf16 elements in 16 bytes
 FFN_ALIGN = 64  # feed-forward hidden width padded to a multiple of this
@@ -108,6 +110,21 @@ class FastPLGA(PLGA):
         return super().times_g(q, g_lm)
 
 
+class FastPowerLaw(PowerLaw):
+    """The power law as one Triton op (`power_law_kernel`) on bf16 work; same parameters and
+    outputs (to bf16 rounding). use_kernel: None (default) = on CUDA, True = also in Triton's
+    CPU interpreter (tests), False = `PowerLaw.forward`."""
+
+    use_kernel = None
+
+    def forward(self, a: torch.Tensor):
+        on = self.use_kernel
+        if (on is not False and compute_dtype(self.W) == torch.bfloat16 and power_law_kernel.available(a)
+                and (a.is_cuda or on is True)):
+            return power_law_kernel.power_law(a, self.W, self.b, self.P, self.alpha, self.beta)
+        return super().forward(a)
+
+
 class PaddedSwiGLU(SwiGLU):
     """SwiGLU with the hidden width zero-padded to a multiple of FFN_ALIGN for the products:
     same parameters and result (padded units are silu(0) * 0 = 0 and meet zero columns of W3).
@@ -160,8 +177,8 @@ def optimize_for_training(model: PLDRModel, compile: bool = True, packed: bool =
     metric learner launches ~1000 small kernels a step, and without graphs the step waits on
     the CPU (call `torch.compiler.cudagraph_mark_step_begin()` before each step's forward).
     backend: torch.compile's backend ("aot_eager" in CPU tests). triton_glu: the metric
-    learner's GLUs, A0 and q G run as Triton kernels where they can (CUDA, bf16; see
-    `glu_kernel`, `head_products`);
+    learner's GLUs, A0, q G and the power law run as Triton kernels where they can (CUDA, bf16; see
+    `glu_kernel`, `head_products`, `power_law_kernel`);
     fused_learner: as one op for the whole learner (`metric_kernel`) rather than per GLU.
     rope_cache, pad_ffn: the precomputed rotary table and the padded feed-forward (on by
     default; off only to measure what each gives). hooks_outside: compile each layer's forward
@@ -179,6 +196,9 @@ def optimize_for_training(model: PLDRModel, compile: bool = True, packed: bool =
         if isinstance(module, PLGA):     # (with G = I too: both models' q G through one op)
             module.__class__ = _fast_class(module.__class__, FastPLGA, "Fast")
             module.use_head_products = None if triton_glu else False
+        if isinstance(module, PowerLaw):
+            module.__class__ = _fast_class(module.__class__, FastPowerLaw, "Fast")
+            module.use_kernel = None if triton_glu else False
         if isinstance(module, PLGA) and rope_cache:
             cfg = module.cfg
             module.rope_cache = rotary_cache(cfg.context_length, cfg.head_dim, cfg.rope_base, cfg.rope_style, device)
