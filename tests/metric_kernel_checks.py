@@ -370,7 +370,7 @@ def _power_law_errors(upstream: str, seed=0) -> tuple:
         for name in ("W", "alpha"):
             getattr(law, name).copy_(getattr(law, name).bfloat16())
     a = torch.randn(3, 3, dk, dk).bfloat16().float().requires_grad_()   # the learner's output (fp32)
-    outs = power_law_kernel.power_law(a, *law.parameters())
+    outs = power_law_kernel.power_law(a, *law.parameters(), False)
     ref = copy.deepcopy(law).double()
     ar = a.detach().double().requires_grad_()
     refs = ref(ar)
@@ -401,12 +401,15 @@ def power_law_matches_fp64():
             assert errs["G_LM"] < TOL and min(errs["dA"], errs["dW"], errs["db"]) > 3 * TOL, errs
     finally:
         power_law_kernel.BREAK_DERIVATIVE = 0
-    _, inputs, _ = _power_law_errors("g")
+    _, inputs, outs = _power_law_errors("g")
     _, again, _ = _power_law_errors("g")
     assert all(torch.equal(x.grad, y.grad) for x, y in zip(inputs, again)), "two runs, different bits"
     fresh = [t.detach().requires_grad_() for t in inputs]
-    torch.library.opcheck(power_law_kernel.power_law, tuple(fresh),
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    for g_only in (False, True):
+        torch.library.opcheck(power_law_kernel.power_law, (*fresh, g_only),
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    only = power_law_kernel.power_law(*fresh, True)
+    assert only[0].numel() == only[1].numel() == 0 and torch.equal(only[2], outs[2]), "g_only changed G_LM"
     dg = torch.randn(inputs[0].shape)
     torch.library.opcheck(power_law_kernel.power_law_backward, (dg, None, dg, *(t.detach() for t in inputs[:5])),
                           test_utils=("test_schema", "test_faketensor"))

@@ -117,12 +117,13 @@ class FastPowerLaw(PowerLaw):
 
     use_kernel = None
 
-    def forward(self, a: torch.Tensor):
+    def forward(self, a: torch.Tensor, g_only: bool = False):
         on = self.use_kernel
         if (on is not False and compute_dtype(self.W) == torch.bfloat16 and power_law_kernel.available(a)
                 and (a.is_cuda or on is True)):
-            return power_law_kernel.power_law(a, self.W, self.b, self.P, self.alpha, self.beta)
-        return super().forward(a)
+            a_lm, a_p, g = power_law_kernel.power_law(a, self.W, self.b, self.P, self.alpha, self.beta, g_only)
+            return (None, None, g) if g_only else (a_lm, a_p, g)
+        return super().forward(a, g_only)
 
 
 class PaddedSwiGLU(SwiGLU):

@@ -119,7 +119,10 @@ class PowerLaw(nn.Module):
         self.alpha = nn.Parameter(torch.empty(shape))
         self.beta = nn.Parameter(torch.empty(shape))
 
-    def forward(self, a: torch.Tensor):
+    def forward(self, a: torch.Tensor, g_only: bool = False):
+        """(A_LM, A_P, G_LM). g_only: the caller uses G_LM alone (training without the DAG
+        penalty), so a fast implementation (`fast.FastPowerLaw`) may return None for the other
+        two instead of writing them; this one computes all three either way."""
         a_lm = iswiglu(torch.matmul(self.W, a) + self.b) + 1e-9   # > 0, so the power is real
         a_p = torch.pow(a_lm, self.P)                               # element-wise power law
         g_lm = torch.matmul(self.alpha, a_p) + self.beta            # per-head matrix product
@@ -210,13 +213,14 @@ class PLGA(nn.Module):
                 a = cache.a                         # KV-cache keeps A from the prompt
             else:
                 a = self.metric_output(q)
-            a_lm, a_p, g_lm = self.power(a)
+            dag = self.cfg.mode == "v510_dag" and self.training
+            a_lm, a_p, g_lm = self.power(a, g_only=cache is None and not dag)
             if cache is not None:
                 if use_kv and cache.a is None:
                     cache.a = a
                 if use_g:
                     cache.a_lm, cache.g_lm = a_lm, g_lm
-            if self.cfg.mode == "v510_dag" and self.training:
+            if dag:
                 c_a, c_p, c_g = self.cfg.dag_coeffs
                 terms = [c * dag_penalty(t) for c, t in ((c_a, a_lm), (c_p, a_p), (c_g, g_lm)) if c > 0]
                 penalty = sum(terms) if terms else None

@@ -7,14 +7,15 @@ wise passes, and reductions over the batch for the weights' gradients, ~1.3 ms a
 step (mb 128) and ~3 ms a pldr-1b step (mb 32) on an H100 for ~25 / 50 MB of A. Here one
 program holds one (batch, head)'s 64 x 64 tiles on the chip:
 
-- `pldr::power_law(a, W, b, P, alpha, beta)`: pre = W a + b, A_LM = pre^2 sigmoid(pre) +
-  1e-9, A_P = A_LM^P, G_LM = alpha A_P + beta; all three returned (the G-cache keeps A_LM, the
-  DAG penalty reads all three; training uses G_LM alone, the other two are ~2 x 25 MB of writes).
+- `pldr::power_law(a, W, b, P, alpha, beta, g_only)`: pre = W a + b, A_LM = pre^2
+  sigmoid(pre) + 1e-9, A_P = A_LM^P, G_LM = alpha A_P + beta; all three returned (the G-cache
+  keeps A_LM, the DAG penalty reads all three), or G_LM alone (training: the other two would be
+  ~2 x 25 MB of writes a pldr-110m layer at mb 128).
 - its backward (`pldr::power_law_backward`) recomputes pre, A_LM and A_P from A (one product),
   then gives dA and the five per-head weight gradients. Those are sums over the batch: program
   (p, h, c) sums batches p, p + NP, ... of head h, columns c*BN ..., in registers and writes
-  one partial; torch sums the partials over fixed axes. NP is fixed per device and shape, so
-  the bits are too.
+  one partial; `_power_law_sum` adds the partials in a fixed order and writes the gradients.
+  NP is fixed per device and shape, so the bits are too.
 
 Numerics as autocast's: bf16 operands with fp32 accumulation for the four products, element-wise
 work and the gradient sums in fp32 (the products' outputs are not rounded to bf16 first, as
@@ -61,8 +62,8 @@ def available(a: Tensor) -> bool:
 if triton is not None:
     @triton.jit
     def _power_law_fwd(a_ptr, w_ptr, b_ptr, p_ptr, al_ptr, be_ptr, alm_ptr, ap_ptr, g_ptr, H,
-                       DK: tl.constexpr, INTERP: tl.constexpr):
-        """Program b*H + h: one (batch, head)'s A_LM, A_P, G_LM."""
+                       DK: tl.constexpr, STORE_ALL: tl.constexpr, INTERP: tl.constexpr):
+        """Program b*H + h: one (batch, head)'s G_LM, and A_LM, A_P if STORE_ALL."""
         pid = tl.program_id(0)
         idx = tl.arange(0, DK)
         tile = idx[:, None] * DK + idx[None, :]
@@ -72,8 +73,9 @@ if triton is not None:
         a_lm = pre * pre * tl.sigmoid(pre) + 1e-9
         a_p = tl.exp(tl.load(p_ptr + head).to(tl.float32) * tl.log(a_lm))
         g = tl.dot(_mm(tl.load(al_ptr + head), INTERP), _mm(a_p, INTERP)) + tl.load(be_ptr + head).to(tl.float32)
-        tl.store(alm_ptr + mine, a_lm.to(alm_ptr.dtype.element_ty))
-        tl.store(ap_ptr + mine, a_p.to(ap_ptr.dtype.element_ty))
+        if STORE_ALL:
+            tl.store(alm_ptr + mine, a_lm.to(alm_ptr.dtype.element_ty))
+            tl.store(ap_ptr + mine, a_p.to(ap_ptr.dtype.element_ty))
         tl.store(g_ptr + mine, g.to(g_ptr.dtype.element_ty))
 
     @triton.jit
@@ -98,8 +100,7 @@ if triton is not None:
         db = tl.zeros((DK, BN), tl.float32)
         dp = tl.zeros((DK, BN), tl.float32)
         dbe = tl.zeros((DK, BN), tl.float32)
-        bb = p
-        while bb < B:
+        for bb in tl.range(p, B, NP, num_stages=2):       # the next batch's loads during this one
             mine = (bb * H + h) * DK * DK + tile
             a = _mm(tl.load(a_ptr + mine), INTERP)
             pre = tl.dot(w, a) + tl.load(b_ptr + head + tile).to(tl.float32)
@@ -130,7 +131,6 @@ if triton is not None:
             dpb = _mm(d_pre, INTERP)
             dw = tl.dot(dpb, tl.trans(a), dw)                     # dpre A^T
             tl.store(da_ptr + mine, tl.dot(tl.trans(w), dpb).to(da_ptr.dtype.element_ty))
-            bb += NP
         mm = mm_ptr + ((p * H + h) * NC + c) * 2 * DK * DK + square
         tl.store(mm, dw)
         tl.store(mm + DK * DK, dal)
@@ -138,6 +138,35 @@ if triton is not None:
         tl.store(ew, db)
         tl.store(ew + DK * DK, dp)
         tl.store(ew + 2 * DK * DK, dbe)
+
+
+    @triton.jit
+    def _power_law_sum(mm_ptr, ew_ptr, dw_ptr, db_ptr, dp_ptr, dal_ptr, dbe_ptr, NP, H,
+                       DK: tl.constexpr, NC: tl.constexpr, BLOCK: tl.constexpr):
+        """Program (e, h): the five weight gradients of head h at elements e*BLOCK ..., each the
+        sum of its partials in a fixed order, written in the parameters' dtype."""
+        e, h = tl.program_id(0), tl.program_id(1)
+        k = e * BLOCK + tl.arange(0, BLOCK)
+        dw = tl.zeros((BLOCK,), tl.float32)
+        dal = tl.zeros((BLOCK,), tl.float32)
+        db = tl.zeros((BLOCK,), tl.float32)
+        dp = tl.zeros((BLOCK,), tl.float32)
+        dbe = tl.zeros((BLOCK,), tl.float32)
+        for p in range(NP):
+            for c in tl.static_range(NC):
+                mm = mm_ptr + ((p * H + h) * NC + c) * 2 * DK * DK + k
+                dw += tl.load(mm)
+                dal += tl.load(mm + DK * DK)
+            ew = ew_ptr + (p * H + h) * 3 * DK * DK + k
+            db += tl.load(ew)
+            dp += tl.load(ew + DK * DK)
+            dbe += tl.load(ew + 2 * DK * DK)
+        out = h * DK * DK + k
+        tl.store(dw_ptr + out, dw.to(dw_ptr.dtype.element_ty))
+        tl.store(db_ptr + out, db.to(db_ptr.dtype.element_ty))
+        tl.store(dp_ptr + out, dp.to(dp_ptr.dtype.element_ty))
+        tl.store(dal_ptr + out, dal.to(dal_ptr.dtype.element_ty))
+        tl.store(dbe_ptr + out, dbe.to(dbe_ptr.dtype.element_ty))
 
 
 @functools.lru_cache(maxsize=None)
@@ -156,24 +185,26 @@ def _heads(*params: Tensor) -> list:
 
 
 @torch.library.custom_op("pldr::power_law", mutates_args=())
-def power_law(a: Tensor, W: Tensor, b: Tensor, P: Tensor, alpha: Tensor,
-              beta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def power_law(a: Tensor, W: Tensor, b: Tensor, P: Tensor, alpha: Tensor, beta: Tensor,
+              g_only: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(A_LM, A_P, G_LM) for A [B, h, dk, dk] and per-head weights [h, dk, dk], in the dtype
-    autocast's power law gives (A's and the weights' promoted: fp32 under autocast)."""
+    autocast's power law gives (A's and the weights' promoted: fp32 under autocast).
+    g_only: A_LM and A_P come back empty (not written: 2 x 25 MB a pldr-110m layer at mb 128)."""
     a = a.contiguous()
     B, H, dk, _ = a.shape
     dtype = torch.promote_types(a.dtype, b.dtype)
-    a_lm, a_p, g = (torch.empty(a.shape, device=a.device, dtype=dtype) for _ in range(3))
+    g = torch.empty(a.shape, device=a.device, dtype=dtype)
+    a_lm, a_p = (torch.empty((0,) if g_only else a.shape, device=a.device, dtype=dtype) for _ in range(2))
     if B * H:
-        _power_law_fwd[(B * H,)](a, *_heads(W, b, P, alpha, beta), a_lm, a_p, g, H, DK=dk, INTERP=_INTERP,
-                                 num_warps=1 if _INTERP else FWD_WARPS)
+        _power_law_fwd[(B * H,)](a, *_heads(W, b, P, alpha, beta), a_lm, a_p, g, H, DK=dk, STORE_ALL=not g_only,
+                                 INTERP=_INTERP, num_warps=1 if _INTERP else FWD_WARPS)
     return a_lm, a_p, g
 
 
 @power_law.register_fake
-def _(a, W, b, P, alpha, beta):
+def _(a, W, b, P, alpha, beta, g_only):
     dtype = torch.promote_types(a.dtype, b.dtype)
-    return tuple(a.new_empty(a.shape, dtype=dtype) for _ in range(3))
+    return (*(a.new_empty((0,) if g_only else a.shape, dtype=dtype) for _ in range(2)), a.new_empty(a.shape, dtype=dtype))
 
 
 @torch.library.custom_op("pldr::power_law_backward", mutates_args=())
@@ -189,17 +220,17 @@ def power_law_backward(dg: Tensor, d_lm: Optional[Tensor], d_p: Optional[Tensor]
     NP = _programs(a.device, B, H * dk // bn)
     mm = torch.empty(NP, H, dk // bn, 2, dk, dk, device=a.device, dtype=torch.float32)
     ew = torch.empty(NP, H, 3, dk, dk, device=a.device, dtype=torch.float32)
-    if B * H:
-        _power_law_bwd[(NP, H, dk // bn)](a, *_heads(W, b, P, alpha), dg, d_lm if d_lm is not None else dg,
-                                          d_p if d_p is not None else dg, da, mm, ew, B, H, NP,
-                                          HAS_DLM=d_lm is not None, HAS_DAP=d_p is not None, DK=dk, BN=bn,
-                                          INTERP=_INTERP, DROP=int(BREAK_DERIVATIVE),
-                                          num_warps=1 if _INTERP else BWD_WARPS)
-    else:
-        mm.zero_(), ew.zero_()
-    mm, ew = mm.sum((0, 2)), ew.sum(0)    # fixed-shape reductions over the partials
-    grads = (mm[:, 0], ew[:, 0], ew[:, 1], mm[:, 1], ew[:, 2])
-    return (da, *(g.to(like.dtype, copy=True) for g, like in zip(grads, (W, b, P, alpha, alpha))))
+    grads = [torch.empty_like(t) for t in (W, b, P, alpha, alpha)]
+    if B * H == 0:
+        return (da, *(g.zero_() for g in grads))
+    _power_law_bwd[(NP, H, dk // bn)](a, *_heads(W, b, P, alpha), dg, d_lm if d_lm is not None else dg,
+                                      d_p if d_p is not None else dg, da, mm, ew, B, H, NP,
+                                      HAS_DLM=d_lm is not None, HAS_DAP=d_p is not None, DK=dk, BN=bn,
+                                      INTERP=_INTERP, DROP=int(BREAK_DERIVATIVE), num_warps=1 if _INTERP else BWD_WARPS)
+    block = min(dk * dk, 1024)
+    dw, db, dp, dal, dbe = grads
+    _power_law_sum[(dk * dk // block, H)](mm, ew, dw, db, dp, dal, dbe, NP, H, DK=dk, NC=dk // bn, BLOCK=block)
+    return (da, *grads)
 
 
 @power_law_backward.register_fake
@@ -208,7 +239,7 @@ def _(dg, d_lm, d_p, a, W, b, P, alpha):
 
 
 def _setup(ctx, inputs, output):
-    a, W, b, P, alpha, beta = inputs
+    a, W, b, P, alpha, beta, _ = inputs
     ctx.save_for_backward(a, W, b, P, alpha)
     ctx.beta_dtype = beta.dtype
     ctx.set_materialize_grads(False)   # training uses G_LM alone: no zero-filled dA_LM, dA_P
@@ -219,7 +250,7 @@ def _backward(ctx, d_lm, d_p, dg):
     if dg is None:
         dg = torch.zeros_like(a, dtype=torch.promote_types(a.dtype, b.dtype))
     da, dw, db, dp, dal, dbe = power_law_backward(dg, d_lm, d_p, a, W, b, P, alpha)
-    return da, dw, db, dp, dal, dbe.to(ctx.beta_dtype)
+    return da, dw, db, dp, dal, dbe.to(ctx.beta_dtype), None
 
 
 power_law.register_autograd(_backward, setup_context=_setup)
