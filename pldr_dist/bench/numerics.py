@@ -29,6 +29,7 @@ class Row:
     path: str
     micro_batch: int
     seq_len: int
+    seed: int = 1                     # of the random tokens
     loss: float = 0.0
     loss_error: float = 0.0           # |loss - loss64| / loss64
     power_error: float = 0.0          # relative norm error of the group's gradients
@@ -85,14 +86,14 @@ def run(a, log=print) -> list:
         cfg = preset(model_name)
         torch.manual_seed(0)
         base = PLDRModel(cfg).to(device)
-        for batch in batches:
+        for batch, seed in ((b, s) for b in batches for s in a.seeds):
             tokens = torch.randint(4, cfg.vocab_size, (batch, a.seq_len + 1), device=device,
-                                   generator=torch.Generator(device).manual_seed(1))
+                                   generator=torch.Generator(device).manual_seed(seed))
             exact = copy.deepcopy(base).double()
             loss64, ref = _loss_and_grads(exact, tokens, False, device, fast=False)
             del exact
             for path in a.path:
-                row = Row(model_name, path, batch, a.seq_len)
+                row = Row(model_name, path, batch, a.seq_len, seed)
                 model = copy.deepcopy(base)
                 if path != "eager":
                     torch._dynamo.reset()
@@ -105,7 +106,7 @@ def run(a, log=print) -> list:
                 row.loss_error = abs(row.loss - loss64) / abs(loss64)
                 errs = _errors(grads, ref)
                 row.power_error, row.learner_error, row.rest_error = errs["power"], errs["learner"], errs["rest"]
-                log(f"  {model_name} mb {batch} {path:<16}: loss {row.loss_error:.1e}, power {row.power_error:.3f}, "
+                log(f"  {model_name} mb {batch} seed {seed} {path:<16}: loss {row.loss_error:.1e}, power {row.power_error:.3f}, "
                     f"learner {row.learner_error:.3f}, rest {row.rest_error:.3f}")
                 rows.append(row)
                 del model, grads
@@ -117,9 +118,9 @@ def run(a, log=print) -> list:
 def table(rows: list, device: str, a) -> str:
     lines = [f"# {device}: errors against fp64 (relative, per gradient group), models at initialisation, "
              f"seq {a.seq_len}, bf16 autocast",
-             f"{'model':<10} {'mb':>3} {'path':<17} {'loss':>9} {'loss err':>9} {'power':>7} {'learner':>8} {'rest':>7}"]
+             f"{'model':<10} {'mb':>3} {'seed':>4} {'path':<17} {'loss':>9} {'loss err':>9} {'power':>7} {'learner':>8} {'rest':>7}"]
     for r in rows:
-        lines.append(f"{r.model:<10} {r.micro_batch:>3} {r.path:<17} {r.loss:>9.5f} {r.loss_error:>9.1e} "
+        lines.append(f"{r.model:<10} {r.micro_batch:>3} {r.seed:>4} {r.path:<17} {r.loss:>9.5f} {r.loss_error:>9.1e} "
                      f"{r.power_error:>7.3f} {r.learner_error:>8.3f} {r.rest_error:>7.3f}")
     return "\n".join(lines)
 
@@ -131,5 +132,8 @@ def add_parser(sub) -> None:
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--path", type=lambda s: s.split(","), default=list(PATHS),
                    help=f"comma list of {', '.join(PATHS)} (default all)")
+    p.add_argument("--seeds", type=report.int_list, default=[1],
+                   help="seeds of the random token batches, a comma list (default 1): the spread between "
+                        "batches shows which differences between paths are systematic")
     report.add_common(p, "numerics")
     p.set_defaults(func=run)
