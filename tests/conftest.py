@@ -49,7 +49,7 @@ def _worker_groups_end_with_the_session():
 #   - every other test on its own.
 # Groups start most expensive first (GROUP_ORDER), so that no long one starts last.
 GROUP_ORDER = ["slurm", "test_train_resume.py", "test_resume_layouts.py", "test_train_compile.py", "test_consolidate.py",
-               "test_reshard.py", "test_train_modes.py", "test_context_parallel.py", "test_glu_kernel.py", "test_contiguous_grads.py",
+               "test_reshard.py", "test_train_modes.py", "test_metric_kernel.py", "test_context_parallel.py", "test_glu_kernel.py", "test_contiguous_grads.py",
                "test_pipeline_zero.py", "test_fp8.py", "test_eval_harness.py", "test_tensor_parallel.py", "test_launch.py",
                "test_demo.py"]
 

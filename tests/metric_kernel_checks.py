@@ -296,13 +296,15 @@ def head_products_match_fp64():
 
 
 def fast_path_uses_head_products():
-    """The fast path's PLGA (use_head_products=True; on CPUs the default keeps the ops to CUDA)
-    runs A0 and q G through the ops, once each a layer, with the loss within bf16 of the same
-    fast path without them, compiled and not the same numbers; a G = I model's q G too."""
-    calls = {"density": 0, "times_g": 0}
+    """The fast path's PLGA and power law (use_head_products=True, use_kernel=True; on CPUs
+    the default keeps the ops to CUDA) run A0, q G and the power law through the ops, once
+    each a layer, with the loss within bf16 of the same fast path without them, compiled and
+    not the same numbers; a G = I model's q G too."""
+    calls = {"density": 0, "times_g": 0, "power_law": 0}
+    modules = {"density": head_products, "times_g": head_products, "power_law": power_law_kernel}
 
     def counted(name):
-        op = getattr(head_products, name)
+        op = getattr(modules[name], name)
 
         def call(*args):
             calls[name] += 1
@@ -319,33 +321,36 @@ def fast_path_uses_head_products():
         for module in model.modules():
             if isinstance(module, FastPLGA):
                 module.use_head_products = on
+            if isinstance(module, FastPowerLaw):
+                module.use_kernel = on
         with torch.autocast("cpu", torch.bfloat16):
             loss = model(tokens[:, :-1], targets=tokens[:, 1:])
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in model.parameters()]
 
-    originals = {name: getattr(head_products, name) for name in calls}
+    originals = {name: getattr(modules[name], name) for name in calls}
     try:
         for name in calls:
-            setattr(head_products, name, counted(name))
+            setattr(modules[name], name, counted(name))
         ops, grads = loss_and_grads(True)
-        assert calls == {"density": cfg.num_layers, "times_g": cfg.num_layers}, calls
+        assert calls == dict.fromkeys(calls, cfg.num_layers), calls
         compiled, cgrads = loss_and_grads(True, compile=True)
         assert torch.equal(ops, compiled) and all(torch.equal(a, b) for a, b in zip(grads, cgrads))
-        calls.update(density=0, times_g=0)
+        calls.update(dict.fromkeys(calls, 0))
         plain, _ = loss_and_grads(None)
-        assert calls == {"density": 0, "times_g": 0}, "use_head_products=None must keep the ops to CUDA"
+        assert calls == dict.fromkeys(calls, 0), "use_head_products / use_kernel None must keep the ops to CUDA"
         base = PLDRModel(preset("tiny", num_heads=2, d_model=2 * DK, head_dim=DK, num_layers=1, mode="v510G"))
         fixed_g, _ = loss_and_grads(True)
-        assert calls == {"density": 0, "times_g": 1}, calls
+        assert calls == {"density": 0, "times_g": 1, "power_law": 0}, calls
         fixed_plain, _ = loss_and_grads(None)
     finally:
         for name, op in originals.items():
-            setattr(head_products, name, op)
+            setattr(modules[name], name, op)
     assert abs(ops.item() - plain.item()) / plain.item() < 1e-2, (ops.item(), plain.item())
     assert all(torch.isfinite(g).all() for g in grads)
     assert abs(fixed_g.item() - fixed_plain.item()) / fixed_plain.item() < 1e-2, (fixed_g.item(), fixed_plain.item())
-    print(f"fast path head products ok: loss {ops.item():.5f} against {plain.item():.5f} with torch.matmul")
+    print(f"fast path head products and power law ok: loss {ops.item():.5f} against {plain.item():.5f} "
+          "with torch.matmul and PowerLaw.forward")
 
 
 POWER_NAMES = ("A", "W", "b", "P", "alpha", "beta")
@@ -413,56 +418,6 @@ def power_law_matches_fp64():
     dg = torch.randn(inputs[0].shape)
     torch.library.opcheck(power_law_kernel.power_law_backward, (dg, None, dg, *(t.detach() for t in inputs[:5])),
                           test_utils=("test_schema", "test_faketensor"))
-
-
-def fast_path_uses_power_law():
-    """The fast path's power law (use_kernel=True; on CPUs the default keeps the op to CUDA)
-    runs the op once a layer, compiled and eager give the same bits, and the loss and
-    gradients are within bf16 of PowerLaw.forward's."""
-    calls = [0]
-    op = power_law_kernel.power_law
-
-    def counted(*args):
-        calls[0] += 1
-        return op(*args)
-    torch.manual_seed(0)
-    cfg = preset("tiny", num_heads=2, d_model=2 * DK, head_dim=DK, a_dff=A, num_layers=2)
-    base = PLDRModel(cfg)
-    tokens = torch.randint(0, cfg.vocab_size, (2, 17))
-
-    def loss_and_grads(on, compile=False):
-        model = copy.deepcopy(base)
-        optimize_for_training(model, compile=compile, cuda_graphs=False, backend="aot_eager")
-        for module in model.modules():
-            if isinstance(module, FastPowerLaw):
-                module.use_kernel = on
-        with torch.autocast("cpu", torch.bfloat16):
-            loss = model(tokens[:, :-1], targets=tokens[:, 1:])
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-    power_law_kernel.power_law = counted
-    try:
-        ops, grads = loss_and_grads(True)
-        assert calls[0] == cfg.num_layers, calls
-        compiled, cgrads = loss_and_grads(True, compile=True)
-        calls[0] = 0
-        plain, pgrads = loss_and_grads(None)
-        assert calls[0] == 0, "use_kernel=None must keep the op to CUDA"
-    finally:
-        power_law_kernel.power_law = op
-    assert torch.equal(ops, compiled) and all(torch.equal(grads[n], cgrads[n]) for n in grads)
-    assert abs(ops.item() - plain.item()) / plain.item() < 1e-2, (ops.item(), plain.item())
-    exact = copy.deepcopy(base).double()
-    exact(tokens[:, :-1], targets=tokens[:, 1:]).backward()
-    ref = {n: p.grad for n, p in exact.named_parameters()}
-    power = [n for n in grads if ".attn.power." in n]
-    err_op = {n: _rel(grads[n], ref[n]) for n in power}
-    err_plain = {n: _rel(pgrads[n], ref[n]) for n in power}
-    print("power-law gradients against fp64, op / PowerLaw.forward (both bf16): "
-          + " ".join(f"{n.split('.', 1)[1]}={err_op[n]:.2f}/{err_plain[n]:.2f}" for n in power))
-    assert len(power) == 5 * cfg.num_layers
-    print(f"fast path power law ok: loss {ops.item():.5f} against {plain.item():.5f}")
 
 
 def rejects_bad_head_dim():

@@ -13,8 +13,7 @@ from subprocess_checks import run_checks
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHECKS = ["op_matches_fp64", "broken_derivative_fails", "deterministic", "unaligned_input", "opcheck",
           "no_zero_gradients_for_saved_outputs", "fast_path_uses_op", "rejects_bad_head_dim",
-          "head_products_match_fp64", "fast_path_uses_head_products", "power_law_matches_fp64",
-          "fast_path_uses_power_law"]
+          "head_products_match_fp64", "fast_path_uses_head_products", "power_law_matches_fp64"]
 
 
 @pytest.fixture(scope="module")
