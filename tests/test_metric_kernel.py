@@ -62,11 +62,12 @@ def test_kernel_resources_compile_for_hopper_on_the_cpu(tmp_path):
 
 
 def test_head_products_bench_smoke(tmp_path):
-    """`pldr-bench kernels --head-products` on a CPU: the four products listed, skipped (their
+    """`pldr-bench kernels --head-products` on a CPU: the four products and the power law listed, skipped (their
     numerics are the interpreter checks above); on a GPU the same rows are timed."""
     from pldr_dist.bench.cli import main
 
     assert main(["kernels", "--head-products", "--smoke", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "head_products.json").read_text())["results"]
-    assert [r["product"] for r in rows] == ["A0 = q^T q", "q G", "q G backward", "q (dA0 + dA0^T)"]
+    assert [r["product"] for r in rows] == ["A0 = q^T q", "q G", "q G backward", "q (dA0 + dA0^T)", "power law",
+                                            "power law fwd+bwd"]
     assert all(r["status"] == "skipped (needs CUDA)" for r in rows)

@@ -3,7 +3,9 @@
 Per shape (preset:micro-batch: q~ [B, h, S = 1023, dk] laid out [B, S, h, dk] as the
 projections give it, bf16) each Triton op of `model.head_products` against the torch.matmul
 calls it replaces (cuBLAS, eager, on the same tensors): A0 = q^T q, q G, the backward of q G
-(dG = q^T dqG and dq = dqG G^T) and A0's backward product q (dA0 + dA0^T). Times are the
+(dG = q^T dqG and dq = dqG G^T) and A0's backward product q (dA0 + dA0^T); and the power law
+(`model.power_law_kernel`: forward, G_LM alone as training asks for it, and forward + backward)
+against `PowerLaw.forward` under autocast and its autograd backward. Times are the
 suite's (`kernels._time_graph`: CUDA-graph replays, median of --iters); GB/s counts the bytes
 the op must move (its operands of q's size read once, its outputs written once); errors are
 the relative Frobenius error of the op and of torch, each against fp32 products of the same
@@ -43,7 +45,7 @@ def bench_shape(cfg, shape: str, mb: int, device, iters: int) -> list:
     import torch
     from ..model import head_products as hp
     from .kernels import _time_graph
-    names = ("A0 = q^T q", "q G", "q G backward", "q (dA0 + dA0^T)")
+    names = ("A0 = q^T q", "q G", "q G backward", "q (dA0 + dA0^T)", "power law", "power law fwd+bwd")
     if device.type != "cuda":
         return [ProductRow(shape, n, "skipped (needs CUDA)") for n in names]
     h, dk = cfg.num_heads, cfg.head_dim
@@ -56,15 +58,16 @@ def bench_shape(cfg, shape: str, mb: int, device, iters: int) -> list:
     qf, dqgf, gf, mf = q.float(), dqg.float(), gb.float(), m.float()
     unit = q.numel() * 2 / 1e9      # GB of one q-sized bf16 tensor
     cases = [
-        (names[0], lambda: hp.density(q), lambda: q.transpose(-1, -2) @ q, lambda: qf.transpose(-1, -2) @ qf, 1),
-        (names[1], lambda: hp.times_g(q, glm), lambda: q @ gb, lambda: qf @ gf, 2),
+        (names[0], lambda: hp.density(q), lambda: q.transpose(-1, -2) @ q, lambda: qf.transpose(-1, -2) @ qf, unit),
+        (names[1], lambda: hp.times_g(q, glm), lambda: q @ gb, lambda: qf @ gf, 2 * unit),
         (names[2], lambda: hp.times_g_backward(dqg, q, glm),
          lambda: (dqg @ gb.transpose(-1, -2), q.transpose(-1, -2) @ dqg),
-         lambda: (dqgf @ gf.transpose(-1, -2), qf.transpose(-1, -2) @ dqgf), 3),
-        (names[3], lambda: hp.head_product(q, m), lambda: q @ m, lambda: qf @ mf, 2),
+         lambda: (dqgf @ gf.transpose(-1, -2), qf.transpose(-1, -2) @ dqgf), 3 * unit),
+        (names[3], lambda: hp.head_product(q, m), lambda: q @ m, lambda: qf @ mf, 2 * unit),
+        *_power_law_cases(cfg, mb, device, g, names[4:]),
     ]
     rows = []
-    for name, op, ref_torch, ref32, units in cases:
+    for name, op, ref_torch, ref32, gbytes in cases:
         row = ProductRow(shape, name)
         try:
             out, mine, exact = op(), ref_torch(), ref32()
@@ -73,17 +76,66 @@ def bench_shape(cfg, shape: str, mb: int, device, iters: int) -> list:
             row.op_err = max(_rel(a, b) for a, b in pairs)
             row.torch_err = max(_rel(a, b) for a, b in theirs)
             (row.op_ms, _), (row.torch_ms, _) = _time_graph(op, iters), _time_graph(ref_torch, iters)
-            row.op_gbs = units * unit / (row.op_ms / 1e3)
+            row.op_gbs = gbytes / (row.op_ms / 1e3)
         except Exception as e:   # noqa: BLE001 - a failing op is a reported row
             row.status, row.exit_code = f"FAILED: {type(e).__name__}: {str(e).splitlines()[0][:100]}", 1
         rows.append(row)
     return rows
 
 
+def _power_law_cases(cfg, mb: int, device, g, names) -> list:
+    """(name, op, torch, fp32 reference, GB moved) of the power law at one shape: A [B, h, dk, dk]
+    fp32 as the learner gives it, weights as the model initialises them (b, beta off zero).
+    The backward's rows compare dA and G_LM (the weights' gradients are tested in the
+    interpreter against fp64)."""
+    import copy
+
+    import torch
+    from ..model import power_law_kernel as plk
+    from ..model.plga import PowerLaw
+    law = PowerLaw(cfg).to(device)
+    with torch.no_grad():
+        for name in ("W", "P", "alpha"):
+            torch.nn.init.xavier_normal_(getattr(law, name))
+        law.b.normal_(0.0, 0.1, generator=g)
+        law.beta.normal_(0.0, 0.1, generator=g)
+    dk = cfg.head_dim
+    a = torch.nn.functional.layer_norm(torch.randn(mb, cfg.num_heads, dk, dk, device=device, generator=g), (dk,))
+    dg = torch.randn(a.shape, device=device, generator=g)
+    params = [p.detach() for p in law.parameters()]
+    exact = copy.deepcopy(law)            # fp32, on the bf16 values the op's products multiply
+    with torch.no_grad():
+        for name in ("W", "alpha"):
+            getattr(exact, name).copy_(getattr(law, name).bfloat16())
+    ab = a.bfloat16().float()
+    leaf = a.clone().requires_grad_()
+
+    def op_both():
+        g_lm = plk.power_law(a, *params, True)[2]
+        return g_lm, plk.power_law_backward(dg, None, None, a, *params[:4])[0]
+
+    def torch_both():
+        with torch.autocast("cuda", torch.bfloat16):
+            g_lm = law(leaf)[2]
+        return g_lm.detach(), torch.autograd.grad(g_lm, leaf, dg)[0]
+
+    def exact_both():
+        x = ab.clone().requires_grad_()
+        g_lm = exact(x)[2]
+        return g_lm.detach(), torch.autograd.grad(g_lm, x, dg)[0]
+
+    def torch_forward():
+        with torch.autocast("cuda", torch.bfloat16):
+            return law(a)[2]
+    gb = a.numel() * 4 / 1e9            # one fp32 [B, h, dk, dk] tensor
+    return [(names[0], lambda: plk.power_law(a, *params, True)[2], torch_forward, lambda: exact(ab)[2], 2 * gb),
+            (names[1], op_both, torch_both, exact_both, 5 * gb)]
+
+
 def table(rows: list, device: str) -> str:
-    lines = [f"# {device}: the deductive path's products, Triton op (model/head_products.py) against "
-             f"torch.matmul on the same bf16 tensors; q~ [B, h, {S}, dk] laid out [B, S, h, dk]. "
-             "Errors: relative, against fp32 products",
+    lines = [f"# {device}: the deductive path's products and power law, Triton ops (model/head_products.py, "
+             f"power_law_kernel.py) against torch.matmul / PowerLaw.forward (autocast) on the same tensors; "
+             f"q~ [B, h, {S}, dk] laid out [B, S, h, dk]. Errors: relative, against fp32 on the same bf16 values",
              f"{'shape':<16} {'product':<18} {'op ms':>8} {'torch ms':>9} {'speed-up':>8} {'op GB/s':>8} "
              f"{'op err':>8} {'torch err':>9}  status"]
     for r in rows:
