@@ -14,9 +14,9 @@ wrote it, [B, S, h, dk] in memory), with no padding:
   G's dtype, not rounded to bf16 first as autocast's is) and dq = d(qG) G^T. A fixed G (the
   G = I model's [h, dk, dk] buffer) gets dq alone: both models' q G run through the same op.
 
-Measured (H100, pldr-110m mb 128, `kernels/h100/head_products_first_check`): A0 0.12 ms against
-1.39 for torch.matmul on the same tensors, q G 0.18 against 0.50, its backward 0.28 against
-1.87; `pldr-train` 1.022x (pldr-110m mb 128) and 1.013x (pldr-1b mb 32).
+Measured (H100, pldr-110m mb 128, `pldr-bench kernels --head-products`, kernels/h100/head_products):
+A0 0.09 ms against 1.39 for torch.matmul on the same tensors, q G 0.18 against 0.50, its backward
+0.27 against 1.87; `pldr-train` 1.022x (pldr-110m mb 128) and 1.013x (pldr-1b mb 32).
 
 Each gram program sums one (batch, head)'s positions in a fixed order: deterministic. Used by
 the fast path on bf16 work (`fast.FastPLGA`); elsewhere, and on CPUs outside Triton's
