@@ -106,7 +106,8 @@ def run(a, log=print) -> list:
                 row.loss_error = abs(row.loss - loss64) / abs(loss64)
                 errs = _errors(grads, ref)
                 row.power_error, row.learner_error, row.rest_error = errs["power"], errs["learner"], errs["rest"]
-                log(f"  {model_name} mb {batch} seed {seed} {path:<16}: loss {row.loss_error:.1e}, power {row.power_error:.3f}, "
+                log(f"  {model_name} mb {batch} seed {seed} {path:<16}: loss {row.loss_error:.1e}, "
+                    f"power {row.power_error:.3f}, "
                     f"learner {row.learner_error:.3f}, rest {row.rest_error:.3f}")
                 rows.append(row)
                 del model, grads
@@ -118,7 +119,8 @@ def run(a, log=print) -> list:
 def table(rows: list, device: str, a) -> str:
     lines = [f"# {device}: errors against fp64 (relative, per gradient group), models at initialisation, "
              f"seq {a.seq_len}, bf16 autocast",
-             f"{'model':<10} {'mb':>3} {'seed':>4} {'path':<17} {'loss':>9} {'loss err':>9} {'power':>7} {'learner':>8} {'rest':>7}"]
+             f"{'model':<10} {'mb':>3} {'seed':>4} {'path':<17} {'loss':>9} {'loss err':>9} {'power':>7} "
+             f"{'learner':>8} {'rest':>7}"]
     for r in rows:
         lines.append(f"{r.model:<10} {r.micro_batch:>3} {r.seed:>4} {r.path:<17} {r.loss:>9.5f} {r.loss_error:>9.1e} "
                      f"{r.power_error:>7.3f} {r.learner_error:>8.3f} {r.rest_error:>7.3f}")

@@ -184,7 +184,7 @@ def _programs(device: torch.device, B: int, heads: int) -> int:
     return max(1, min(B, 2))
 
 
-def _heads(*params: Tensor) -> list:
+def _contiguous(*params: Tensor) -> list:
     return [t.contiguous() for t in params]
 
 
@@ -200,7 +200,7 @@ def power_law(a: Tensor, W: Tensor, b: Tensor, P: Tensor, alpha: Tensor, beta: T
     g = torch.empty(a.shape, device=a.device, dtype=dtype)
     a_lm, a_p = (torch.empty((0,) if g_only else a.shape, device=a.device, dtype=dtype) for _ in range(2))
     if B * H:
-        _power_law_fwd[(B * H,)](a, *_heads(W, b, P, alpha, beta), a_lm, a_p, g, H, DK=dk, STORE_ALL=not g_only,
+        _power_law_fwd[(B * H,)](a, *_contiguous(W, b, P, alpha, beta), a_lm, a_p, g, H, DK=dk, STORE_ALL=not g_only,
                                  INTERP=_INTERP, num_warps=1 if _INTERP else FWD_WARPS)
     return a_lm, a_p, g
 
@@ -208,7 +208,8 @@ def power_law(a: Tensor, W: Tensor, b: Tensor, P: Tensor, alpha: Tensor, beta: T
 @power_law.register_fake
 def _(a, W, b, P, alpha, beta, g_only):
     dtype = torch.promote_types(a.dtype, b.dtype)
-    return (*(a.new_empty((0,) if g_only else a.shape, dtype=dtype) for _ in range(2)), a.new_empty(a.shape, dtype=dtype))
+    a_lm, a_p = (a.new_empty((0,) if g_only else a.shape, dtype=dtype) for _ in range(2))
+    return a_lm, a_p, a.new_empty(a.shape, dtype=dtype)
 
 
 @torch.library.custom_op("pldr::power_law_backward", mutates_args=())
@@ -227,7 +228,7 @@ def power_law_backward(dg: Tensor, d_lm: Optional[Tensor], d_p: Optional[Tensor]
     grads = [torch.empty_like(t) for t in (W, b, P, alpha, alpha)]
     if B * H == 0:
         return (da, *(g.zero_() for g in grads))
-    _power_law_bwd[(NP, H, dk // bn)](a, *_heads(W, b, P, alpha), dg, d_lm if d_lm is not None else dg,
+    _power_law_bwd[(NP, H, dk // bn)](a, *_contiguous(W, b, P, alpha), dg, d_lm if d_lm is not None else dg,
                                       d_p if d_p is not None else dg, da, mm, ew, B, H, NP,
                                       HAS_DLM=d_lm is not None, HAS_DAP=d_p is not None, DK=dk, BN=bn,
                                       INTERP=_INTERP, DROP=int(BREAK_DERIVATIVE), num_warps=1 if _INTERP else BWD_WARPS)
