@@ -54,30 +54,11 @@ def test_kernel_resources_compile_for_hopper_on_the_cpu(tmp_path):
     assert programs_per_sm(254, 8, 164 * 1024)[0] == 1 and programs_per_sm(168, 4, 16384) == (3, "registers")
     assert main(["kernels", "--resources", "--smoke", "--out", str(tmp_path), "--name", "res"]) == 0
     rows = json.loads((tmp_path / "res.json").read_text())["results"]
-    assert [r["kernel"] for r in rows] == (["_learner_fwd_gluon", "_learner_bwd_rows_gluon", "_learner_fwd",
-                                            "_learner_bwd_rows"] + ["_learner_bwd_weights"] * 2)
+    assert [r["kernel"] for r in rows] == ["_learner_fwd", "_learner_bwd_rows"] + ["_learner_bwd_weights"] * 2
     assert all(r["status"] == "ok" and r["registers"] > 0 and r["per_sm"] >= 1 for r in rows)
-    free, capped = rows[4], rows[5]
+    free, capped = rows[2], rows[3]
     assert capped["config"].endswith(", 128)") and capped["registers"] <= 128 < free["registers"]
     assert "sm_90" in (tmp_path / "res.txt").read_text()
-
-
-def test_gluon_kernels_overlap_their_products_on_hopper():
-    """The hand-scheduled kernels (metric_kernel_gluon) compiled for sm_90 at pldr-110m's learner:
-    two programs an SM, and products left in flight across the gate work (waits at depths 2-5),
-    where the Triton kernels only ever wait for all (depth 0). (The forward does not spill; the
-    row kernel spills under this Triton, 3.9, not under the GPU machine's 3.6.)"""
-    from pldr_dist.bench.kernel_resources import GLUON_FWD, GLUON_ROWS, measure
-    from pldr_dist.model import metric_kernel_gluon as mg
-    from pldr_dist.model.config import preset
-
-    cfg = preset("pldr-110m")
-    for kernel, waits in ((GLUON_FWD, {"2", "3"}), (GLUON_ROWS, {"3", "5"})):
-        row = measure(kernel, cfg, (mg.BM, mg.BH, mg.WARPS, 1), "today")
-        assert row.status == "ok" and row.per_sm >= 2 and (kernel != GLUON_FWD or row.stack_bytes == 0), row
-        assert waits <= set(row.mma_waits.split(",")), (kernel, row.mma_waits)
-    for kernel, config in (("_learner_fwd", (128, 64, 8, 2)), ("_learner_bwd_rows", (128, 64, 8, 2))):
-        assert measure(kernel, cfg, config, "today").mma_waits == "0", kernel
 
 
 def test_head_products_bench_smoke(tmp_path):

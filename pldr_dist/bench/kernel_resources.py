@@ -16,9 +16,6 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 
-# the hand-scheduled Gluon kernels (model/metric_kernel_gluon.py)
-GLUON_FWD, GLUON_ROWS = "_learner_fwd_gluon", "_learner_bwd_rows_gluon"
-GLUON = {GLUON_FWD: "fwd", GLUON_ROWS: "bwd_rows"}
 # sm_90 (H100, H200): per SM 65,536 registers in 4 quadrants, allocated per warp in units of 256;
 # 228 KB of shared memory with 1 KB reserved per program; 64 warps; 32 programs.
 REGS_PER_QUADRANT, SMEM_PER_SM, SMEM_RESERVED, WARPS_PER_SM, PROGRAMS_PER_SM = 16384, 233472, 1024, 64, 32
@@ -34,7 +31,7 @@ class ResourceRow:
     smem_bytes: int = 0    # per program, dynamic
     per_sm: int = 0        # programs an SM holds at once
     limit: str = ""        # what caps per_sm: registers, shared memory, warps
-    mma_waits: str = ""    # the wgmma.wait_group depths in its PTX: "0" alone = every product waited for at once
+    mma_waits: str = ""    # its wgmma.wait_group depths (PTX): "0" alone = each product waited for at once
     status: str = "ok"
     exit_code: int = 0
 
@@ -92,35 +89,23 @@ def _usage(cubin: bytes) -> tuple:
     return int(m.group(1)), int(m.group(2))
 
 
-def _source(kernel: str, cfg, bm: int, bh: int):
-    """What triton.compile takes for one kernel: the Triton kernels' AST, or the Gluon forward's."""
-    if kernel in GLUON:
-        from triton.experimental.gluon._runtime import GluonASTSource
-
-        from ..model import metric_kernel_gluon as mg
-        fn, sig, consts = mg.signature(GLUON[kernel], cfg.head_dim, cfg.a_dff, cfg.num_residual_units,
-                                       cfg.glus_per_unit)
-        return GluonASTSource(fn, sig, constexprs=consts)
-    from triton.compiler import ASTSource
-
-    from ..model import metric_kernel_jit as jit
-    fn = getattr(jit, kernel)
-    sig, consts = _signature(fn, cfg, bm, bh)
-    return ASTSource(fn, sig, constexprs=consts)
-
-
 def measure(kernel: str, cfg, config: tuple, role: str) -> ResourceRow:
     """Compile one kernel config for sm_90 and read back what it takes."""
     import triton
     from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
 
+    from ..model import metric_kernel_jit as jit
     bm, bh, warps, stages = config[:4]
     row = ResourceRow(kernel, str(config), role)
+    fn = getattr(jit, kernel)
+    sig, consts = _signature(fn, cfg, bm, bh)
     options = dict(num_warps=warps, num_stages=stages)
     if len(config) > 4:
         options["maxnreg"] = config[4]
     try:
-        compiled = triton.compile(_source(kernel, cfg, bm, bh), target=GPUTarget("cuda", 90, 32), options=options)
+        compiled = triton.compile(ASTSource(fn, sig, constexprs=consts),
+                                  target=GPUTarget("cuda", 90, 32), options=options)
         row.registers, row.stack_bytes = _usage(compiled.asm["cubin"])
         depths = {int(d) for d in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", compiled.asm["ptx"])}
         row.mma_waits = ",".join(map(str, sorted(depths)))
@@ -138,13 +123,9 @@ def configs(smoke: bool) -> list:
     from . import kernel_sweep as ks
     if smoke:   # one small config a kernel, and the weight-gradient one (~160 registers) capped
         small = (32, 16, 4, 1)
-        return [(GLUON_FWD, (64, 32, 4, 1), "smoke"), (GLUON_ROWS, (64, 16, 4, 1), "smoke"), ("_learner_fwd", small, "smoke"), ("_learner_bwd_rows", small, "smoke"),
+        return [("_learner_fwd", small, "smoke"), ("_learner_bwd_rows", small, "smoke"),
                 ("_learner_bwd_weights", small, "smoke"), ("_learner_bwd_weights", small + (128,), "smoke")]
-    from ..model import metric_kernel_gluon as mg
-    # (their stages are their own weight rings, mg.STAGES / BWD_STAGES, not Triton's)
-    out = [(GLUON_FWD, (mg.BM, mg.BH, mg.WARPS, 1), "today"),
-           (GLUON_ROWS, (mg.BM, mg.BWD_BH, mg.WARPS, 1), "today")] if mg.gluon is not None else []
-    out += [("_learner_fwd", c, "autotuned") for c in mk.FWD_CONFIGS]
+    out = [("_learner_fwd", c, "autotuned") for c in mk.FWD_CONFIGS]
     for kernel, today in (("_learner_bwd_rows", mk.BWD_ROWS_CONFIGS), ("_learner_bwd_weights", mk.WGRAD_CONFIGS)):
         out += [(kernel, c, "today (first)" if i == 0 else "today (fallback)") for i, c in enumerate(today)]
     wgrad = list(ks.WGRAD) + [s["wgrad"] for _, s in ks.COMBOS if "wgrad" in s]

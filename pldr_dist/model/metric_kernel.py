@@ -92,11 +92,6 @@ INTERP_BM, INTERP_BH = 32, 16   # Triton's interpreter (tests): fewer, larger pr
 PROGRAMS_PER_SM = 4  # weight-gradient programs: ~4 per SM over all (chunk, GLU) pairs
 # sigmoid through tanh.approx on the GPU (see glu_kernel.SIGMOID_TANH); read at each call.
 SIGMOID_TANH = True
-# The forward and the backward's row kernel on Hopper through the hand-scheduled Gluon kernels
-# (metric_kernel_gluon.py) where they apply, else the Triton ones; read at each call. Off: on an
-# H100 they were slower (kernels/h100/kernels_sweep: op forward + backward 2.469 against 2.192
-# ms at pldr-110m mb 128, 1.456 against 1.241 at pldr-1b mb 32).
-GLUON_KERNELS = False
 # Tests only: 1 drops the LayerNorm backward's projection term, 2 drops silu's g*s*(1-s)
 # term; the checks must then fail. Read at each call; 0 in normal use.
 BREAK_DERIVATIVE = 0
@@ -119,7 +114,6 @@ def available(x: torch.Tensor) -> bool:
 
 
 if triton is not None:
-    from . import metric_kernel_gluon
     from .metric_kernel_jit import (_learner_bwd_rows, _learner_bwd_weights, _learner_fwd,  # noqa: F401
                                     _learner_sum_partials)
 
@@ -147,11 +141,6 @@ def _tanh() -> bool:
     return SIGMOID_TANH and not _INTERP
 
 
-def _gluon(x: torch.Tensor, dk: int) -> bool:
-    """Whether the Gluon kernels take this call (they compute silu through tanh.approx only)."""
-    return GLUON_KERNELS and SIGMOID_TANH and metric_kernel_gluon.available(x, dk)
-
-
 def _dims(x: torch.Tensor, u1_w: torch.Tensor) -> tuple:
     """(N rows, dk, R, n, a) of a call; refuses what the kernels cannot do."""
     n_rows, dk = x.shape
@@ -176,20 +165,16 @@ def _ln_params(in_w, in_b, norm_w, norm_b):
     return (torch.cat((in_w[None], norm_w)).float().contiguous(), torch.cat((in_b[None], norm_b)).float().contiguous())
 
 
-def _bf16_weights(u1_w, u2_w, u3_w) -> tuple:
-    """The GLU weights as bf16 [R*n, A, DK] tensors, U3 transposed. One cast per call (the
-    kernels then stream half the bytes from L2); U3 [dk, a] is transposed in the same copy,
-    since a TMA row must be a multiple of 16 bytes (a = 170 bf16 is not, dk = 64 is). The
-    parameters themselves are not touched or padded."""
-    R, n, a, dk = u1_w.shape
-    return (u1_w.to(torch.bfloat16).reshape(R * n, a, dk).contiguous(),
-            u2_w.to(torch.bfloat16).reshape(R * n, a, dk).contiguous(),
-            u1_w.new_empty((R * n, a, dk), dtype=torch.bfloat16).copy_(u3_w.transpose(-1, -2).reshape(R * n, a, dk)))
-
-
 def _weight_descs(u1_w, u2_w, u3_w, bh: int) -> list:
-    """TMA descriptors of `_bf16_weights`, read in [1, BH, DK] tiles (zero past A)."""
-    return [TensorDescriptor.from_tensor(w, [1, bh, w.shape[-1]]) for w in _bf16_weights(u1_w, u2_w, u3_w)]
+    """TMA descriptors of the GLU weights as bf16 [R*n, A, DK] tensors read in [1, BH, DK]
+    tiles (zero past A). One cast per call (the kernels then stream half the bytes from L2);
+    U3 [dk, a] is transposed in the same copy, since a TMA row must be a multiple of 16 bytes
+    (a = 170 bf16 is not, dk = 64 is). The parameters themselves are not touched or padded."""
+    R, n, a, dk = u1_w.shape
+    ws = (u1_w.to(torch.bfloat16).reshape(R * n, a, dk).contiguous(),
+          u2_w.to(torch.bfloat16).reshape(R * n, a, dk).contiguous(),
+          u1_w.new_empty((R * n, a, dk), dtype=torch.bfloat16).copy_(u3_w.transpose(-1, -2).reshape(R * n, a, dk)))
+    return [TensorDescriptor.from_tensor(w, [1, bh, dk]) for w in ws]
 
 
 _chosen: dict = {}   # (kernel name, device) -> index of the config in use
@@ -248,18 +233,14 @@ def metric_learner_op(x: Tensor, in_w: Tensor, in_b: Tensor, u1_w: Tensor, u1_b:
     x = _aligned(x)
     n_rows, dk, R, n, a = _dims(x, u1_w)
     lnw, lnb = _ln_params(in_w, in_b, norm_w, norm_b)
+    w1, w2, w3 = _weight_descs(u1_w, u2_w, u3_w, 16)   # tiles set per config (_descriptor_blocks)
     out = torch.empty(n_rows, dk, device=x.device, dtype=torch.float32)
     z = torch.empty(R, n_rows, dk, device=x.device, dtype=torch.float32)
     ys = torch.empty(R * n, n_rows, dk, device=x.device, dtype=torch.bfloat16)
-    if n_rows and _gluon(x, dk):
-        w1, w2, w3 = _bf16_weights(u1_w, u2_w, u3_w)
-        metric_kernel_gluon.forward(x, lnw, lnb, w1, u1_b.contiguous(), w2, u2_b.contiguous(), w3,
-                                    u3_b.contiguous(), out, z, ys, eps)
-    elif n_rows:
+    if n_rows:
         grid = lambda meta: (triton.cdiv(n_rows, meta["BM"]),)  # noqa: E731
         # row descriptors: blocks set per config (_descriptor_blocks)
         xd, outd, zd, ysd = (TensorDescriptor.from_tensor(t, [16] * (t.dim() - 1) + [dk]) for t in (x, out, z, ys))
-        w1, w2, w3 = _weight_descs(u1_w, u2_w, u3_w, 16)   # tiles set per config (_descriptor_blocks)
         _learner_fwd_tuned[grid](xd, lnw, lnb, w1, u1_b.contiguous(), w2, u2_b.contiguous(), w3, u3_b.contiguous(),
                                  outd, zd, ysd, n_rows, eps, A=a, R=R, NG=n, DK=dk, INTERP=_INTERP, TANH=_tanh())
     return out, z, ys
@@ -303,11 +284,7 @@ def metric_learner_backward(dout: Tensor, x: Tensor, z: Tensor, ys: Tensor, in_w
                                             A=a, R=R, NG=n, DK=dk, BH=bh, INTERP=_INTERP, TANH=tanh,
                                             DROP=drop, BM=bm, num_warps=warps, num_stages=stages, maxnreg=maxnreg)
         lnpart[:] = [part]
-    if _gluon(x, dk) and not drop and dout.dtype in (torch.float32, torch.bfloat16):
-        w1, w2, w3 = _bf16_weights(u1_w, u2_w, u3_w)
-        lnpart[:] = [metric_kernel_gluon.bwd_rows(x, z, ys, dout, lnw, w1, b1, w2, b2, w3, dx, dys, eps)]
-    else:
-        _launch_first("_learner_bwd_rows", dev, BWD_ROWS_CONFIGS, rows)
+    _launch_first("_learner_bwd_rows", dev, BWD_ROWS_CONFIGS, rows)
 
     def weights(bm, bh, warps, stages, maxnreg=None):
         nchunk = triton.cdiv(a, bh)
