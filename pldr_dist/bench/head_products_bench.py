@@ -5,7 +5,9 @@ projections give it, bf16) each Triton op of `model.head_products` against the t
 calls it replaces (cuBLAS, eager, on the same tensors): A0 = q^T q, q G, the backward of q G
 (dG = q^T dqG and dq = dqG G^T) and A0's backward product q (dA0 + dA0^T); and the power law
 (`model.power_law_kernel`: forward, G_LM alone as training asks for it, and forward + backward)
-against `PowerLaw.forward` under autocast and its autograd backward. Times are the
+against `PowerLaw.forward` under autocast and its autograd backward; and the output head's
+log-sum-exp pass over the logits (`model.head_loss.row_lse`, [B * S, vocab] bf16) against
+torch.logsumexp. Times are the
 suite's (`kernels._time_graph`: CUDA-graph replays, median of --iters); GB/s counts the bytes
 the op must move (its operands of q's size read once, its outputs written once); errors are
 the relative Frobenius error of the op and of torch, each against fp32 products of the same
@@ -45,7 +47,8 @@ def bench_shape(cfg, shape: str, mb: int, device, iters: int) -> list:
     import torch
     from ..model import head_products as hp
     from .kernels import _time_graph
-    names = ("A0 = q^T q", "q G", "q G backward", "q (dA0 + dA0^T)", "power law", "power law fwd+bwd")
+    names = ("A0 = q^T q", "q G", "q G backward", "q (dA0 + dA0^T)", "power law", "power law fwd+bwd",
+             "loss log-sum-exp")
     if device.type != "cuda":
         return [ProductRow(shape, n, "skipped (needs CUDA)") for n in names]
     h, dk = cfg.num_heads, cfg.head_dim
@@ -64,7 +67,8 @@ def bench_shape(cfg, shape: str, mb: int, device, iters: int) -> list:
          lambda: (dqg @ gb.transpose(-1, -2), q.transpose(-1, -2) @ dqg),
          lambda: (dqgf @ gf.transpose(-1, -2), qf.transpose(-1, -2) @ dqgf), 3 * unit),
         (names[3], lambda: hp.head_product(q, m), lambda: q @ m, lambda: qf @ mf, 2 * unit),
-        *_power_law_cases(cfg, mb, device, g, names[4:]),
+        *_power_law_cases(cfg, mb, device, g, names[4:6]),
+        _lse_case(cfg, mb, device, g, names[6]),
     ]
     rows = []
     for name, op, ref_torch, ref32, gbytes in cases:
@@ -132,10 +136,25 @@ def _power_law_cases(cfg, mb: int, device, g, names) -> list:
             (names[1], op_both, torch_both, exact_both, 5 * gb)]
 
 
+def _lse_case(cfg, mb: int, device, g, name) -> tuple:
+    """(name, op, torch, fp32 reference, GB moved) of the head's log-sum-exp pass: logits
+    [mb * S, vocab] bf16 (the shape `pldr-train` gives it), read once."""
+    import torch
+    from ..model import head_loss
+    logits = (2 * torch.randn(mb * S, cfg.vocab_size, device=device, generator=g)).bfloat16()
+    targets = torch.randint(1, cfg.vocab_size, (mb * S,), device=device, generator=g)
+
+    def exact():   # in row chunks: fp32 copies of all the logits would not fit next to them
+        return torch.cat([torch.logsumexp(c.float(), -1) for c in logits.split(8192)])
+    return (name, lambda: head_loss.row_lse(logits, targets, 0)[0], lambda: torch.logsumexp(logits, -1), exact,
+            logits.numel() * 2 / 1e9)
+
+
 def table(rows: list, device: str) -> str:
     lines = [f"# {device}: the deductive path's products and power law, Triton ops (model/head_products.py, "
-             f"power_law_kernel.py) against torch.matmul / PowerLaw.forward (autocast) on the same tensors; "
-             f"q~ [B, h, {S}, dk] laid out [B, S, h, dk]. Errors: relative, against fp32 on the same bf16 values",
+             f"power_law_kernel.py) against torch.matmul / PowerLaw.forward (autocast) on the same tensors, and the "
+             f"loss's log-sum-exp pass (head_loss.py) against torch.logsumexp; q~ [B, h, {S}, dk] laid out "
+             f"[B, S, h, dk]. Errors: relative, against fp32 on the same bf16 values",
              f"{'shape':<16} {'product':<18} {'op ms':>8} {'torch ms':>9} {'speed-up':>8} {'op GB/s':>8} "
              f"{'op err':>8} {'torch err':>9}  status"]
     for r in rows:
