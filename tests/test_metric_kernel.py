@@ -62,8 +62,9 @@ def test_kernel_resources_compile_for_hopper_on_the_cpu(tmp_path):
 
 
 def test_head_products_bench_smoke(tmp_path):
-    """`pldr-bench kernels --head-products` on a CPU: the four products and the power law listed, skipped (their
-    numerics are the interpreter checks above); on a GPU the same rows are timed."""
+    """`pldr-bench kernels --head-products` on a CPU: the four products, the power law and the loss's log-sum-exp
+    pass listed, skipped (their numerics are the interpreter checks above and tests/head_loss_checks.py); on a
+    GPU the same rows are timed."""
     from pldr_dist.bench.cli import main
 
     assert main(["kernels", "--head-products", "--smoke", "--out", str(tmp_path)]) == 0

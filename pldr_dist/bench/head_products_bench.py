@@ -43,7 +43,7 @@ def _rel(got, ref) -> float:
 
 
 def bench_shape(cfg, shape: str, mb: int, device, iters: int) -> list:
-    """The four products at one shape; each a row."""
+    """The four products, the power law's two rows and the loss pass at one shape; each a row."""
     import torch
     from ..model import head_products as hp
     from .kernels import _time_graph
