@@ -19,6 +19,7 @@ import atexit
 import io
 import os
 import queue as queue_module
+import time
 import traceback
 
 import torch.multiprocessing as mp
@@ -114,12 +115,18 @@ class WorkerGroup:
 
     def close(self, kill: bool = False) -> None:
         if not kill:   # a few seconds to leave the process group; nothing else is left to do
-            import time
-            for q in self.jobs:
-                q.put(None)
-            deadline = time.time() + 5
-            for p in self.procs:
-                p.join(timeout=max(0.1, deadline - time.time()))
+            self.stop()
+        self.join(time.time() + (0 if kill else 5))
+
+    def stop(self) -> None:
+        """Asks each rank to leave its process group and exit."""
+        for q in self.jobs:
+            q.put(None)
+
+    def join(self, deadline: float) -> None:
+        """Waits for the ranks until `deadline` (time.time()), then kills the ones still running."""
+        for p in self.procs:
+            p.join(timeout=max(0.0, deadline - time.time()))
         for p in self.procs:
             if p.is_alive():
                 p.kill()
@@ -130,9 +137,15 @@ _groups: dict[tuple[int, bool], WorkerGroup] = {}
 
 
 def close_worker_groups() -> None:
-    while _groups:
-        _, group = _groups.popitem()
-        group.close()
+    """Every group told to stop at once, then given the same few seconds in all (one at a
+    time, each group's wait for its slowest rank made the session's end ~5 s a group longer)."""
+    groups = list(_groups.values())
+    _groups.clear()
+    for group in groups:
+        group.stop()
+    deadline = time.time() + 5
+    for group in groups:
+        group.join(deadline)
 
 
 atexit.register(close_worker_groups)

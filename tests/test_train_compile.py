@@ -6,15 +6,24 @@ import pytest
 from train_helpers import losses, metric, prepare_data, train
 
 
-def test_compiled_trainer_follows_the_eager_losses(tmp_path):
+@pytest.fixture(scope="module")
+def compiled_run(tmp_path_factory):
+    """One process, train.compile=true, three steps: the compiled trainer's run, and the
+    pipeline layout's reference (steps 1-2 are in warm-up, whose learning rates do not depend
+    on the run's length). Its run folder."""
+    tmp = tmp_path_factory.mktemp("compiled")
+    data = prepare_data(str(tmp / "data"))
+    result = train(data, str(tmp / "run"), nproc=1, sets=["train.steps=3", "train.compile=true"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    return str(tmp / "run")
+
+
+def test_compiled_trainer_follows_the_eager_losses(tmp_path, compiled_run):
     (tmp_path / "data").mkdir()
     data = prepare_data(str(tmp_path / "data"))
-    runs = {}
-    for name, sets in (("eager", []), ("compiled", ["train.compile=true"])):
-        result = train(data, str(tmp_path / name), nproc=1, sets=["train.steps=3"] + sets)
-        assert result.returncode == 0, result.stdout + result.stderr
-        runs[name] = losses(str(tmp_path / name))
-    eager, compiled = runs["eager"], runs["compiled"]
+    result = train(data, str(tmp_path / "eager"), nproc=1, sets=["train.steps=3"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    eager, compiled = losses(str(tmp_path / "eager")), losses(compiled_run)
     assert sorted(compiled) == [1, 2, 3]
     # Step 1 is the same function of the same weights; later steps carry Adam's amplification
     # of fp32 rounding (other kernels, other summation order), ~5e-5 relative here.
@@ -28,28 +37,34 @@ LAYOUTS = {"parallel.tp=2": "layers not compiled (tp/cp > 1)", "parallel.pp=2": 
 # What each layout's fast path is compared with (processes, settings): by default the same
 # layout run eagerly; compiled layers with the same graphs elsewhere (the compiled kernels' fp32
 # rounding moves this tiny model's step-1 gradient norm by ~3e-4 from eager, and cancels out):
-# ZeRO-3's with ZeRO-1's, the pipeline's stages with one process.
+# ZeRO-3's with ZeRO-1's, the pipeline's stages with one process (the `compiled_run` fixture).
 REFERENCE = {"parallel.zero_stage=3": (2, ["parallel.zero_stage=1", "train.compile=true"]),
-             "parallel.pp=2": (1, ["train.compile=true"])}
+             "parallel.pp=2": "compiled_run"}
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_fast_path_under_each_parallel_layout_follows_its_reference(tmp_path, layout):
+def test_fast_path_under_each_parallel_layout_follows_its_reference(tmp_path, layout, request):
     """TP layers are not compiled, but train.compile=true still gives them the fast path's
     modules (fused GLUs, rotary table; the Triton kernels on CUDA); each pipeline stage compiles
     its layers; ZeRO-3 (2 ranks) compiles each layer's forward, its parameters gathered around
     it: same losses. (Its GPU losses against ZeRO-1: docs/multi_gpu.md.)"""
     (tmp_path / "data").mkdir()
     data = prepare_data(str(tmp_path / "data"))
-    runs, norms = {}, {}
-    for name, (nproc, sets) in (("reference", REFERENCE.get(layout, (2, [layout]))),
-                                ("fast", (2, [layout, "train.compile=true"]))):
-        result = train(data, str(tmp_path / name), nproc=nproc, sets=["train.steps=2"] + sets)
+    reference = REFERENCE.get(layout, (2, [layout]))
+    runs_to_start = [("fast", (2, [layout, "train.compile=true"]))]
+    if isinstance(reference, str):
+        dirs = {"reference": request.getfixturevalue(reference)}
+    else:
+        dirs = {}
+        runs_to_start.insert(0, ("reference", reference))
+    for name, (nproc, sets) in runs_to_start:
+        dirs[name] = str(tmp_path / name)
+        result = train(data, dirs[name], nproc=nproc, sets=["train.steps=2"] + sets)
         assert result.returncode == 0, result.stdout + result.stderr
-        runs[name] = losses(str(tmp_path / name))
-        norms[name] = metric(str(tmp_path / name), "grad_norm")
         if name == "fast":
             assert f"fast path: 8 metric-learner GLUs fused (one op per layer), {LAYOUTS[layout]}" in result.stdout, result.stdout
+    runs = {name: losses(d) for name, d in dirs.items()}
+    norms = {name: metric(d, "grad_norm") for name, d in dirs.items()}
     reference, fast = runs["reference"], runs["fast"]
     assert sorted(fast) == [1, 2]
     # Step 1: the same function of the same weights, and its gradient (a lost or zeroed gradient
