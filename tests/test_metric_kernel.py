@@ -72,3 +72,16 @@ def test_head_products_bench_smoke(tmp_path):
     assert [r["product"] for r in rows] == ["A0 = q^T q", "q G", "q G backward", "q (dA0 + dA0^T)", "power law",
                                             "power law fwd+bwd", "loss log-sum-exp"]
     assert all(r["status"] == "skipped (needs CUDA)" for r in rows)
+
+
+def test_warp_specialized_kernels_compile_for_hopper_on_the_cpu():
+    """The Gluon forward and row kernel (metric_kernel_ws) at pldr-110m's learner, compiled for
+    sm_90 here: warp-specialized (each consumer raises its registers), in one SM's shared
+    memory, and the forward keeps products in flight across its silu work (waits at depths > 0),
+    which no Triton kernel does. Their numbers are checked on the GPU (`pldr-bench kernels`)."""
+    from pldr_dist.bench.kernel_resources import WS_KERNELS, measure_ws
+    from pldr_dist.model.config import preset
+
+    rows = {k: measure_ws(k, preset("pldr-110m")) for k in WS_KERNELS}
+    assert all(r.status == "ok" and r.per_sm == 1 for r in rows.values()), rows
+    assert {"1", "2", "3"} <= set(rows["_learner_fwd_ws"].mma_waits.split(",")), rows

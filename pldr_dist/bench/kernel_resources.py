@@ -117,6 +117,57 @@ def measure(kernel: str, cfg, config: tuple, role: str) -> ResourceRow:
     return row
 
 
+WS_KERNELS = ("_learner_fwd_ws", "_learner_bwd_rows_ws")
+
+
+def measure_ws(kernel: str, cfg) -> ResourceRow:
+    """The warp-specialized Gluon kernel (metric_kernel_ws) compiled for sm_90 as the op launches
+    it: one program an SM of two consumer warpgroups and a producer warp. `registers` is the
+    launch cap; each consumer then raises its own to CONSUMER_REGS (setmaxnreg)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from ..model import metric_kernel_ws as ws
+    stages = ws.FWD_STAGES if kernel == "_learner_fwd_ws" else ws.ROWS_STAGES
+    row = ResourceRow(kernel, f"({ws.ROWS}, {ws.CHUNK}, 4+4+1 warps, {stages} stages)", "today (Hopper)")
+    dk = cfg.head_dim
+
+    def desc(dtype, block):
+        layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16 if dtype == "bf16" else gl.float32)
+        return f"tensordesc<{dtype}[{', '.join(map(str, block))}],{layout!r}>"
+    values = dict(A=cfg.a_dff, R=cfg.num_residual_units, NG=cfg.glus_per_unit, DK=dk,
+                  NCH=triton.cdiv(cfg.a_dff, ws.CHUNK), S=stages, CREGS=ws.CONSUMER_REGS)
+    fn = getattr(ws, kernel)
+    sig = {}
+    for p in fn.params:
+        if p.name in values:
+            sig[p.name] = "constexpr"
+        elif p.name == "bias_desc":
+            sig[p.name] = desc("fp32", [4, ws.CHUNK])
+        elif p.name in _DESCRIPTORS:
+            sig[p.name] = desc(_DESCRIPTORS[p.name][0], [ws.ROWS // 2 if _DESCRIPTORS[p.name][1] != "weight"
+                                                         else ws.CHUNK, dk])
+        else:
+            sig[p.name] = _SCALARS.get(p.name, "*fp32")
+    try:
+        compiled = triton.compile(GluonASTSource(fn, sig, constexprs=values), target=GPUTarget("cuda", 90, 32),
+                                  options=dict(num_warps=4, maxnreg=ws.MAX_REGS))
+        row.registers, row.stack_bytes = _usage(compiled.asm["cubin"])
+        ptx = compiled.asm["ptx"]
+        depths = {int(d) for d in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)}
+        row.mma_waits = ",".join(map(str, sorted(depths)))
+        if "setmaxnreg" not in ptx:
+            row.status = "not warp-specialized (no setmaxnreg)"
+    except Exception as e:   # noqa: BLE001 - a kernel the compiler refuses is a row, not a failure
+        row.status = f"refused: {str(e).splitlines()[0][:80]}"
+        return row
+    row.smem_bytes = compiled.metadata.shared
+    row.per_sm, row.limit = programs_per_sm(ws.MAX_REGS, 12, row.smem_bytes)
+    return row
+
+
 def configs(smoke: bool) -> list:
     """(kernel, config, role): today's lists, then the sweep's candidates."""
     from ..model import metric_kernel as mk
@@ -153,7 +204,8 @@ def run(a, cfg, log=print) -> list:
     except ImportError:
         raise InputError("--resources compiles the kernels with Triton, which is not installed: "
                          "pip install triton (or pip install -e '.[test]')") from None
-    rows = [measure(kernel, cfg, config, role) for kernel, config, role in configs(a.smoke)]
+    rows = [] if a.smoke else [measure_ws(kernel, cfg) for kernel in WS_KERNELS]
+    rows += [measure(kernel, cfg, config, role) for kernel, config, role in configs(a.smoke)]
     title = (f"# whole-learner kernels compiled for sm_90 (H100 / H200) on {report.device_name('cpu')}, Triton "
              f"{triton.__version__}; a_dff {cfg.a_dff}, dk {cfg.head_dim}, R {cfg.num_residual_units}, "
              f"n {cfg.glus_per_unit}. per SM: programs resident at once")

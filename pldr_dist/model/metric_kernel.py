@@ -46,6 +46,11 @@ LayerNorms, gating and the residual stream in fp32. The output is fp32 (what aut
 LayerNorm hands the power law), dx has x's dtype, weight gradients their parameter's dtype.
 On CPUs the learner stays plain PyTorch (`plga.MetricLearner`); CPU tests run these kernels
 in Triton's interpreter (TRITON_INTERPRET=1).
+
+On Hopper GPUs (dk = 64, whole 128-row blocks) the forward and step 1 run as warp-specialized
+Gluon kernels instead (`metric_kernel_ws`: a producer warp streams the weight tiles to two
+consumer warpgroups that share them), with the same algorithm, saved tensors and outputs;
+step 2 and 3 are the same for both.
 """
 from __future__ import annotations
 
@@ -92,6 +97,9 @@ INTERP_BM, INTERP_BH = 32, 16   # Triton's interpreter (tests): fewer, larger pr
 PROGRAMS_PER_SM = 4  # weight-gradient programs: ~4 per SM over all (chunk, GLU) pairs
 # sigmoid through tanh.approx on the GPU (see glu_kernel.SIGMOID_TANH); read at each call.
 SIGMOID_TANH = True
+# The forward and the backward's row kernel on Hopper through the warp-specialized Gluon kernels
+# (metric_kernel_ws.py) where they apply, else the Triton ones below; read at each call.
+WS_KERNELS = True
 # Tests only: 1 drops the LayerNorm backward's projection term, 2 drops silu's g*s*(1-s)
 # term; the checks must then fail. Read at each call; 0 in normal use.
 BREAK_DERIVATIVE = 0
@@ -114,6 +122,7 @@ def available(x: torch.Tensor) -> bool:
 
 
 if triton is not None:
+    from . import metric_kernel_ws
     from .metric_kernel_jit import (_learner_bwd_rows, _learner_bwd_weights, _learner_fwd,  # noqa: F401
                                     _learner_sum_partials)
 
@@ -165,16 +174,26 @@ def _ln_params(in_w, in_b, norm_w, norm_b):
     return (torch.cat((in_w[None], norm_w)).float().contiguous(), torch.cat((in_b[None], norm_b)).float().contiguous())
 
 
-def _weight_descs(u1_w, u2_w, u3_w, bh: int) -> list:
-    """TMA descriptors of the GLU weights as bf16 [R*n, A, DK] tensors read in [1, BH, DK]
-    tiles (zero past A). One cast per call (the kernels then stream half the bytes from L2);
-    U3 [dk, a] is transposed in the same copy, since a TMA row must be a multiple of 16 bytes
-    (a = 170 bf16 is not, dk = 64 is). The parameters themselves are not touched or padded."""
+def _bf16_weights(u1_w, u2_w, u3_w) -> tuple:
+    """The GLU weights as bf16 [R*n, A, DK] tensors, U3 transposed. One cast per call (the
+    kernels then stream half the bytes from L2); U3 [dk, a] is transposed in the same copy,
+    since a TMA row must be a multiple of 16 bytes (a = 170 bf16 is not, dk = 64 is). The
+    parameters themselves are not touched or padded."""
     R, n, a, dk = u1_w.shape
-    ws = (u1_w.to(torch.bfloat16).reshape(R * n, a, dk).contiguous(),
-          u2_w.to(torch.bfloat16).reshape(R * n, a, dk).contiguous(),
-          u1_w.new_empty((R * n, a, dk), dtype=torch.bfloat16).copy_(u3_w.transpose(-1, -2).reshape(R * n, a, dk)))
-    return [TensorDescriptor.from_tensor(w, [1, bh, dk]) for w in ws]
+    return (u1_w.to(torch.bfloat16).reshape(R * n, a, dk).contiguous(),
+            u2_w.to(torch.bfloat16).reshape(R * n, a, dk).contiguous(),
+            u1_w.new_empty((R * n, a, dk), dtype=torch.bfloat16).copy_(u3_w.transpose(-1, -2).reshape(R * n, a, dk)))
+
+
+def _weight_descs(u1_w, u2_w, u3_w, bh: int) -> list:
+    """TMA descriptors of `_bf16_weights`, read in [1, BH, DK] tiles (zero past A)."""
+    return [TensorDescriptor.from_tensor(w, [1, bh, w.shape[-1]]) for w in _bf16_weights(u1_w, u2_w, u3_w)]
+
+
+def _ws(x: torch.Tensor, dk: int) -> bool:
+    """Whether the warp-specialized kernels take this call (they compute silu through
+    tanh.approx only and have no deliberately broken derivative)."""
+    return WS_KERNELS and SIGMOID_TANH and not BREAK_DERIVATIVE and metric_kernel_ws.available(x, dk)
 
 
 _chosen: dict = {}   # (kernel name, device) -> index of the config in use
@@ -207,6 +226,10 @@ def chosen_configs() -> dict:
             out[f"_learner_fwd {key}"] = str(cfg)
     for (name, dev), i in _chosen.items():
         out[f"{name}@{dev}"] = {"_learner_bwd_rows": BWD_ROWS_CONFIGS, "_learner_bwd_weights": WGRAD_CONFIGS}[name][i]
+    if WS_KERNELS and triton is not None and metric_kernel_ws.gluon is not None:
+        out["on Hopper (dk 64, whole 128-row blocks)"] = (
+            f"forward and row kernel warp-specialized (metric_kernel_ws: {metric_kernel_ws.FWD_STAGES} / "
+            f"{metric_kernel_ws.ROWS_STAGES} ring stages)")
     return out
 
 
@@ -233,11 +256,14 @@ def metric_learner_op(x: Tensor, in_w: Tensor, in_b: Tensor, u1_w: Tensor, u1_b:
     x = _aligned(x)
     n_rows, dk, R, n, a = _dims(x, u1_w)
     lnw, lnb = _ln_params(in_w, in_b, norm_w, norm_b)
-    w1, w2, w3 = _weight_descs(u1_w, u2_w, u3_w, 16)   # tiles set per config (_descriptor_blocks)
     out = torch.empty(n_rows, dk, device=x.device, dtype=torch.float32)
     z = torch.empty(R, n_rows, dk, device=x.device, dtype=torch.float32)
     ys = torch.empty(R * n, n_rows, dk, device=x.device, dtype=torch.bfloat16)
-    if n_rows:
+    if n_rows and _ws(x, dk):
+        w1, w2, w3 = _bf16_weights(u1_w, u2_w, u3_w)
+        metric_kernel_ws.forward(x, lnw, lnb, w1, u1_b.float(), w2, u2_b.float(), w3, u3_b.float(), out, z, ys, eps)
+    elif n_rows:
+        w1, w2, w3 = _weight_descs(u1_w, u2_w, u3_w, 16)   # tiles set per config (_descriptor_blocks)
         grid = lambda meta: (triton.cdiv(n_rows, meta["BM"]),)  # noqa: E731
         # row descriptors: blocks set per config (_descriptor_blocks)
         xd, outd, zd, ysd = (TensorDescriptor.from_tensor(t, [16] * (t.dim() - 1) + [dk]) for t in (x, out, z, ys))
@@ -284,7 +310,12 @@ def metric_learner_backward(dout: Tensor, x: Tensor, z: Tensor, ys: Tensor, in_w
                                             A=a, R=R, NG=n, DK=dk, BH=bh, INTERP=_INTERP, TANH=tanh,
                                             DROP=drop, BM=bm, num_warps=warps, num_stages=stages, maxnreg=maxnreg)
         lnpart[:] = [part]
-    _launch_first("_learner_bwd_rows", dev, BWD_ROWS_CONFIGS, rows)
+    if _ws(x, dk):
+        w1, w2, w3 = _bf16_weights(u1_w, u2_w, u3_w)
+        lnpart[:] = [metric_kernel_ws.backward_rows(x, z, ys, dout, lnw, w1, b1.float(), w2, b2.float(), w3, dx, dys,
+                                                    eps)]
+    else:
+        _launch_first("_learner_bwd_rows", dev, BWD_ROWS_CONFIGS, rows)
 
     def weights(bm, bh, warps, stages, maxnreg=None):
         nchunk = triton.cdiv(a, bh)

@@ -1,0 +1,427 @@
+"""The learner op's forward and row kernel, warp-specialized in Gluon for Hopper (sm_90), issue #24.
+
+Why: compiled by Triton, the forward and the backward's row kernel wait for each warpgroup MMA
+right after issuing it (`pldr-bench kernels --resources`: every Triton kernel waits at depth 0
+only) and hold one 8-warp program an SM, so the tensor cores idle during the silu work and the
+CUDA cores during the products. Here each program (one an SM, persistent over 128-row blocks)
+has three partitions:
+
+- a producer warp streams the weight tiles of each 64-unit hidden chunk (U1, U2, U3^T rows and
+  the chunk's biases, ~25 KB) from L2 through a ring of TMA buffers;
+- two consumer warpgroups, 64 rows each, read every tile from that ring (weights shared by 128
+  rows) and run their own products and elementwise work. They meet only at the ring's barriers,
+  so while one waits for its products the other's silu runs; in the forward each also keeps the
+  next chunk's gate/up products in flight during its own silu.
+
+A hand-scheduled single-warpgroup kernel without the producer and the shared ring (commit
+3f193be) was slower than Triton's; this one runs the forward 1.44x and the row kernel <see
+docs/performance.md> faster (pldr-110m mb 128, H100, `pldr-bench kernels --sweep`).
+
+The algorithm, saved tensors and numerics are metric_kernel's (bf16 operands, fp32 accumulation,
+LayerNorms and residual stream in fp32; silu through tanh.approx): the same out, z, ys and the
+same dx, dys and LayerNorm partials (per 64 rows), so the weight-gradient kernel is unchanged.
+GPU only: Gluon has no CPU interpreter, so the CPU tests compile these kernels for sm_90 and the
+GPU suites check them against fp32 and against the Triton kernels.
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
+                                                                  warpgroup_mma, warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    # TMA copies: async_load / async_store since Triton 3.7, async_copy_* before (the GPU
+    # machine's torch 2.11 ships Triton 3.6)
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
+except ImportError:   # older Triton or CPU-only installs: the Triton kernels are used
+    gluon = None
+
+ROWS = 128          # rows a block: 64 per consumer warpgroup (one wgmma M)
+CHUNK = 64          # hidden units a ring step (= dk: gate/up accumulators share the output's layout)
+FWD_STAGES = 5      # ring depth (~25 KB a step): 4 -> 0.397, 3 -> 0.411 ms against 0.388 (pldr-110m mb 128, H100)
+ROWS_STAGES = 3
+CONSUMER_REGS = 240  # per consumer thread; the producer's warpgroup gives its registers up (24)
+MAX_REGS = 168       # at launch: 12 warps (the producer's warp rounds up to a warpgroup) x 168 fill an SM
+
+
+def available(x: torch.Tensor, dk: int) -> bool:
+    """Whether these kernels run on rows x [N, dk]: Gluon, a Hopper GPU, dk = 64 and whole
+    128-row blocks (N = batch * heads * 64: an even batch * heads)."""
+    return (gluon is not None and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] == 9
+            and x.dtype in (torch.bfloat16, torch.float32) and dk == CHUNK and x.shape[0] % ROWS == 0)
+
+
+if gluon is not None:
+    _BM = gl.constexpr(ROWS // 2)
+    _BH = gl.constexpr(CHUNK)
+
+    @gluon.jit
+    def _sigmoid(g):
+        t = gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [0.5 * g], dtype=gl.float32,
+                                      is_pure=True, pack=1)
+        return 0.5 + 0.5 * t
+
+    @gluon.jit
+    def _layer_norm(s, w_ptr, b_ptr, cols, eps, DK: gl.constexpr):
+        """LayerNorm of each row of s [64, DK] fp32; weight/bias fp32."""
+        mean = gl.sum(s, axis=1) / DK
+        d = s - gl.expand_dims(mean, 1)
+        rstd = 1.0 / gl.sqrt(gl.sum(d * d, axis=1) / DK + eps)
+        return (d * gl.expand_dims(rstd, 1) * gl.expand_dims(gl.load(w_ptr + cols), 0)
+                + gl.expand_dims(gl.load(b_ptr + cols), 0))
+
+    @gluon.jit
+    def _layer_norm_bwd(s, dout, w_ptr, cols, eps, DK: gl.constexpr):
+        """(ds, dweight, dbias) of out = LayerNorm(s), statistics recomputed from s."""
+        mean = gl.sum(s, axis=1) / DK
+        d = s - gl.expand_dims(mean, 1)
+        rstd = gl.expand_dims(1.0 / gl.sqrt(gl.sum(d * d, axis=1) / DK + eps), 1)
+        xhat = d * rstd
+        dxhat = dout * gl.expand_dims(gl.load(w_ptr + cols), 0)
+        c1 = gl.expand_dims(gl.sum(dxhat, axis=1) / DK, 1)
+        c2 = gl.expand_dims(gl.sum(dxhat * xhat, axis=1) / DK, 1)
+        return (dxhat - c1 - xhat * c2) * rstd, gl.sum(dout * xhat, axis=0), gl.sum(dout, axis=0)
+
+    @gluon.jit
+    def _producer(ring, own, A: gl.constexpr, R: gl.constexpr, NG: gl.constexpr, DK: gl.constexpr,
+                  NCH: gl.constexpr, S: gl.constexpr, HALF: gl.constexpr, BACKWARD: gl.constexpr):
+        """Streams step t = (block, GLU, chunk) into slot t % S once both consumers freed it: the
+        GLUs in order (forward) or in reverse (backward), the same sequence the consumers walk.
+        Rows past a GLU's a_dff read the next GLU's (its biases are zero there and the consumers
+        zero those units)."""
+        (w1_desc, w2_desc, w3_desc, bias_desc, N, w1_s, w2_s, w3_s, bias_s, ready, empty) = ring
+        nbytes: gl.constexpr = 3 * w1_desc.block_type.nbytes + bias_desc.block_type.nbytes
+        t = 0
+        for blk in range(gl.program_id(0), gl.cdiv(N, 2 * _BM), gl.num_programs(0)):
+            for k in range(R * NG):
+                gi = R * NG - 1 - k if BACKWARD else k
+                for c in gl.static_range(NCH):
+                    s = t % S
+                    mbarrier.wait(empty.index(s), ((t // S) & 1) ^ 1)
+                    bar = ready.index(s)
+                    mbarrier.expect(bar, nbytes)
+                    row = gi * A + c * _BH
+                    _tma_load(w1_desc, [row, 0], bar, w1_s.index(s))
+                    _tma_load(w2_desc, [row, 0], bar, w2_s.index(s))
+                    _tma_load(w3_desc, [row, 0], bar, w3_s.index(s))
+                    _tma_load(bias_desc, [(gi * NCH + c) * 4, 0], bar, bias_s.index(s))
+                    t += 1
+
+    @gluon.jit
+    def _release(empty, t, S: gl.constexpr):
+        """This consumer is done with step t's slot (its products have retired)."""
+        fence_async_shared()
+        mbarrier.arrive(empty.index(t % S), count=1)
+
+    @gluon.jit
+    def _fwd_consumer(ring, own, A: gl.constexpr, R: gl.constexpr, NG: gl.constexpr, DK: gl.constexpr,
+                      NCH: gl.constexpr, S: gl.constexpr, HALF: gl.constexpr, BACKWARD: gl.constexpr):
+        """Rows HALF*64 ... of each block through LN_0 and all R units (metric_kernel's forward)."""
+        (w1_desc, w2_desc, w3_desc, bias_desc, N, w1_s, w2_s, w3_s, bias_s, ready, empty) = ring
+        (x_desc, out_desc, z_desc, ys_desc, lnw_ptr, lnb_ptr, eps, io_s, a_s, y_s, bars) = own
+        acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, DK, 16])
+        op_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
+        cols = gl.arange(0, DK, layout=gl.SliceLayout(0, acc_l))
+        io, a_sm, ysb, bar = io_s.index(HALF), a_s.index(HALF), y_s.index(HALF), bars.index(HALF)
+        zero = gl.zeros([_BM, DK], gl.float32, acc_l)
+        t = 0
+        phase = 0
+        for blk in range(gl.program_id(0), gl.cdiv(N, 2 * _BM), gl.num_programs(0)):
+            row0 = blk * (2 * _BM) + HALF * _BM
+            tma.store_wait(0)                        # the last block's out has left io
+            mbarrier.expect(bar, x_desc.block_type.nbytes)
+            if x_desc.dtype == gl.float32:           # A0 rows land in the staging buffer of their dtype
+                _tma_load(x_desc, [row0, 0], bar, io)
+                mbarrier.wait(bar, phase)
+                x = io.load(acc_l)
+            else:
+                _tma_load(x_desc, [row0, 0], bar, ysb)
+                mbarrier.wait(bar, phase)
+                x = ysb.load(acc_l).to(gl.float32)
+            phase ^= 1
+            a = _layer_norm(x, lnw_ptr, lnb_ptr, cols, eps, DK)
+            for r in range(R):
+                a_sm.store(a)                        # the unit's input, for its residual: not in registers
+                y = a
+                for jg in gl.static_range(NG):
+                    gi = r * NG + jg
+                    y16 = y.to(gl.bfloat16)
+                    tma.store_wait(0)
+                    ysb.store(y16)
+                    fence_async_shared()
+                    _tma_store(ys_desc, [gi * N + row0, 0], ysb)
+                    yb = gl.convert_layout(y16, op_l)    # operand A from registers for every chunk
+                    s = t % S
+                    mbarrier.wait(ready.index(s), (t // S) & 1)
+                    g = warpgroup_mma(yb, w1_s.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
+                    u = warpgroup_mma(yb, w2_s.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
+                    acc = zero + bias_s.index(s).slice(2, 1).load(acc_l)     # c3 starts the sum
+                    hb = gl.zeros([_BM, _BH], gl.bfloat16, op_l)
+                    for c in gl.static_range(NCH):
+                        s = t % S
+                        b1 = bias_s.index(s).slice(0, 1).load(acc_l)
+                        b2 = bias_s.index(s).slice(1, 1).load(acc_l)
+                        if c + 1 < NCH:                  # the next chunk's gate/up go in flight first
+                            s1 = (t + 1) % S
+                            mbarrier.wait(ready.index(s1), ((t + 1) // S) & 1)
+                            gn = warpgroup_mma(yb, w1_s.index(s1).permute((1, 0)), zero, use_acc=False,
+                                               is_async=True)
+                            un = warpgroup_mma(yb, w2_s.index(s1).permute((1, 0)), zero, use_acc=False,
+                                               is_async=True)
+                            if c == 0:                   # in flight: g, u, gn, un
+                                g, u, hb = warpgroup_mma_wait(2, deps=(g, u, hb))
+                            else:                        # g, u, acc (chunk c-1), gn, un
+                                g, u, hb = warpgroup_mma_wait(3, deps=(g, u, hb))
+                        else:
+                            if c == 0:
+                                g, u, hb = warpgroup_mma_wait(0, deps=(g, u, hb))
+                            else:
+                                g, u, hb = warpgroup_mma_wait(1, deps=(g, u, hb))
+                        if c >= 2:                       # chunk c-2's output product has retired
+                            _release(empty, t - 2, S)
+                        gb = g + b1
+                        h = gb * _sigmoid(gb) * (u + b2)
+                        if (c + 1) * _BH > A:            # units past a_dff: zero, whatever the tiles held
+                            h = gl.where(gl.expand_dims(c * _BH + cols < A, 0), h, 0.0)
+                        hb = gl.convert_layout(h.to(gl.bfloat16), op_l)
+                        acc = warpgroup_mma(hb, w3_s.index(s), acc, is_async=True)
+                        t += 1
+                        if c + 1 < NCH:
+                            g = gn
+                            u = un
+                    y, hb, yb = warpgroup_mma_wait(0, deps=(acc, hb, yb))
+                    for k in gl.static_range(2 if NCH >= 2 else 1):
+                        _release(empty, t - 1 - k, S)
+                z = y + a_sm.load(acc_l)
+                tma.store_wait(0)
+                io.store(z)
+                fence_async_shared()
+                _tma_store(z_desc, [r * N + row0, 0], io)
+                a = _layer_norm(z, lnw_ptr + (r + 1) * DK, lnb_ptr + (r + 1) * DK, cols, eps, DK)
+            tma.store_wait(0)
+            io.store(a)
+            fence_async_shared()
+            _tma_store(out_desc, [row0, 0], io)
+        tma.store_wait(0)
+
+    @gluon.jit
+    def _rows_consumer(ring, own, A: gl.constexpr, R: gl.constexpr, NG: gl.constexpr, DK: gl.constexpr,
+                       NCH: gl.constexpr, S: gl.constexpr, HALF: gl.constexpr, BACKWARD: gl.constexpr):
+        """Rows HALF*64 ... of each block back through all units (metric_kernel's row kernel):
+        dx, every GLU's output gradient dys and the block's LayerNorm partials. Each GLU's input
+        comes from ys one GLU ahead (double buffer), each unit's z one unit ahead."""
+        (w1_desc, w2_desc, w3_desc, bias_desc, N, w1_s, w2_s, w3_s, bias_s, ready, empty) = ring
+        (x_desc, z_desc, ys_desc, dout_desc, dx_desc, dys_desc, lnw_ptr, part_ptr, eps, x_s, z_s, y_s, dy_s,
+         bars) = own
+        acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, DK, 16])
+        op_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
+        cols = gl.arange(0, DK, layout=gl.SliceLayout(0, acc_l))
+        G: gl.constexpr = R * NG
+        xs, zs, dys = x_s.index(HALF), z_s.index(HALF), dy_s.index(HALF)
+        xbar, zbar = bars.index(4 * HALF), bars.index(4 * HALF + 1)
+        zero = gl.zeros([_BM, DK], gl.float32, acc_l)
+        t = 0
+        xph = 0
+        zph = 0
+        yk = 0          # GLUs begun: ys arrives in buffer yk % 2 with phase (yk // 2) & 1
+        for blk in range(gl.program_id(0), gl.cdiv(N, 2 * _BM), gl.num_programs(0)):
+            row0 = blk * (2 * _BM) + HALF * _BM
+            part = part_ptr + (blk * 2 + HALF) * (R + 1) * 2 * DK
+            tma.store_wait(0)                        # the last block's dx has left x_s
+            mbarrier.expect(xbar, x_desc.block_type.nbytes)
+            _tma_load(x_desc, [row0, 0], xbar, xs)
+            mbarrier.expect(zbar, dout_desc.block_type.nbytes)
+            _tma_load(dout_desc, [row0, 0], zbar, zs)
+            ybar = bars.index(4 * HALF + 2 + yk % 2)
+            mbarrier.expect(ybar, ys_desc.block_type.nbytes)
+            _tma_load(ys_desc, [(G - 1) * N + row0, 0], ybar, y_s.index(2 * HALF + yk % 2))
+            mbarrier.wait(zbar, zph)
+            zph ^= 1
+            da = zs.load(acc_l)                      # d loss / d (output of the unit below)
+            fence_async_shared()
+            mbarrier.expect(zbar, z_desc.block_type.nbytes)
+            _tma_load(z_desc, [(R - 1) * N + row0, 0], zbar, zs)
+            for rr in range(R):
+                r = R - 1 - rr
+                mbarrier.wait(zbar, zph)
+                zph ^= 1
+                dz, dgam, dbet = _layer_norm_bwd(zs.load(acc_l), da, lnw_ptr + (r + 1) * DK, cols, eps, DK)
+                fence_async_shared()
+                if r > 0:
+                    mbarrier.expect(zbar, z_desc.block_type.nbytes)
+                    _tma_load(z_desc, [(r - 1) * N + row0, 0], zbar, zs)
+                gl.store(part + (r + 1) * 2 * DK + cols, dgam)
+                gl.store(part + (r + 1) * 2 * DK + DK + cols, dbet)
+                dy = dz                              # z_r = GLUs(a_r) + a_r
+                for jj in gl.static_range(NG):
+                    gi = r * NG + NG - 1 - jj
+                    dy16 = dy.to(gl.bfloat16)
+                    tma.store_wait(0)
+                    dys.store(dy16)
+                    fence_async_shared()
+                    _tma_store(dys_desc, [gi * N + row0, 0], dys)
+                    dyb = gl.convert_layout(dy16, op_l)
+                    mbarrier.wait(bars.index(4 * HALF + 2 + yk % 2), (yk // 2) & 1)
+                    yb = y_s.index(2 * HALF + yk % 2).load(op_l)
+                    fence_async_shared()
+                    yk += 1
+                    if gi > 0:                       # the next GLU's input into the other buffer
+                        nbar = bars.index(4 * HALF + 2 + yk % 2)
+                        mbarrier.expect(nbar, ys_desc.block_type.nbytes)
+                        _tma_load(ys_desc, [(gi - 1) * N + row0, 0], nbar, y_s.index(2 * HALF + yk % 2))
+                    dx = zero
+                    for c in gl.static_range(NCH):
+                        s = t % S
+                        mbarrier.wait(ready.index(s), (t // S) & 1)
+                        g = warpgroup_mma(yb, w1_s.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
+                        u = warpgroup_mma(yb, w2_s.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
+                        dh = warpgroup_mma(dyb, w3_s.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
+                        b1 = bias_s.index(s).slice(0, 1).load(acc_l)
+                        b2 = bias_s.index(s).slice(1, 1).load(acc_l)
+                        g, u, dh, dx = warpgroup_mma_wait(0, deps=(g, u, dh, dx))
+                        if c >= 1:                   # chunk c-1's input-gradient products have retired
+                            _release(empty, t - 1, S)
+                        gb = g + b1
+                        sg = _sigmoid(gb)
+                        dg = dh * (u + b2) * (sg * (1.0 + gb * (1.0 - sg)))
+                        du = dh * gb * sg
+                        if (c + 1) * _BH > A:
+                            keep = gl.expand_dims(c * _BH + cols < A, 0)
+                            dg = gl.where(keep, dg, 0.0)
+                            du = gl.where(keep, du, 0.0)
+                        dgb = gl.convert_layout(dg.to(gl.bfloat16), op_l)
+                        dub = gl.convert_layout(du.to(gl.bfloat16), op_l)
+                        dx = warpgroup_mma(dgb, w1_s.index(s), dx, is_async=True)
+                        dx = warpgroup_mma(dub, w2_s.index(s), dx, is_async=True)
+                        t += 1
+                    dx, dgb, dub, yb, dyb = warpgroup_mma_wait(0, deps=(dx, dgb, dub, yb, dyb))
+                    _release(empty, t - 1, S)
+                    dy = dx
+                da = dz + dy                         # residual branch + GLU chain
+            mbarrier.wait(xbar, xph)
+            xph ^= 1
+            dxr, dgam, dbet = _layer_norm_bwd(xs.load(acc_l).to(gl.float32), da, lnw_ptr, cols, eps, DK)
+            gl.store(part + cols, dgam)
+            gl.store(part + DK + cols, dbet)
+            xs.store(dxr.to(xs.dtype))
+            fence_async_shared()
+            _tma_store(dx_desc, [row0, 0], xs)
+        tma.store_wait(0)
+
+    @gluon.jit
+    def _ring(w1_desc, w2_desc, w3_desc, bias_desc, N, S: gl.constexpr, DK: gl.constexpr):
+        """The weight ring's buffers and barriers (`empty` counts both consumers)."""
+        ready = gl.allocate_shared_memory(gl.int64, [S, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [S, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(S):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=2)
+        return (w1_desc, w2_desc, w3_desc, bias_desc, N,
+                gl.allocate_shared_memory(gl.bfloat16, [S, _BH, DK], w1_desc.layout),
+                gl.allocate_shared_memory(gl.bfloat16, [S, _BH, DK], w2_desc.layout),
+                gl.allocate_shared_memory(gl.bfloat16, [S, _BH, DK], w3_desc.layout),
+                gl.allocate_shared_memory(gl.float32, [S, 4, DK], bias_desc.layout), ready, empty)
+
+    @gluon.jit
+    def _barriers(n: gl.constexpr):
+        bars = gl.allocate_shared_memory(gl.int64, [n, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(n):
+            mbarrier.init(bars.index(i), count=1)
+        return bars
+
+    @gluon.jit
+    def _learner_fwd_ws(x_desc, w1_desc, w2_desc, w3_desc, bias_desc, out_desc, z_desc, ys_desc, lnw_ptr, lnb_ptr,
+                        N, eps, A: gl.constexpr, R: gl.constexpr, NG: gl.constexpr, DK: gl.constexpr,
+                        NCH: gl.constexpr, S: gl.constexpr, CREGS: gl.constexpr):
+        """Row descriptors are 2-d: x, out [N, DK]; z [R*N, DK]; ys [R*NG*N, DK]; weights
+        [R*NG*A, DK] (U3 transposed) and biases [R*NG*NCH*4, 64] (c1, c2, c3, 0 of each chunk)."""
+        ring = _ring(w1_desc, w2_desc, w3_desc, bias_desc, N, S, DK)
+        own = (x_desc, out_desc, z_desc, ys_desc, lnw_ptr, lnb_ptr, eps,
+               gl.allocate_shared_memory(gl.float32, [2, _BM, DK], z_desc.layout),    # x / z / out staging
+               gl.allocate_shared_memory(gl.float32, [2, _BM, DK], z_desc.layout),    # the unit's input
+               gl.allocate_shared_memory(gl.bfloat16, [2, _BM, DK], ys_desc.layout),  # ys staging
+               _barriers(2))
+        gl.warp_specialize([
+            (_fwd_consumer, (ring, own, A, R, NG, DK, NCH, S, 0, False)),
+            (_fwd_consumer, (ring, own, A, R, NG, DK, NCH, S, 1, False)),
+            (_producer, (ring, own, A, R, NG, DK, NCH, S, 1, False)),
+        ], [4, 1], [CREGS, 24])
+
+    @gluon.jit
+    def _learner_bwd_rows_ws(x_desc, z_desc, ys_desc, dout_desc, w1_desc, w2_desc, w3_desc, bias_desc, dx_desc,
+                             dys_desc, lnw_ptr, part_ptr, N, eps, A: gl.constexpr, R: gl.constexpr,
+                             NG: gl.constexpr, DK: gl.constexpr, NCH: gl.constexpr, S: gl.constexpr,
+                             CREGS: gl.constexpr):
+        """Descriptors as `_learner_fwd_ws`'s (dout, dx [N, DK]; dys [R*NG*N, DK]); part
+        [N / 64, R+1, 2, DK] fp32: (dweight, dbias) of each LayerNorm per 64 rows."""
+        ring = _ring(w1_desc, w2_desc, w3_desc, bias_desc, N, S, DK)
+        own = (x_desc, z_desc, ys_desc, dout_desc, dx_desc, dys_desc, lnw_ptr, part_ptr, eps,
+               gl.allocate_shared_memory(x_desc.dtype, [2, _BM, DK], x_desc.layout),   # x, then dx
+               gl.allocate_shared_memory(gl.float32, [2, _BM, DK], z_desc.layout),     # dout, then each z
+               gl.allocate_shared_memory(gl.bfloat16, [4, _BM, DK], ys_desc.layout),   # ys, double-buffered
+               gl.allocate_shared_memory(gl.bfloat16, [2, _BM, DK], dys_desc.layout),  # dys staging
+               _barriers(8))
+        gl.warp_specialize([
+            (_rows_consumer, (ring, own, A, R, NG, DK, NCH, S, 0, True)),
+            (_rows_consumer, (ring, own, A, R, NG, DK, NCH, S, 1, True)),
+            (_producer, (ring, own, A, R, NG, DK, NCH, S, 1, True)),
+        ], [4, 1], [CREGS, 24])
+
+
+def _desc(t: torch.Tensor, block: list):
+    dtype = {torch.float32: gl.float32, torch.bfloat16: gl.bfloat16}[t.dtype]
+    return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, dtype))
+
+
+def _ring_args(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, u1_b, u2_b, u3_b) -> list:
+    """Descriptors of the bf16 weights [G, A, dk] (U3 transposed) as [G*A, dk] in chunk tiles,
+    and of the biases laid out a row per chunk and role: [G*NCH*4, 64] fp32 (c1, c2 zero past
+    a_dff; c3; a zero row, since TMA boxes are powers of two)."""
+    G, a, dk = w1.shape
+    nch = triton.cdiv(a, CHUNK)
+    bias = w1.new_zeros((G, nch, 4, CHUNK), dtype=torch.float32)
+    for role, b in ((0, u1_b), (1, u2_b)):
+        padded = bias.new_zeros(G, nch * CHUNK)
+        padded[:, :a] = b.reshape(G, a)
+        bias[:, :, role] = padded.view(G, nch, CHUNK)
+    bias[:, :, 2] = u3_b.reshape(G, 1, dk)
+    return [_desc(w.view(G * a, dk), [CHUNK, dk]) for w in (w1, w2, w3)] + [_desc(bias.view(-1, CHUNK), [4, CHUNK])]
+
+
+def _grid(n_rows: int, device) -> tuple:
+    return (min(n_rows // ROWS, torch.cuda.get_device_properties(device).multi_processor_count),)
+
+
+def forward(x, lnw, lnb, w1, u1_b, w2, u2_b, w3, u3_b, out, z, ys, eps: float) -> None:
+    """metric_kernel's forward into out [N, dk], z [R, N, dk], ys [R*n, N, dk]; lnw/lnb [R+1, dk]
+    fp32, w1/w2/w3 bf16 [R*n, a, dk] (U3 transposed)."""
+    G, a, dk = w1.shape
+    R, n = z.shape[0], G // z.shape[0]
+    N = x.shape[0]
+    _learner_fwd_ws[_grid(N, x.device)](
+        _desc(x, [ROWS // 2, dk]), *_ring_args(w1, w2, w3, u1_b, u2_b, u3_b), _desc(out, [ROWS // 2, dk]),
+        _desc(z.view(R * N, dk), [ROWS // 2, dk]), _desc(ys.view(G * N, dk), [ROWS // 2, dk]), lnw, lnb, N, eps,
+        A=a, R=R, NG=n, DK=dk, NCH=triton.cdiv(a, CHUNK), S=FWD_STAGES, CREGS=CONSUMER_REGS, num_warps=4,
+        maxnreg=MAX_REGS)
+
+
+def backward_rows(x, z, ys, dout, lnw, w1, u1_b, w2, u2_b, w3, dx, dys, eps: float) -> torch.Tensor:
+    """metric_kernel's row kernel into dx and dys; returns the LayerNorm partials [N/64, R+1, 2, dk]."""
+    G, a, dk = w1.shape
+    R, n = z.shape[0], G // z.shape[0]
+    N = x.shape[0]
+    part = torch.empty(N // (ROWS // 2), R + 1, 2, dk, device=x.device, dtype=torch.float32)
+    ring = _ring_args(w1, w2, w3, u1_b, u2_b, torch.zeros(G * dk, device=x.device))
+    blk = [ROWS // 2, dk]
+    _learner_bwd_rows_ws[_grid(N, x.device)](
+        _desc(x, blk), _desc(z.view(R * N, dk), blk), _desc(ys.view(G * N, dk), blk), _desc(dout.float(), blk),
+        *ring, _desc(dx, blk), _desc(dys.view(G * N, dk), blk), lnw, part, N, eps, A=a, R=R, NG=n, DK=dk,
+        NCH=triton.cdiv(a, CHUNK), S=ROWS_STAGES, CREGS=CONSUMER_REGS, num_warps=4, maxnreg=MAX_REGS)
+    return part
