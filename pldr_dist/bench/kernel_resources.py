@@ -129,9 +129,12 @@ def measure_ws(kernel: str, cfg) -> ResourceRow:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
+    from ..model import metric_kernel as mk
     from ..model import metric_kernel_ws as ws
-    stages = ws.FWD_STAGES if kernel == "_learner_fwd_ws" else ws.ROWS_STAGES
-    row = ResourceRow(kernel, f"({ws.ROWS}, {ws.CHUNK}, 4+4+1 warps, {stages} stages)", "today (Hopper)")
+    forward = kernel == "_learner_fwd_ws"
+    stages = ws.FWD_STAGES if forward else ws.ROWS_STAGES
+    role = "today (Hopper)" if (mk.WS_KERNELS if forward else mk.WS_ROW_KERNEL) else "off (flag)"
+    row = ResourceRow(kernel, f"({ws.ROWS}, {ws.CHUNK}, 4+4+1 warps, {stages} stages)", role)
     dk = cfg.head_dim
 
     def desc(dtype, block):

@@ -14,8 +14,11 @@ has three partitions:
   next chunk's gate/up products in flight during its own silu.
 
 A hand-scheduled single-warpgroup kernel without the producer and the shared ring (commit
-3f193be) was slower than Triton's; this one runs the forward 1.44x and the row kernel <see
-docs/performance.md> faster (pldr-110m mb 128, H100, `pldr-bench kernels --sweep`).
+3f193be) was slower than Triton's. These, on an H100 (`pldr-bench kernels --sweep`, kernel time
+a call, pldr-110m mb 128): the forward 0.407 against 0.588 ms (1.44x), the row kernel 0.882
+against 0.907. The row kernel keeps no products in flight across chunks (its five products and
+their gradients fill the registers: it already spills a little) and waits for each chunk's
+gate/up/hidden-gradient products at once; that is where it can still gain.
 
 The algorithm, saved tensors and numerics are metric_kernel's (bf16 operands, fp32 accumulation,
 LayerNorms and residual stream in fp32; silu through tanh.approx): the same out, z, ys and the
