@@ -189,9 +189,9 @@ def _bf16_weights(u1_w, u2_w, u3_w) -> tuple:
             u1_w.new_empty((R * n, a, dk), dtype=torch.bfloat16).copy_(u3_w.transpose(-1, -2).reshape(R * n, a, dk)))
 
 
-def _weight_descs(u1_w, u2_w, u3_w, bh: int) -> list:
-    """TMA descriptors of `_bf16_weights`, read in [1, BH, DK] tiles (zero past A)."""
-    return [TensorDescriptor.from_tensor(w, [1, bh, w.shape[-1]]) for w in _bf16_weights(u1_w, u2_w, u3_w)]
+def _weight_descs(weights: tuple, bh: int) -> list:
+    """TMA descriptors of `_bf16_weights`' tensors, read in [1, BH, DK] tiles (zero past A)."""
+    return [TensorDescriptor.from_tensor(w, [1, bh, w.shape[-1]]) for w in weights]
 
 
 def _ws(x: torch.Tensor, dk: int) -> bool:
@@ -267,7 +267,8 @@ def metric_learner_op(x: Tensor, in_w: Tensor, in_b: Tensor, u1_w: Tensor, u1_b:
         w1, w2, w3 = _bf16_weights(u1_w, u2_w, u3_w)
         metric_kernel_ws.forward(x, lnw, lnb, w1, u1_b.float(), w2, u2_b.float(), w3, u3_b.float(), out, z, ys, eps)
     elif n_rows:
-        w1, w2, w3 = _weight_descs(u1_w, u2_w, u3_w, 16)   # tiles set per config (_descriptor_blocks)
+        # tiles set per config (_descriptor_blocks)
+        w1, w2, w3 = _weight_descs(_bf16_weights(u1_w, u2_w, u3_w), 16)
         grid = lambda meta: (triton.cdiv(n_rows, meta["BM"]),)  # noqa: E731
         # row descriptors: blocks set per config (_descriptor_blocks)
         xd, outd, zd, ysd = (TensorDescriptor.from_tensor(t, [16] * (t.dim() - 1) + [dk]) for t in (x, out, z, ys))
@@ -304,20 +305,20 @@ def metric_learner_backward(dout: Tensor, x: Tensor, z: Tensor, ys: Tensor, in_w
     G = R * n
     dys = torch.empty_like(ys)
     lnpart = []
+    wb = _bf16_weights(u1_w, u2_w, u3_w)    # one cast for both kernels
 
     def rows(bm, bh, warps, stages, maxnreg=None):
         part = torch.empty(triton.cdiv(n_rows, bm), R + 1, 2, dk, device=dev, dtype=torch.float32)
         xd, doutd, dxd = (TensorDescriptor.from_tensor(t, [bm, dk]) for t in (x, dout, dx))
         zd, ysd, dysd = (TensorDescriptor.from_tensor(t, [1, bm, dk]) for t in (z, ys, dys))
-        w1, w2, w3 = _weight_descs(u1_w, u2_w, u3_w, bh)
+        w1, w2, w3 = _weight_descs(wb, bh)
         _learner_bwd_rows[(part.shape[0],)](xd, zd, ysd, doutd, lnw, w1, b1, w2, b2, w3, dxd, dysd, part, eps,
                                             A=a, R=R, NG=n, DK=dk, BH=bh, INTERP=_INTERP, TANH=tanh,
                                             DROP=drop, BM=bm, num_warps=warps, num_stages=stages, maxnreg=maxnreg)
         lnpart[:] = [part]
     if WS_ROW_KERNEL and _ws(x, dk):
-        w1, w2, w3 = _bf16_weights(u1_w, u2_w, u3_w)
-        lnpart[:] = [metric_kernel_ws.backward_rows(x, z, ys, dout, lnw, w1, b1.float(), w2, b2.float(), w3, dx, dys,
-                                                    eps)]
+        lnpart[:] = [metric_kernel_ws.backward_rows(x, z, ys, dout, lnw, wb[0], b1.float(), wb[1], b2.float(), wb[2],
+                                                    dx, dys, eps)]
     else:
         _launch_first("_learner_bwd_rows", dev, BWD_ROWS_CONFIGS, rows)
 
@@ -325,7 +326,7 @@ def metric_learner_backward(dout: Tensor, x: Tensor, z: Tensor, ys: Tensor, in_w
         nchunk = triton.cdiv(a, bh)
         P = _programs(dev, nchunk * G)
         part = torch.empty(G, P, nchunk, 3 * bh * dk + 2 * bh + dk, device=dev, dtype=torch.float32)
-        w1, w2, w3 = _weight_descs(u1_w, u2_w, u3_w, bh)
+        w1, w2, w3 = _weight_descs(wb, bh)
         _learner_bwd_weights[(P, nchunk, G)](ys, dys, w1, b1, w2, b2, w3, part, n_rows, P, A=a, DK=dk,
                                              INTERP=_INTERP, TANH=tanh, DROP=drop, BM=bm, BH=bh,
                                              num_warps=warps, num_stages=stages, maxnreg=maxnreg)
