@@ -85,3 +85,25 @@ def test_warp_specialized_kernels_compile_for_hopper_on_the_cpu():
     rows = {k: measure_ws(k, preset("pldr-110m")) for k in WS_KERNELS}
     assert all(r.status == "ok" and r.per_sm == 1 for r in rows.values()), rows
     assert {"1", "2", "3"} <= set(rows["_learner_fwd_ws"].mma_waits.split(",")), rows
+
+
+def test_warp_specialized_kernels_read_each_chunks_biases_from_one_row_block():
+    """The biases as the Gluon kernels' ring streams them (metric_kernel_ws.bias_rows): for GLU
+    g and 64-unit chunk c, rows c1, c2 (zero past a_dff), c3 and zeros; the row kernel's c3 rows
+    are zeros."""
+    import torch
+
+    from pldr_dist.model.metric_kernel_ws import CHUNK, bias_rows
+
+    R, n, a, dk = 2, 3, 170, 64
+    b1, b2, b3 = torch.randn(R, n, a), torch.randn(R, n, a), torch.randn(R, n, dk)
+    rows = bias_rows(b1, b2, b3, a).view(R * n, -1, 4, CHUNK)
+    assert rows.shape[1] == 3 and torch.equal(bias_rows(b1, b2, None, a).view_as(rows)[:, :, 2], torch.zeros(6, 3, CHUNK))
+    for g in range(R * n):
+        for c in range(3):
+            units = slice(c * CHUNK, min(a, (c + 1) * CHUNK))
+            width = units.stop - units.start
+            for role, b in ((0, b1), (1, b2)):
+                assert torch.equal(rows[g, c, role, :width], b.reshape(R * n, a)[g, units])
+                assert not rows[g, c, role, width:].any()
+            assert torch.equal(rows[g, c, 2], b3.reshape(R * n, dk)[g]) and not rows[g, c, 3].any()

@@ -265,7 +265,7 @@ def metric_learner_op(x: Tensor, in_w: Tensor, in_b: Tensor, u1_w: Tensor, u1_b:
     ys = torch.empty(R * n, n_rows, dk, device=x.device, dtype=torch.bfloat16)
     if n_rows and _ws(x, dk):
         w1, w2, w3 = _bf16_weights(u1_w, u2_w, u3_w)
-        metric_kernel_ws.forward(x, lnw, lnb, w1, u1_b.float(), w2, u2_b.float(), w3, u3_b.float(), out, z, ys, eps)
+        metric_kernel_ws.forward(x, lnw, lnb, w1, u1_b, w2, u2_b, w3, u3_b, out, z, ys, eps)
     elif n_rows:
         # tiles set per config (_descriptor_blocks)
         w1, w2, w3 = _weight_descs(_bf16_weights(u1_w, u2_w, u3_w), 16)
@@ -317,7 +317,7 @@ def metric_learner_backward(dout: Tensor, x: Tensor, z: Tensor, ys: Tensor, in_w
                                             DROP=drop, BM=bm, num_warps=warps, num_stages=stages, maxnreg=maxnreg)
         lnpart[:] = [part]
     if WS_ROW_KERNEL and _ws(x, dk):
-        lnpart[:] = [metric_kernel_ws.backward_rows(x, z, ys, dout, lnw, wb[0], b1.float(), wb[1], b2.float(), wb[2],
+        lnpart[:] = [metric_kernel_ws.backward_rows(x, z, ys, dout, lnw, wb[0], b1, wb[1], b2, wb[2],
                                                     dx, dys, eps)]
     else:
         _launch_first("_learner_bwd_rows", dev, BWD_ROWS_CONFIGS, rows)

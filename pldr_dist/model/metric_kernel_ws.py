@@ -383,19 +383,25 @@ def _desc(t: torch.Tensor, block: list):
     return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, dtype))
 
 
+def bias_rows(u1_b: torch.Tensor, u2_b: torch.Tensor, u3_b, a: int) -> torch.Tensor:
+    """The biases as the ring streams them: fp32 [G*NCH*4, 64], for GLU g and chunk c the rows
+    c1, c2 (zero past a_dff), c3 (None: zeros) and a zero row (TMA boxes are powers of two).
+    Built in three kernels: under CUDA graphs each small op here is a kernel every step."""
+    G = u1_b.numel() // a
+    nch = triton.cdiv(a, CHUNK)
+    gate_up = torch.nn.functional.pad(torch.stack((u1_b.reshape(G, a), u2_b.reshape(G, a)), 1).float(),
+                                      (0, nch * CHUNK - a)).view(G, 2, nch, CHUNK).transpose(1, 2)
+    zero = gate_up.new_zeros(()).expand(G, nch, 1, CHUNK)
+    out = zero if u3_b is None else u3_b.float().reshape(G, 1, 1, CHUNK).expand(G, nch, 1, CHUNK)
+    return torch.cat((gate_up, out, zero), 2).view(G * nch * 4, CHUNK)
+
+
 def _ring_args(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, u1_b, u2_b, u3_b) -> list:
     """Descriptors of the bf16 weights [G, A, dk] (U3 transposed) as [G*A, dk] in chunk tiles,
-    and of the biases laid out a row per chunk and role: [G*NCH*4, 64] fp32 (c1, c2 zero past
-    a_dff; c3; a zero row, since TMA boxes are powers of two)."""
+    and of `bias_rows`."""
     G, a, dk = w1.shape
-    nch = triton.cdiv(a, CHUNK)
-    bias = w1.new_zeros((G, nch, 4, CHUNK), dtype=torch.float32)
-    for role, b in ((0, u1_b), (1, u2_b)):
-        padded = bias.new_zeros(G, nch * CHUNK)
-        padded[:, :a] = b.reshape(G, a)
-        bias[:, :, role] = padded.view(G, nch, CHUNK)
-    bias[:, :, 2] = u3_b.reshape(G, 1, dk)
-    return [_desc(w.view(G * a, dk), [CHUNK, dk]) for w in (w1, w2, w3)] + [_desc(bias.view(-1, CHUNK), [4, CHUNK])]
+    return ([_desc(w.view(G * a, dk), [CHUNK, dk]) for w in (w1, w2, w3)]
+            + [_desc(bias_rows(u1_b, u2_b, u3_b, a), [4, CHUNK])])
 
 
 def _grid(n_rows: int, device) -> tuple:
@@ -421,7 +427,7 @@ def backward_rows(x, z, ys, dout, lnw, w1, u1_b, w2, u2_b, w3, dx, dys, eps: flo
     R, n = z.shape[0], G // z.shape[0]
     N = x.shape[0]
     part = torch.empty(N // (ROWS // 2), R + 1, 2, dk, device=x.device, dtype=torch.float32)
-    ring = _ring_args(w1, w2, w3, u1_b, u2_b, torch.zeros(G * dk, device=x.device))
+    ring = _ring_args(w1, w2, w3, u1_b, u2_b, None)
     blk = [ROWS // 2, dk]
     _learner_bwd_rows_ws[_grid(N, x.device)](
         _desc(x, blk), _desc(z.view(R * N, dk), blk), _desc(ys.view(G * N, dk), blk), _desc(dout.float(), blk),
