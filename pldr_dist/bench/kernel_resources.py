@@ -89,6 +89,12 @@ def _usage(cubin: bytes) -> tuple:
     return int(m.group(1)), int(m.group(2))
 
 
+def _mma_waits(ptx: str) -> str:
+    """The wgmma.wait_group depths of a kernel's PTX, e.g. "0,1,2"."""
+    depths = {int(d) for d in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)}
+    return ",".join(map(str, sorted(depths)))
+
+
 def measure(kernel: str, cfg, config: tuple, role: str) -> ResourceRow:
     """Compile one kernel config for sm_90 and read back what it takes."""
     import triton
@@ -107,8 +113,7 @@ def measure(kernel: str, cfg, config: tuple, role: str) -> ResourceRow:
         compiled = triton.compile(ASTSource(fn, sig, constexprs=consts),
                                   target=GPUTarget("cuda", 90, 32), options=options)
         row.registers, row.stack_bytes = _usage(compiled.asm["cubin"])
-        depths = {int(d) for d in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", compiled.asm["ptx"])}
-        row.mma_waits = ",".join(map(str, sorted(depths)))
+        row.mma_waits = _mma_waits(compiled.asm["ptx"])
     except Exception as e:   # noqa: BLE001 - a config the compiler refuses is a row, not a failure
         row.status = f"refused: {str(e).splitlines()[0][:80]}"
         return row
@@ -159,8 +164,7 @@ def measure_ws(kernel: str, cfg) -> ResourceRow:
                                   options=dict(num_warps=4, maxnreg=ws.MAX_REGS))
         row.registers, row.stack_bytes = _usage(compiled.asm["cubin"])
         ptx = compiled.asm["ptx"]
-        depths = {int(d) for d in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)}
-        row.mma_waits = ",".join(map(str, sorted(depths)))
+        row.mma_waits = _mma_waits(ptx)
         if "setmaxnreg" not in ptx:
             row.status = "not warp-specialized (no setmaxnreg)"
     except Exception as e:   # noqa: BLE001 - a kernel the compiler refuses is a row, not a failure
