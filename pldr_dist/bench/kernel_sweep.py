@@ -31,10 +31,11 @@ PER_SM = []
 # Gate and up values of a chunk from one product against U1 and U2 interleaved row by row (then
 # split in registers), in the forward and the row kernel: slower (0.670 / 1.112 ms against 0.584
 # / 0.903, pldr-110m mb128, H100, kernels/h100/kernels_sweep of 2026-12-06, git history).
-# Today's warp-specialized Gluon kernels (Hopper) beside the Triton ones: all of them
-# (WS_KERNELS=False) and the row kernel alone (WS_ROW_KERNEL=False); and the warp-specialized
-# weight-gradient kernel (WS_WGRAD=True, off by default).
-FLAGS = [{"WS_KERNELS": False}, {"WS_ROW_KERNEL": False}, {"WS_WGRAD": True}]
+# Today's warp-specialized Gluon kernels (Hopper) beside the Triton ones: both (WS_KERNELS=False),
+# and the row kernel alone (WS_ROW_KERNEL=False). A warp-specialized weight-gradient kernel in the
+# same design (commit 885dbef, flag WS_WGRAD) was slower: 0.656 against 0.557 ms at pldr-110m mb
+# 128, 0.382 against 0.322 at pldr-1b mb 32 (kernels/h100/kernels_sweep of stop 49, git history).
+FLAGS = [{"WS_KERNELS": False}, {"WS_ROW_KERNEL": False}]
 # Weight-gradient settings changed together: the (32, 64, 4, 3) config and 2 or 8 programs per SM
 # were slower (kernels/h100/kernels_sweep of 2026-12-06, git history).
 COMBOS = []

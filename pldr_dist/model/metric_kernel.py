@@ -104,9 +104,6 @@ SIGMOID_TANH = True
 # each call.
 WS_KERNELS = True
 WS_ROW_KERNEL = True
-# The weight gradients through the warp-specialized Gluon kernel (metric_kernel_ws_wgrad) where
-# the forward's apply and a_dff is not a multiple of 64. Read at each call.
-WS_WGRAD = False
 # Tests only: 1 drops the LayerNorm backward's projection term, 2 drops silu's g*s*(1-s)
 # term; the checks must then fail. Read at each call; 0 in normal use.
 BREAK_DERIVATIVE = 0
@@ -129,7 +126,7 @@ def available(x: torch.Tensor) -> bool:
 
 
 if triton is not None:
-    from . import metric_kernel_ws, metric_kernel_ws_wgrad
+    from . import metric_kernel_ws
     from .metric_kernel_jit import (_learner_bwd_rows, _learner_bwd_weights, _learner_fwd,  # noqa: F401
                                     _learner_sum_partials)
 
@@ -235,8 +232,8 @@ def chosen_configs() -> dict:
         out[f"{name}@{dev}"] = {"_learner_bwd_rows": BWD_ROWS_CONFIGS, "_learner_bwd_weights": WGRAD_CONFIGS}[name][i]
     if WS_KERNELS and triton is not None and metric_kernel_ws.gluon is not None:
         out["on Hopper (dk 64, whole 128-row blocks)"] = (
-            f"forward{', row kernel' if WS_ROW_KERNEL else ''}{', weight gradients' if WS_WGRAD else ''} "
-            f"warp-specialized (metric_kernel_ws, {metric_kernel_ws.FWD_STAGES} ring stages)")
+            f"forward{' and row kernel' if WS_ROW_KERNEL else ''} warp-specialized (metric_kernel_ws, "
+            f"{metric_kernel_ws.FWD_STAGES} ring stages)")
     return out
 
 
@@ -325,10 +322,6 @@ def metric_learner_backward(dout: Tensor, x: Tensor, z: Tensor, ys: Tensor, in_w
     else:
         _launch_first("_learner_bwd_rows", dev, BWD_ROWS_CONFIGS, rows)
 
-    def sum_partials(part, P, bh, dc3_chunk):
-        _learner_sum_partials[(triton.cdiv(part.shape[-1], SUM_BLOCK), part.shape[2], G)](
-            part, *grads, P, A=a, DK=dk, BH=bh, BLOCK=SUM_BLOCK, PB=SUM_ROWS, DC3_CHUNK=dc3_chunk)
-
     def weights(bm, bh, warps, stages, maxnreg=None):
         nchunk = triton.cdiv(a, bh)
         P = _programs(dev, nchunk * G)
@@ -337,12 +330,9 @@ def metric_learner_backward(dout: Tensor, x: Tensor, z: Tensor, ys: Tensor, in_w
         _learner_bwd_weights[(P, nchunk, G)](ys, dys, w1, b1, w2, b2, w3, part, n_rows, P, A=a, DK=dk,
                                              INTERP=_INTERP, TANH=tanh, DROP=drop, BM=bm, BH=bh,
                                              num_warps=warps, num_stages=stages, maxnreg=maxnreg)
-        sum_partials(part, P, bh, 0)
-    if WS_WGRAD and _ws(x, dk) and metric_kernel_ws_wgrad.available(a):
-        part, P = metric_kernel_ws_wgrad.backward_weights(ys, dys, wb[0], b1, wb[1], b2, wb[2])
-        sum_partials(part, P, metric_kernel_ws_wgrad.CHUNK, part.shape[2] - 1)
-    else:
-        _launch_first("_learner_bwd_weights", dev, WGRAD_CONFIGS, weights)
+        _learner_sum_partials[(triton.cdiv(part.shape[-1], SUM_BLOCK), nchunk, G)](
+            part, *grads, P, A=a, DK=dk, BH=bh, BLOCK=SUM_BLOCK, PB=SUM_ROWS)
+    _launch_first("_learner_bwd_weights", dev, WGRAD_CONFIGS, weights)
     ln = lnpart[0].sum(0)            # [R+1, 2, dk]: a fixed-shape reduction over the row blocks
     own = lambda t, like: t.to(like.dtype, copy=True)  # noqa: E731  (outputs may not alias)
     return (dx, own(ln[0, 0], in_w), own(ln[0, 1], in_b), *grads, own(ln[1:, 0], norm_w), own(ln[1:, 1], norm_b))

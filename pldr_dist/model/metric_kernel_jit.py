@@ -293,10 +293,9 @@ def _learner_bwd_weights(ys_ptr, dys_ptr, w1_desc, b1_ptr, w2_desc, b2_ptr, w3_d
 @triton.jit
 def _learner_sum_partials(part_ptr, dw1_ptr, db1_ptr, dw2_ptr, db2_ptr, dw3_ptr, db3_ptr, P,
                           A: tl.constexpr, DK: tl.constexpr, BH: tl.constexpr, BLOCK: tl.constexpr,
-                          PB: tl.constexpr, DC3_CHUNK: tl.constexpr):
+                          PB: tl.constexpr):
     """Program (e, c, g): sums the P partials of GLU g, chunk c, elements e*BLOCK... in a
-    fixed order and writes them into the stacked gradients (parameter layout and dtype). dc3
-    comes from the partials of chunk DC3_CHUNK (0 here, the last in metric_kernel_ws_wgrad)."""
+    fixed order and writes them into the stacked gradients (parameter layout and dtype)."""
     c, gi = tl.program_id(1), tl.program_id(2)
     NCHUNK: tl.constexpr = (A + BH - 1) // BH
     BD: tl.constexpr = BH * DK
@@ -326,5 +325,5 @@ def _learner_sum_partials(part_ptr, dw1_ptr, db1_ptr, dw2_ptr, db2_ptr, dw3_ptr,
     tl.store(db1_ptr + gi * A + jb, acc.to(db1_ptr.dtype.element_ty), mask=bmask & (b < BH) & (jb < A))
     tl.store(db2_ptr + gi * A + jb, acc.to(db2_ptr.dtype.element_ty),
              mask=bmask & (b >= BH) & (b < 2 * BH) & (jb < A))
-    if c == DC3_CHUNK:   # dc3: summed by one chunk's programs
+    if c == 0:   # dc3 is the same sum in every chunk
         tl.store(db3_ptr + gi * DK + (b - 2 * BH), acc.to(db3_ptr.dtype.element_ty), mask=bmask & (b >= 2 * BH))
