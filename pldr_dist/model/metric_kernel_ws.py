@@ -18,7 +18,11 @@ A hand-scheduled single-warpgroup kernel without the producer and the shared rin
 a call, pldr-110m mb 128): the forward 0.407 against 0.588 ms (1.44x), the row kernel 0.882
 against 0.907. The row kernel keeps no products in flight across chunks (its five products and
 their gradients fill the registers: it already spills a little) and waits for each chunk's
-gate/up/hidden-gradient products at once; that is where it can still gain.
+gate/up/hidden-gradient products at once. With 32-unit chunks and the next chunk's products in
+flight it was slower (1.095 against 0.881 ms: twice the ring steps a GLU), and so was a weight-
+gradient kernel in this design (commit 885dbef). ncu (kernels/h100/ncu_ws_learner_pldr-110m.txt)
+puts the row kernel's tensor pipe at 26% and its largest stall at instruction fetch: every GLU
+and chunk unrolled, twice (one copy a consumer), is 171 KB of code.
 
 The algorithm, saved tensors and numerics are metric_kernel's (bf16 operands, fp32 accumulation,
 LayerNorms and residual stream in fp32; silu through tanh.approx): the same out, z, ys and the
