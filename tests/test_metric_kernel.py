@@ -55,7 +55,7 @@ def test_kernel_resources_compile_for_hopper_on_the_cpu(tmp_path):
     assert main(["kernels", "--resources", "--smoke", "--out", str(tmp_path), "--name", "res"]) == 0
     rows = json.loads((tmp_path / "res.json").read_text())["results"]
     assert [r["kernel"] for r in rows] == ["_learner_fwd", "_learner_bwd_rows"] + ["_learner_bwd_weights"] * 2
-    assert all(r["status"] == "ok" and r["registers"] > 0 and r["per_sm"] >= 1 for r in rows)
+    assert all(r["status"] == "ok" and r["registers"] > 0 and r["per_sm"] >= 1 and r["code_kb"] > 0 for r in rows)
     free, capped = rows[2], rows[3]
     assert capped["config"].endswith(", 128)") and capped["registers"] <= 128 < free["registers"]
     assert "sm_90" in (tmp_path / "res.txt").read_text()
@@ -78,12 +78,15 @@ def test_warp_specialized_kernels_compile_for_hopper_on_the_cpu():
     """The Gluon forward and row kernel (metric_kernel_ws) at pldr-110m's learner, compiled for
     sm_90 here: warp-specialized (each consumer raises its registers), in one SM's shared
     memory, and the forward keeps products in flight across its silu work (waits at depths > 0),
-    which no Triton kernel does. Their numbers are checked on the GPU (`pldr-bench kernels`)."""
+    which no Triton kernel does; their code size is read back. Their numbers are checked on the GPU
+    (`pldr-bench kernels`)."""
     from pldr_dist.bench.kernel_resources import WS_KERNELS, measure_ws
     from pldr_dist.model.config import preset
 
     rows = {k: measure_ws(k, preset("pldr-110m")) for k in WS_KERNELS}
     assert all(r.status == "ok" and r.per_sm == 1 for r in rows.values()), rows
+    # their machine code, read from the cubin: each consumer's unrolled copy of every GLU and chunk
+    assert all(40 < r.code_kb < 400 for r in rows.values()), rows
     assert {"1", "2", "3"} <= set(rows["_learner_fwd_ws"].mma_waits.split(",")), rows
 
 

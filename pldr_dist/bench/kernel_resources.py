@@ -32,6 +32,7 @@ class ResourceRow:
     per_sm: int = 0        # programs an SM holds at once
     limit: str = ""        # what caps per_sm: registers, shared memory, warps
     mma_waits: str = ""    # its wgmma.wait_group depths (PTX): "0" alone = each product waited for at once
+    code_kb: float = 0.0   # SASS size: past the instruction cache, warps stall on instruction fetch
     status: str = "ok"
     exit_code: int = 0
 
@@ -89,6 +90,19 @@ def _usage(cubin: bytes) -> tuple:
     return int(m.group(1)), int(m.group(2))
 
 
+def _code_kb(cubin: bytes) -> float:
+    """The kernel's machine code in KB (sm_90 instructions are 16 bytes), read by cuobjdump. An
+    ncu profile of the warp-specialized row kernel (171 KB: every GLU and chunk unrolled, once
+    per consumer) put instruction fetch among its largest stalls."""
+    import triton
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    return 16 * len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/", sass, re.M)) / 1024
+
+
 def _mma_waits(ptx: str) -> str:
     """The wgmma.wait_group depths of a kernel's PTX, e.g. "0,1,2"."""
     depths = {int(d) for d in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)}
@@ -114,6 +128,7 @@ def measure(kernel: str, cfg, config: tuple, role: str) -> ResourceRow:
                                   target=GPUTarget("cuda", 90, 32), options=options)
         row.registers, row.stack_bytes = _usage(compiled.asm["cubin"])
         row.mma_waits = _mma_waits(compiled.asm["ptx"])
+        row.code_kb = _code_kb(compiled.asm["cubin"])
     except Exception as e:   # noqa: BLE001 - a config the compiler refuses is a row, not a failure
         row.status = f"refused: {str(e).splitlines()[0][:80]}"
         return row
@@ -165,6 +180,7 @@ def measure_ws(kernel: str, cfg) -> ResourceRow:
         row.registers, row.stack_bytes = _usage(compiled.asm["cubin"])
         ptx = compiled.asm["ptx"]
         row.mma_waits = _mma_waits(ptx)
+        row.code_kb = _code_kb(compiled.asm["cubin"])
         if "setmaxnreg" not in ptx:
             row.status = "not warp-specialized (no setmaxnreg)"
     except Exception as e:   # noqa: BLE001 - a kernel the compiler refuses is a row, not a failure
@@ -194,11 +210,11 @@ def configs(smoke: bool) -> list:
 
 def table(rows: list, title: str) -> str:
     lines = [title, f"{'kernel':<22} {'config':<24} {'role':<17} {'regs':>5} {'stack B':>8} {'smem KB':>8} "
-             f"{'per SM':>6} {'waits':>7}  capped by / status"]
+             f"{'per SM':>6} {'waits':>7} {'code KB':>8}  capped by / status"]
     for r in rows:
         tail = r.limit if r.status == "ok" else r.status
         lines.append(f"{r.kernel:<22} {r.config:<24} {r.role:<17} {r.registers:>5} {r.stack_bytes:>8} "
-                     f"{r.smem_bytes / 1024:>8.1f} {r.per_sm:>6} {r.mma_waits:>7}  {tail}")
+                     f"{r.smem_bytes / 1024:>8.1f} {r.per_sm:>6} {r.mma_waits:>7} {r.code_kb:>8.1f}  {tail}")
     return "\n".join(lines)
 
 
