@@ -76,14 +76,19 @@ def _signature(fn, cfg, bm: int, bh: int) -> tuple:
     return sig, consts
 
 
-def _usage(cubin: bytes) -> tuple:
-    """(registers, stack bytes) of a cubin, read by the cuobjdump in Triton's wheel."""
+def _cuobjdump(cubin: bytes, flag: str) -> str:
+    """What the cuobjdump in Triton's wheel prints for a cubin with one flag."""
     import triton
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([tool, flag, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def _usage(cubin: bytes) -> tuple:
+    """(registers, stack bytes) of a cubin."""
+    out = _cuobjdump(cubin, "--dump-resource-usage")
     m = re.search(r"REG:(\d+) STACK:(\d+)", out)
     if not m:
         raise RuntimeError(f"no resource usage in cuobjdump's output: {out[:200]}")
@@ -91,16 +96,10 @@ def _usage(cubin: bytes) -> tuple:
 
 
 def _code_kb(cubin: bytes) -> float:
-    """The kernel's machine code in KB (sm_90 instructions are 16 bytes), read by cuobjdump. An
-    ncu profile of the warp-specialized row kernel (171 KB: every GLU and chunk unrolled, once
-    per consumer) put instruction fetch among its largest stalls."""
-    import triton
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
-    return 16 * len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/", sass, re.M)) / 1024
+    """The kernel's machine code in KB (sm_90 instructions are 16 bytes). An ncu profile of the
+    warp-specialized row kernel (171 KB: every GLU and chunk unrolled, once per consumer) put
+    instruction fetch among its largest stalls."""
+    return 16 * len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/", _cuobjdump(cubin, "-sass"), re.M)) / 1024
 
 
 def _mma_waits(ptx: str) -> str:
