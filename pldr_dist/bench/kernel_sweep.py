@@ -35,7 +35,7 @@ PER_SM = []
 # and the row kernel alone (WS_ROW_KERNEL=False). A warp-specialized weight-gradient kernel in the
 # same design (commit 885dbef, flag WS_WGRAD) was slower: 0.656 against 0.557 ms at pldr-110m mb
 # 128, 0.382 against 0.322 at pldr-1b mb 32 (kernels/h100/kernels_sweep of stop 49, git history).
-FLAGS = [{"WS_KERNELS": False}, {"WS_ROW_KERNEL": False}]
+FLAGS = [{"WS_KERNELS": False}, {"WS_ROW_KERNEL": False}, {"WS_WGRAD": True}]
 # Weight-gradient settings changed together: the (32, 64, 4, 3) config and 2 or 8 programs per SM
 # were slower (kernels/h100/kernels_sweep of 2026-12-06, git history).
 COMBOS = []
