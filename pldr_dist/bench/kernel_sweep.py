@@ -34,8 +34,11 @@ PER_SM = []
 # Today's warp-specialized Gluon kernels (Hopper) beside the Triton ones: both (WS_KERNELS=False),
 # and the row kernel alone (WS_ROW_KERNEL=False). A warp-specialized weight-gradient kernel in the
 # same design (commit 885dbef, flag WS_WGRAD) was slower: 0.656 against 0.557 ms at pldr-110m mb
-# 128, 0.382 against 0.322 at pldr-1b mb 32 (kernels/h100/kernels_sweep of stop 49, git history).
-FLAGS = [{"WS_KERNELS": False}, {"WS_ROW_KERNEL": False}, {"WS_WGRAD": True}]
+# 128, 0.382 against 0.322 at pldr-1b mb 32 (kernels/h100/kernels_sweep of stop 49, git history);
+# so was one with split roles (commit 0668061: math warpgroups hand dg/du/h through shared memory
+# to an MMA warpgroup holding the sums), 0.687 against 0.553 and 0.396 against 0.319
+# (kernels/h100/ws_wgrad_split.txt).
+FLAGS = [{"WS_KERNELS": False}, {"WS_ROW_KERNEL": False}]
 # Weight-gradient settings changed together: the (32, 64, 4, 3) config and 2 or 8 programs per SM
 # were slower (kernels/h100/kernels_sweep of 2026-12-06, git history).
 COMBOS = []

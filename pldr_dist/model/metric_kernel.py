@@ -104,9 +104,6 @@ SIGMOID_TANH = True
 # each call.
 WS_KERNELS = True
 WS_ROW_KERNEL = True
-# The weight gradients through the warp-specialized Gluon kernel (metric_kernel_ws_wgrad: math
-# and MMA warpgroups split) where the Gluon kernels run and a_dff is not a multiple of 64.
-WS_WGRAD = False
 # Tests only: 1 drops the LayerNorm backward's projection term, 2 drops silu's g*s*(1-s)
 # term; the checks must then fail. Read at each call; 0 in normal use.
 BREAK_DERIVATIVE = 0
@@ -129,7 +126,7 @@ def available(x: torch.Tensor) -> bool:
 
 
 if triton is not None:
-    from . import metric_kernel_ws, metric_kernel_ws_wgrad
+    from . import metric_kernel_ws
     from .metric_kernel_jit import (_learner_bwd_rows, _learner_bwd_weights, _learner_fwd,  # noqa: F401
                                     _learner_sum_partials)
 
@@ -235,8 +232,7 @@ def chosen_configs() -> dict:
         out[f"{name}@{dev}"] = {"_learner_bwd_rows": BWD_ROWS_CONFIGS, "_learner_bwd_weights": WGRAD_CONFIGS}[name][i]
     if WS_KERNELS and triton is not None and metric_kernel_ws.gluon is not None:
         out["on Hopper (dk 64, whole 128-row blocks)"] = (
-            f"forward{', row kernel' if WS_ROW_KERNEL else ''}{', weight gradients' if WS_WGRAD else ''} "
-            f"warp-specialized (metric_kernel_ws, "
+            f"forward{' and row kernel' if WS_ROW_KERNEL else ''} warp-specialized (metric_kernel_ws, "
             f"{metric_kernel_ws.FWD_STAGES} ring stages)")
     return out
 
@@ -336,12 +332,7 @@ def metric_learner_backward(dout: Tensor, x: Tensor, z: Tensor, ys: Tensor, in_w
                                              num_warps=warps, num_stages=stages, maxnreg=maxnreg)
         _learner_sum_partials[(triton.cdiv(part.shape[-1], SUM_BLOCK), nchunk, G)](
             part, *grads, P, A=a, DK=dk, BH=bh, BLOCK=SUM_BLOCK, PB=SUM_ROWS)
-    if WS_WGRAD and _ws(x, dk) and metric_kernel_ws_wgrad.available(x, dk, a):
-        part, P = metric_kernel_ws_wgrad.backward_weights(ys, dys, wb[0], b1, wb[1], b2, wb[2])
-        _learner_sum_partials[(triton.cdiv(part.shape[-1], SUM_BLOCK), part.shape[2], G)](
-            part, *grads, P, A=a, DK=dk, BH=metric_kernel_ws_wgrad.CHUNK, BLOCK=SUM_BLOCK, PB=SUM_ROWS)
-    else:
-        _launch_first("_learner_bwd_weights", dev, WGRAD_CONFIGS, weights)
+    _launch_first("_learner_bwd_weights", dev, WGRAD_CONFIGS, weights)
     ln = lnpart[0].sum(0)            # [R+1, 2, dk]: a fixed-shape reduction over the row blocks
     own = lambda t, like: t.to(like.dtype, copy=True)  # noqa: E731  (outputs may not alias)
     return (dx, own(ln[0, 0], in_w), own(ln[0, 1], in_b), *grads, own(ln[1:, 0], norm_w), own(ln[1:, 1], norm_b))
