@@ -85,8 +85,9 @@ def test_warp_specialized_kernels_compile_for_hopper_on_the_cpu():
 
     rows = {k: measure_ws(k, preset("pldr-110m")) for k in WS_KERNELS}
     assert all(r.status == "ok" and r.per_sm == 1 for r in rows.values()), rows
-    # their machine code, read from the cubin: each consumer's unrolled copy of every GLU and chunk
-    assert all(40 < r.code_kb < 400 for r in rows.values()), rows
+    # their machine code, read from the cubin: the GLU and chunk loops run at run time (unrolled,
+    # the row kernel was 171-184 KB and stalled on instruction fetch)
+    assert all(20 < r.code_kb < 150 for r in rows.values()), rows
     assert {"1", "2", "3"} <= set(rows["_learner_fwd_ws"].mma_waits.split(",")), rows
 
 

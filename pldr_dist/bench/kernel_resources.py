@@ -97,8 +97,8 @@ def _usage(cubin: bytes) -> tuple:
 
 def _code_kb(cubin: bytes) -> float:
     """The kernel's machine code in KB (sm_90 instructions are 16 bytes). An ncu profile of the
-    warp-specialized row kernel (171 KB: every GLU and chunk unrolled, once per consumer) put
-    instruction fetch among its largest stalls."""
+    warp-specialized row kernel (171 KB, every GLU and chunk unrolled once per consumer) put
+    instruction fetch among its largest stalls; with those loops at run time it was 1.29x faster."""
     return 16 * len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/", _cuobjdump(cubin, "-sass"), re.M)) / 1024
 
 

@@ -14,15 +14,18 @@ has three partitions:
   next chunk's gate/up products in flight during its own silu.
 
 A hand-scheduled single-warpgroup kernel without the producer and the shared ring (commit
-3f193be) was slower than Triton's. These, on an H100 (`pldr-bench kernels --sweep`, kernel time
-a call, pldr-110m mb 128): the forward 0.407 against 0.588 ms (1.44x), the row kernel 0.882
-against 0.907. The row kernel keeps no products in flight across chunks (its five products and
-their gradients fill the registers: it already spills a little) and waits for each chunk's
-gate/up/hidden-gradient products at once. With 32-unit chunks and the next chunk's products in
-flight it was slower (1.095 against 0.881 ms: twice the ring steps a GLU), and so was a weight-
-gradient kernel in this design (commit 885dbef). ncu (kernels/h100/ncu_ws_learner_pldr-110m.txt)
-puts the row kernel's tensor pipe at 26% and its largest stall at instruction fetch: every GLU
-and chunk unrolled, twice (one copy a consumer), is 171 KB of code.
+3f193be) was slower than Triton's. The GLU loops, and the row kernel's chunk loop, run at run
+time, not unrolled: unrolled, each consumer had its own copy of every GLU and chunk (171 KB of
+machine code for the row kernel) and ncu put its largest stall at instruction fetch
+(kernels/h100/ncu_ws_learner_pldr-110m.txt, tensor pipe 26% active). The row kernel's chunk 0 is
+peeled off, so that each chunk's input-gradient products go in with the next chunk's
+gate/up/hidden-gradient products, from one copy of the chunk's code. On an H100 (pldr-110m mb
+128, kernel time a call, one process): the row kernel 0.680 ms against 0.880 unrolled, the
+forward 0.370 against 0.392 (the Triton kernels: ~0.91 and ~0.58); tensor pipe 33% and 37%
+(kernels/h100/ncu_ws_fwd_rows_pldr-110m.txt). The outputs are not bit-identical to the unrolled
+kernels' (other instruction selection), with the same errors against fp32. Tried and slower:
+32-unit chunks with the next chunk's products in flight (1.095 against 0.881 ms unrolled: twice
+the ring steps a GLU), and two weight-gradient kernels in this design (commits 885dbef, 0668061).
 
 The algorithm, saved tensors and numerics are metric_kernel's (bf16 operands, fp32 accumulation,
 LayerNorms and residual stream in fp32; silu through tanh.approx): the same out, z, ys and the
@@ -156,7 +159,7 @@ if gluon is not None:
             for r in range(R):
                 a_sm.store(a)                        # the unit's input, for its residual: not in registers
                 y = a
-                for jg in gl.static_range(NG):
+                for jg in range(NG):
                     gi = r * NG + jg
                     y16 = y.to(gl.bfloat16)
                     tma.store_wait(0)
@@ -218,6 +221,16 @@ if gluon is not None:
         tma.store_wait(0)
 
     @gluon.jit
+    def _chunk_grads(g, u, dh, b1, b2, cols, c, A: gl.constexpr, op_l: gl.constexpr):
+        """dg, du of one chunk (zero past a_dff) as bf16 operands of the dx products."""
+        gb = g + b1
+        sg = _sigmoid(gb)
+        keep = gl.expand_dims(c * _BH + cols < A, 0)
+        dg = gl.where(keep, dh * (u + b2) * (sg * (1.0 + gb * (1.0 - sg))), 0.0)
+        du = gl.where(keep, dh * gb * sg, 0.0)
+        return gl.convert_layout(dg.to(gl.bfloat16), op_l), gl.convert_layout(du.to(gl.bfloat16), op_l)
+
+    @gluon.jit
     def _rows_consumer(ring, own, A: gl.constexpr, R: gl.constexpr, NG: gl.constexpr, DK: gl.constexpr,
                        NCH: gl.constexpr, S: gl.constexpr, HALF: gl.constexpr, BACKWARD: gl.constexpr):
         """Rows HALF*64 ... of each block back through all units (metric_kernel's row kernel):
@@ -267,7 +280,7 @@ if gluon is not None:
                 gl.store(part + (r + 1) * 2 * DK + cols, dgam)
                 gl.store(part + (r + 1) * 2 * DK + DK + cols, dbet)
                 dy = dz                              # z_r = GLUs(a_r) + a_r
-                for jj in gl.static_range(NG):
+                for jj in range(NG):
                     gi = r * NG + NG - 1 - jj
                     dy16 = dy.to(gl.bfloat16)
                     tma.store_wait(0)
@@ -284,30 +297,34 @@ if gluon is not None:
                         mbarrier.expect(nbar, ys_desc.block_type.nbytes)
                         _tma_load(ys_desc, [(gi - 1) * N + row0, 0], nbar, y_s.index(2 * HALF + yk % 2))
                     dx = zero
-                    for c in gl.static_range(NCH):
+                    s = t % S                        # chunk 0: its gradients, no product into dx yet
+                    mbarrier.wait(ready.index(s), (t // S) & 1)
+                    g = warpgroup_mma(yb, w1_s.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
+                    u = warpgroup_mma(yb, w2_s.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
+                    dh = warpgroup_mma(dyb, w3_s.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
+                    b1 = bias_s.index(s).slice(0, 1).load(acc_l)
+                    b2 = bias_s.index(s).slice(1, 1).load(acc_l)
+                    g, u, dh = warpgroup_mma_wait(0, deps=(g, u, dh))
+                    dgb, dub = _chunk_grads(g, u, dh, b1, b2, cols, 0, A, op_l)
+                    t += 1
+                    for c in range(1, NCH):          # at run time: one copy of the chunk's code
+                        sp = (t - 1) % S
                         s = t % S
                         mbarrier.wait(ready.index(s), (t // S) & 1)
+                        dx = warpgroup_mma(dgb, w1_s.index(sp), dx, is_async=True)   # chunk c-1's into dx
+                        dx = warpgroup_mma(dub, w2_s.index(sp), dx, is_async=True)
                         g = warpgroup_mma(yb, w1_s.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
                         u = warpgroup_mma(yb, w2_s.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
                         dh = warpgroup_mma(dyb, w3_s.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
                         b1 = bias_s.index(s).slice(0, 1).load(acc_l)
                         b2 = bias_s.index(s).slice(1, 1).load(acc_l)
-                        g, u, dh, dx = warpgroup_mma_wait(0, deps=(g, u, dh, dx))
-                        if c >= 1:                   # chunk c-1's input-gradient products have retired
-                            _release(empty, t - 1, S)
-                        gb = g + b1
-                        sg = _sigmoid(gb)
-                        dg = dh * (u + b2) * (sg * (1.0 + gb * (1.0 - sg)))
-                        du = dh * gb * sg
-                        if (c + 1) * _BH > A:
-                            keep = gl.expand_dims(c * _BH + cols < A, 0)
-                            dg = gl.where(keep, dg, 0.0)
-                            du = gl.where(keep, du, 0.0)
-                        dgb = gl.convert_layout(dg.to(gl.bfloat16), op_l)
-                        dub = gl.convert_layout(du.to(gl.bfloat16), op_l)
-                        dx = warpgroup_mma(dgb, w1_s.index(s), dx, is_async=True)
-                        dx = warpgroup_mma(dub, w2_s.index(s), dx, is_async=True)
+                        g, u, dh, dx, dgb, dub = warpgroup_mma_wait(0, deps=(g, u, dh, dx, dgb, dub))
+                        _release(empty, t - 1, S)
+                        dgb, dub = _chunk_grads(g, u, dh, b1, b2, cols, c, A, op_l)
                         t += 1
+                    sp = (t - 1) % S
+                    dx = warpgroup_mma(dgb, w1_s.index(sp), dx, is_async=True)
+                    dx = warpgroup_mma(dub, w2_s.index(sp), dx, is_async=True)
                     dx, dgb, dub, yb, dyb = warpgroup_mma_wait(0, deps=(dx, dgb, dub, yb, dyb))
                     _release(empty, t - 1, S)
                     dy = dx
