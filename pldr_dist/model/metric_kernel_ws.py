@@ -221,6 +221,15 @@ if gluon is not None:
         tma.store_wait(0)
 
     @gluon.jit
+    def _chunk_products(yb, dyb, w1_s, w2_s, w3_s, bias_s, s, zero, acc_l: gl.constexpr):
+        """One chunk's gate, up and hidden-gradient products issued (not waited for) from ring
+        slot s, and its gate/up bias rows."""
+        g = warpgroup_mma(yb, w1_s.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
+        u = warpgroup_mma(yb, w2_s.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
+        dh = warpgroup_mma(dyb, w3_s.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
+        return g, u, dh, bias_s.index(s).slice(0, 1).load(acc_l), bias_s.index(s).slice(1, 1).load(acc_l)
+
+    @gluon.jit
     def _chunk_grads(g, u, dh, b1, b2, cols, c, A: gl.constexpr, op_l: gl.constexpr):
         """dg, du of one chunk (zero past a_dff) as bf16 operands of the dx products."""
         gb = g + b1
@@ -299,11 +308,7 @@ if gluon is not None:
                     dx = zero
                     s = t % S                        # chunk 0: its gradients, no product into dx yet
                     mbarrier.wait(ready.index(s), (t // S) & 1)
-                    g = warpgroup_mma(yb, w1_s.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
-                    u = warpgroup_mma(yb, w2_s.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
-                    dh = warpgroup_mma(dyb, w3_s.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
-                    b1 = bias_s.index(s).slice(0, 1).load(acc_l)
-                    b2 = bias_s.index(s).slice(1, 1).load(acc_l)
+                    g, u, dh, b1, b2 = _chunk_products(yb, dyb, w1_s, w2_s, w3_s, bias_s, s, zero, acc_l)
                     g, u, dh = warpgroup_mma_wait(0, deps=(g, u, dh))
                     dgb, dub = _chunk_grads(g, u, dh, b1, b2, cols, 0, A, op_l)
                     t += 1
@@ -313,11 +318,7 @@ if gluon is not None:
                         mbarrier.wait(ready.index(s), (t // S) & 1)
                         dx = warpgroup_mma(dgb, w1_s.index(sp), dx, is_async=True)   # chunk c-1's into dx
                         dx = warpgroup_mma(dub, w2_s.index(sp), dx, is_async=True)
-                        g = warpgroup_mma(yb, w1_s.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
-                        u = warpgroup_mma(yb, w2_s.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
-                        dh = warpgroup_mma(dyb, w3_s.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
-                        b1 = bias_s.index(s).slice(0, 1).load(acc_l)
-                        b2 = bias_s.index(s).slice(1, 1).load(acc_l)
+                        g, u, dh, b1, b2 = _chunk_products(yb, dyb, w1_s, w2_s, w3_s, bias_s, s, zero, acc_l)
                         g, u, dh, dx, dgb, dub = warpgroup_mma_wait(0, deps=(g, u, dh, dx, dgb, dub))
                         _release(empty, t - 1, S)
                         dgb, dub = _chunk_grads(g, u, dh, b1, b2, cols, c, A, op_l)
