@@ -126,7 +126,7 @@ def available(x: torch.Tensor) -> bool:
 
 
 if triton is not None:
-    from . import metric_kernel_ws
+    from . import metric_kernel_ws, metric_kernel_ws_rows
     from .metric_kernel_jit import (_learner_bwd_rows, _learner_bwd_weights, _learner_fwd,  # noqa: F401
                                     _learner_sum_partials)
 
@@ -317,8 +317,8 @@ def metric_learner_backward(dout: Tensor, x: Tensor, z: Tensor, ys: Tensor, in_w
                                             DROP=drop, BM=bm, num_warps=warps, num_stages=stages, maxnreg=maxnreg)
         lnpart[:] = [part]
     if WS_ROW_KERNEL and _ws(x, dk):
-        lnpart[:] = [metric_kernel_ws.backward_rows(x, z, ys, dout, lnw, wb[0], b1, wb[1], b2, wb[2],
-                                                    dx, dys, eps)]
+        lnpart[:] = [metric_kernel_ws_rows.backward_rows(x, z, ys, dout, lnw, wb[0], b1, wb[1], b2, wb[2],
+                                                         dx, dys, eps)]
     else:
         _launch_first("_learner_bwd_rows", dev, BWD_ROWS_CONFIGS, rows)
 
