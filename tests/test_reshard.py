@@ -22,7 +22,7 @@ from pldr_dist.model.interchange import from_interchange, to_interchange
 from pldr_dist.parallel.flat_layers import flatten_layers
 from pldr_dist.train.checkpoint import CheckpointManager
 from distributed import run_distributed
-from train_helpers import assert_stage_files_hold, command, losses, prepare_data, train, train_with_fault
+from train_helpers import assert_stage_files_hold, command, losses, prepare_data, train
 
 # 8 sequences per step in both layouts: 4 x 2 pipeline micro-batches, or 4 on each of 2 DP ranks
 COMMON = ["train.steps=8", "checkpoint.every=3", "checkpoint.keep=10", "optim.lr=1e-3"]
@@ -30,17 +30,12 @@ PIPELINE = (4, COMMON + ["parallel.tp=2", "parallel.pp=2", "train.grad_accum_ste
 # ZeRO-2 keeps each decoder layer as one tensor (parallel/flat_layers.py): the portable file loads
 # into it, and its optimizer files reshard back into the per-weight pipeline layout
 DATA_PARALLEL = (2, COMMON + ["train.grad_accum_steps=1", "parallel.zero_stage=2"])
-PREEMPTED = 75   # pldr_dist.distributed.PREEMPTED_EXIT_CODE
 
 
-def run(data, run_dir, layout, fault=None):
+def run(data, run_dir, layout):
     nproc, sets = layout
-    result = (train_with_fault(data, str(run_dir), nproc, sets, fault) if fault
-              else train(data, str(run_dir), nproc, sets))
-    if fault:   # every rank exits 75; torchrun itself reports a failed child
-        assert f"exiting with {PREEMPTED} for requeue" in result.stdout, result.stdout + result.stderr
-    else:
-        assert result.returncode == 0, result.stdout + result.stderr
+    result = train(data, str(run_dir), nproc, sets)
+    assert result.returncode == 0, result.stdout + result.stderr
     return losses(str(run_dir))
 
 
@@ -80,19 +75,18 @@ def test_tp2_pp2_to_tp1_dp2_and_back_continues_with_the_losses_of_the_unchanged_
     assert_stage_files_hold(str(source), load_consolidated(str(tmp_path / "consolidated")).state_dict(), tp=2)
     assert all(portable[f"exp_avg_sq.{n}"].min() >= 0 for n in (k[len("param."):] for k in portable if k.startswith("param.")))
 
-    # TP=1 x DP=2 from step 3, preempted after step 6
-    dp = run(data, tmp_path / "dp", DATA_PARALLEL, fault="term:6")
-    assert sorted(dp) == [4, 5, 6]
+    # TP=1 x DP=2 from step 3 to the end (checkpoints at steps 6 and 8)
+    dp = run(data, tmp_path / "dp", DATA_PARALLEL)
+    assert sorted(dp) == [4, 5, 6, 7, 8]
     assert_same_losses({s: dp[s] for s in (4, 5)}, ref, range(4, 6))
 
     # and back to TP=2 x PP=2 from the DP run's step 6, to the end
-    assert reshard_main([str(tmp_path / "dp" / "checkpoints"), str(tmp_path / "back")]) == 0
+    assert reshard_main([str(tmp_path / "dp" / "checkpoints" / "step_00000006"), str(tmp_path / "back")]) == 0
     out = capsys.readouterr().out
     assert "reading pipeline stage 1/1: 1 TP rank(s) x 2 DP optimizer file(s)" in out
     assert "resharded" in out and "(step 6, layout {'tp': 1, 'pp': 1, 'dp': 2, 'zero_stage': 2}" in out
     back = run(data, tmp_path / "back", PIPELINE)
-    # the unchanged run of the state resharded back: the DP run itself, continued from its step 6
-    dp = run(data, tmp_path / "dp", DATA_PARALLEL)
+    # the unchanged run of the state resharded back: the DP run itself, from its step 6 on
     assert_same_losses(back, dp, range(7, 9))
 
 
