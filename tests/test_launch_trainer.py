@@ -92,14 +92,26 @@ def torchrun_losses(torchrun_run):
     return result
 
 
-def test_trainer_under_mpirun_deepspeed_and_two_torchrun_nodes_matches_torchrun(data, torchrun_losses, tmp_path):
-    for name, cmd, extra in [
-        ("mpirun", [f"{LAUNCH}/mpirun_train.sh"], dict(NP="2")),
-        ("deepspeed", [f"{LAUNCH}/deepspeed_train.sh"], dict(NUM_GPUS="2", MASTER_PORT=str(free_port()))),
+def launch_line(log: str) -> str:
+    """The trainer's line naming its launch (rank 0's, once)."""
+    found = [line[line.index("launch: "):].strip() for line in open(log) if "launch: " in line]
+    assert len(found) == 1, open(log).read()[-3000:]
+    return found[0]
+
+
+def test_trainer_under_mpirun_deepspeed_and_two_torchrun_nodes_matches_torchrun(data, torchrun_run, torchrun_losses,
+                                                                                tmp_path):
+    """Each launcher's job trains to torchrun's losses, and the trainer read its launch from that
+    launcher's environment: the launcher's name, the processes, the processes a node and gloo."""
+    assert launch_line(torchrun_run + ".log").startswith("launch: 2 processes, 2 a node, started by torchrun; gloo, ")
+    for name, cmd, extra, launcher in [
+        ("mpirun", [f"{LAUNCH}/mpirun_train.sh"], dict(NP="2"), "mpi"),
+        ("deepspeed", [f"{LAUNCH}/deepspeed_train.sh"], dict(NUM_GPUS="2", MASTER_PORT=str(free_port())), "deepspeed"),
     ]:
         run_dir = str(tmp_path / name)
         run(["bash", *cmd, *train_args(data, run_dir)], trainer_env(**extra), run_dir + ".log")
         assert losses(run_dir) == pytest.approx(torchrun_losses, rel=1e-6), name
+        assert launch_line(run_dir + ".log").startswith(f"launch: 2 processes, 2 a node, started by {launcher}; gloo, ")
 
     run_dir = str(tmp_path / "two-nodes")
     env = trainer_env(NNODES="2", NPROC_PER_NODE="1", RDZV_ENDPOINT=f"127.0.0.1:{free_port()}", RDZV_ID="trainer")
@@ -113,6 +125,9 @@ def test_trainer_under_mpirun_deepspeed_and_two_torchrun_nodes_matches_torchrun(
             node.kill() if node.poll() is None else None
     assert codes == [0, 0], "\n".join(open(f"{run_dir}-node{n}.log").read()[-3000:] for n in range(2))
     assert losses(run_dir) == pytest.approx(torchrun_losses, rel=1e-6)
+    rank0 = [n for n in range(2) if "launch: " in open(f"{run_dir}-node{n}.log").read()]
+    assert len(rank0) == 1 and launch_line(f"{run_dir}-node{rank0[0]}.log").startswith(
+        "launch: 2 processes, 1 a node, started by torchrun; gloo, ")
 
 
 def test_torchrun_run_logs_validation_g_stats_grad_norm_mfu_and_tensorboard(torchrun_run, tmp_path, monkeypatch):

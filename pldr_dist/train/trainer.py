@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     env = init_distributed()
     code, agreed = 0, True
     try:
-        Trainer(cfg).run()
+        Trainer(cfg, env).run()
     except StopTraining as e:
         if dist.get_rank() == 0:
             print(f"pldr-train: {e}", file=sys.stderr if e.code != PREEMPTED_EXIT_CODE else sys.stdout, flush=True)
@@ -132,9 +132,12 @@ def main(argv=None) -> int:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, env=None):
+        """env: the launch as `distributed.discover()` read it (named in the first log line, so
+        a job's log says which launcher started how many processes where)."""
         from .build import build_run
         self.cfg = cfg
+        self.env = env
         self.rank = dist.get_rank()
         self.job = build_run(cfg)   # grid, model config, engine, loaders, step function
         self.ckpt = CheckpointManager(cfg.run_dir, cfg.checkpoint.keep, self.rank, dist.get_world_size(),
@@ -217,6 +220,10 @@ class Trainer:
         self.resume()
         self.log(f"training {cfg.model.preset} ({run.num_params:,} parameters) with {run.grid.describe().split(' (')[0]}, "
                  f"zero={cfg.parallel.zero_stage}, {run.precision}, {run.tokens_per_step:,} tokens/step; {run.fast_path}")
+        if self.env is not None:
+            e = self.env
+            self.log(f"launch: {e.world_size} processes, {e.local_world_size} a node, started by {e.launcher}; "
+                     f"{dist.get_backend()}, {torch.get_num_threads()} CPU threads a process")
         loss = torch.tensor(float("nan"))   # a device tensor: read (a host sync) only when logged
         last_saved = self.step if self.step else -1
         # Throughput is measured over the steps between log lines, each line written once the
