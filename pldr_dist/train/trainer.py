@@ -209,6 +209,7 @@ class Trainer:
             self.train()
         except StopTraining:
             self.finish_checkpoints()
+            self.metrics.close()
             raise
         self.finish_checkpoints()
         self.metrics.close()
