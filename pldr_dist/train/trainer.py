@@ -132,8 +132,8 @@ def main(argv=None) -> int:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, env=None):
-        """env: the launch as `distributed.discover()` read it (named in the first log line, so
+    def __init__(self, cfg: RunConfig, env):
+        """env: the launch as `distributed.discover()` read it (named in the first log lines, so
         a job's log says which launcher started how many processes where)."""
         from .build import build_run
         self.cfg = cfg
@@ -221,10 +221,9 @@ class Trainer:
         self.resume()
         self.log(f"training {cfg.model.preset} ({run.num_params:,} parameters) with {run.grid.describe().split(' (')[0]}, "
                  f"zero={cfg.parallel.zero_stage}, {run.precision}, {run.tokens_per_step:,} tokens/step; {run.fast_path}")
-        if self.env is not None:
-            e = self.env
-            self.log(f"launch: {e.world_size} processes, {e.local_world_size} a node, started by {e.launcher}; "
-                     f"{dist.get_backend()}, {torch.get_num_threads()} CPU threads a process")
+        e = self.env
+        self.log(f"launch: {e.world_size} processes, {e.local_world_size} a node, started by {e.launcher}; "
+                 f"{dist.get_backend()}, intra-op threads {torch.get_num_threads()}")
         loss = torch.tensor(float("nan"))   # a device tensor: read (a host sync) only when logged
         last_saved = self.step if self.step else -1
         # Throughput is measured over the steps between log lines, each line written once the
