@@ -141,8 +141,9 @@ WS_KERNELS = ("_learner_fwd_ws", "_learner_bwd_rows_ws")
 
 def measure_ws(kernel: str, cfg) -> ResourceRow:
     """The warp-specialized Gluon kernel (metric_kernel_ws, metric_kernel_ws_rows) compiled for
-    sm_90 as the op launches it: one program an SM of two consumer warpgroups and a producer warp. `registers` is the
-    launch cap; each consumer then raises its own to CONSUMER_REGS (setmaxnreg)."""
+    sm_90 as the op launches it: one program an SM of two consumer warpgroups and a producer
+    warp. `registers` is the launch cap; each consumer then raises its own to CONSUMER_REGS
+    (setmaxnreg)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon import language as gl
@@ -152,7 +153,7 @@ def measure_ws(kernel: str, cfg) -> ResourceRow:
     from ..model import metric_kernel_ws as ws
     from ..model import metric_kernel_ws_rows as ws_rows
     forward = kernel == "_learner_fwd_ws"
-    stages = ws.FWD_STAGES if forward else ws_rows.ROWS_STAGES
+    module, stages = (ws, ws.FWD_STAGES) if forward else (ws_rows, ws_rows.ROWS_STAGES)
     role = "today (Hopper)" if (mk.WS_KERNELS if forward else mk.WS_ROW_KERNEL) else "off (flag)"
     row = ResourceRow(kernel, f"({ws.ROWS}, {ws.CHUNK}, 4+4+1 warps, {stages} stages)", role)
     dk = cfg.head_dim
@@ -162,7 +163,7 @@ def measure_ws(kernel: str, cfg) -> ResourceRow:
         return f"tensordesc<{dtype}[{', '.join(map(str, block))}],{layout!r}>"
     values = dict(A=cfg.a_dff, R=cfg.num_residual_units, NG=cfg.glus_per_unit, DK=dk,
                   NCH=triton.cdiv(cfg.a_dff, ws.CHUNK), S=stages, CREGS=ws.CONSUMER_REGS)
-    fn = getattr(ws if forward else ws_rows, kernel)
+    fn = getattr(module, kernel)
     sig = {}
     for p in fn.params:
         if p.name in values:

@@ -20,4 +20,4 @@ if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
     mpi.Finalize()
 sys.stdout.flush()
 sys.stderr.flush()
-os._exit(code if isinstance(code, int) else 1)
+os._exit(code)
