@@ -13,6 +13,9 @@ demo: install
 
 # Two pytest-xdist workers: the SLURM tests, which mostly wait, overlap with the CPU-bound ones
 # (tests/conftest.py groups the tests; TEST_WORKERS=0 runs them in this one process).
+# A test still running after TEST_TIMEOUT seconds (the slowest take ~75 s here) has hung: its
+# threads' stacks are printed and its worker ends, so the suite reports it and goes on.
 TEST_WORKERS ?= 2
+TEST_TIMEOUT ?= 600
 test: install
-	$(PY) -m pytest -q -n $(TEST_WORKERS) tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --timeout=$(TEST_TIMEOUT) --timeout-method=thread tests

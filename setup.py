@@ -23,7 +23,7 @@ setup(
         "zstandard",
         "torchao>=0.16",     # train.precision=fp8 (model/fp8.py)
     ],
-    extras_require={"test": ["pytest", "pytest-xdist>=3.5", "lm-eval>=0.4,<0.5", "triton>=3.5"], "eval": ["lm-eval>=0.4,<0.5"]},
+    extras_require={"test": ["pytest", "pytest-xdist>=3.5", "pytest-timeout>=2.3", "lm-eval>=0.4,<0.5", "triton>=3.5"], "eval": ["lm-eval>=0.4,<0.5"]},
     entry_points={
         "console_scripts": [
             "pldr-demo=pldr_dist.demo:main",

@@ -10,6 +10,7 @@ def test_trainer_suite_runs_each_variant_and_reports_its_numbers(tmp_path, capsy
                  "--window", "2:3", "--variant", "z1:parallel.zero_stage=1 log.profile_steps=[2,2]",
                  "--variant", "bad:train.steps=-1",
                  "--variant", "dp2@2:train.micro_batch_size=2",   # 2 processes, the same global batch
+                 "--time-limit", "300",   # a hung run fails with its stacks, before pytest-timeout's 600 s
                  "--work", str(tmp_path / "work"), "--out", str(out), "--name", "smoke"])
     assert code == 1                                    # one variant failed: the command says so
     doc = json.loads((out / "smoke.json").read_text())
@@ -39,24 +40,38 @@ def test_trainer_suite_runs_a_baseline_package_with_relative_paths(tmp_path, mon
     package compiles into its own cache: a shared one handed a baseline whose learner op returned
     fewer tensors this package's compiled backward, and its run failed (H100, --baseline)."""
     import shutil
-    import subprocess
 
-    from pldr_dist.bench.trainer import ROOT
-    caches, run = [], subprocess.run
+    from pldr_dist.bench import trainer
+    caches, run = [], trainer.run_with_limit
 
-    def recording(cmd, **kwargs):
-        caches.append(kwargs["env"]["TORCHINDUCTOR_CACHE_DIR"])
-        return run(cmd, **kwargs)
-    monkeypatch.setattr(subprocess, "run", recording)
+    def recording(cmd, cwd, env, out, limit_s):
+        caches.append(env["TORCHINDUCTOR_CACHE_DIR"])
+        return run(cmd, cwd, env, out, limit_s)
+    monkeypatch.setattr(trainer, "run_with_limit", recording)
     for part in ("pldr_dist", "configs"):
-        shutil.copytree(f"{ROOT}/{part}", tmp_path / "prev" / part, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(f"{trainer.ROOT}/{part}", tmp_path / "prev" / part, ignore=shutil.ignore_patterns("__pycache__"))
     monkeypatch.chdir(tmp_path)
     code = main(["trainer", "--smoke", "--config", "tiny", "--seq-len", "32", "--micro-batch", "4", "--steps", "2",
-                 "--window", "1:2", "--baseline", "prev", "--work", "work", "--out", "out", "--name", "base"])
+                 "--window", "1:2", "--baseline", "prev", "--work", "work", "--out", "out", "--name", "base",
+                 "--time-limit", "300"])
     assert code == 0
     doc = json.loads((tmp_path / "out" / "base.json").read_text())
     assert [(r["package"], r["exit_code"]) for r in doc["results"]] == [("this", 0), ("prev", 0)]
     assert len(set(caches)) == 2 and all(c.startswith(str(tmp_path / "work")) for c in caches)
+
+
+def test_a_run_past_the_time_limit_is_ended_with_its_stacks_and_reported_failed(tmp_path, capsys):
+    """A hung run must not hold up the suite (a CI job hung on one once): past --time-limit its
+    process group gets SIGABRT (each process writes its stacks to the run's log), then SIGKILL."""
+    code = main(["trainer", "--smoke", "--config", "tiny", "--seq-len", "32", "--micro-batch", "4", "--steps", "3",
+                 "--window", "2:3", "--time-limit", "3", "--work", str(tmp_path / "work"), "--out", str(tmp_path),
+                 "--name", "late"])
+    assert code == 1
+    (result,) = json.loads((tmp_path / "late.json").read_text())["results"]
+    assert result["exit_code"] == 124 and result["losses"] == []
+    log = (tmp_path / "work/default__this/stdout.log").read_text()
+    assert "most recent call first" in log and log.endswith("ended after --time-limit 3 s (stacks above)\n")
+    assert "most recent call first" in capsys.readouterr().out      # the stacks are printed too
 
 
 def test_kernel_table_puts_the_kernels_that_differ_most_between_profiled_runs_first():

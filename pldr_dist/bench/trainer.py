@@ -26,6 +26,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -110,6 +111,51 @@ def int_list(text: str) -> list:
     return values
 
 
+TIMED_OUT = 124   # a run's exit code once --time-limit ended it (as coreutils' timeout)
+
+
+def run_with_limit(cmd: list, cwd: str, env: dict, out, limit_s: float) -> int:
+    """The run's exit code; past limit_s every process of the run (the launcher, its ranks, their
+    data-loader workers) is ended and the run counts as failed, so one hung run cannot hold up
+    the suite (or a CI job) for ever. SIGABRT first: with PYTHONFAULTHANDLER set, each process
+    writes its threads' stacks to the run's log, which says where it hung."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env={**env, "PYTHONFAULTHANDLER": "1"}, stdout=out,
+                            stderr=subprocess.STDOUT)
+    try:
+        return proc.wait(timeout=limit_s)
+    except subprocess.TimeoutExpired:
+        tree = [proc.pid] + descendants(proc.pid)    # torchrun starts its ranks in sessions of their own
+        for sig, pause in ((signal.SIGABRT, 1.0), (signal.SIGKILL, 0.0)):
+            for pid in tree:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+                time.sleep(pause)         # one process's stacks at a time, not interleaved
+        proc.wait()
+        with open(out.name, "a") as log_file:
+            log_file.write(f"pldr-bench: ended after --time-limit {limit_s:.0f} s (stacks above)\n")
+        return TIMED_OUT
+
+
+def descendants(pid: int) -> list:
+    """Every process below pid (Linux: from /proc)."""
+    children: dict = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (ValueError, OSError, IndexError):
+            continue
+        children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def run_variant(a, name: str, sets: list, nproc: int, package: str, manifest: str, tokenizer: str, log,
                 seq_len: int, micro_batch: int) -> Result:
     label = "this" if package == ROOT else os.path.basename(os.path.normpath(package))
@@ -135,7 +181,7 @@ def run_variant(a, name: str, sets: list, nproc: int, package: str, manifest: st
     t0 = time.time()
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "stdout.log"), "w") as out:
-        code = subprocess.run(cmd, cwd=package, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
+        code = run_with_limit(cmd, package, env, out, a.time_limit)
     result = Result(name, label, code, seq_len=seq_len, micro_batch=micro_batch, nproc=nproc)
     rows = []
     metrics = os.path.join(run_dir, "metrics.jsonl")
@@ -155,8 +201,8 @@ def run_variant(a, name: str, sets: list, nproc: int, package: str, manifest: st
     log_text = open(os.path.join(run_dir, "stdout.log")).read()
     result.fast_path = next((line.split("; ", 1)[-1] for line in log_text.splitlines() if line.startswith("training ")), "")
     log(f"  exit {code} in {time.time() - t0:.0f} s: {result.tokens_per_s:,.0f} tokens/s, {result.fast_path}")
-    if code != 0:
-        log("  " + "\n  ".join(log_text.splitlines()[-5:]))
+    if code != 0:   # a hung run: its stacks too
+        log("  " + "\n  ".join(log_text.splitlines()[-(200 if code == TIMED_OUT else 5):]))
     return result
 
 
@@ -287,6 +333,8 @@ def add_parser(sub) -> None:
                    help="micro-batch = max(1, N // seq-len) at each length, instead of --micro-batch")
     p.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per run (a variant NAME@N: N)")
     p.add_argument("--workers", type=int, default=2, help="data-loader workers per process")
+    p.add_argument("--time-limit", type=float, default=3600.0,
+                   help="seconds a run may take before it is killed and reported as failed")
     p.add_argument("--baseline", help="a folder holding an older pldr_dist and configs/ to run each variant with too")
     p.add_argument("--work", default="bench_work", help="scratch folder (shards, run dirs)")
     p.add_argument("--out", help="folder for <name>.txt and <name>.json")
