@@ -97,6 +97,37 @@ def test_a_batch_prepared_ahead_is_the_first_one_a_resume_yields(shards):
     assert same_batches(batches(resumed, 7), ref[5:12], 7)
 
 
+def test_closing_the_batches_ahead_stops_and_joins_the_loaders_workers(shards):
+    """The trainer closes its batches at the end: the DataLoader's workers end then, not at the
+    interpreter's exit (where one still starting missed multiprocessing's SIGTERM and hung a run)."""
+    import multiprocessing
+    ahead = BatchesAhead(TokenLoader(str(shards), "train", B, SEQ, seed=7, num_workers=2))
+    next(ahead)
+    ahead.prepare()
+    workers = multiprocessing.active_children()
+    assert len(workers) == 2 and all(w.is_alive() for w in workers)
+    ahead.close()
+    assert not any(w.is_alive() for w in workers) and multiprocessing.active_children() == []
+    assert ahead.peek() is None
+
+
+def test_processes_forked_by_a_rank_start_with_sigterm_at_its_default():
+    """The rank's SIGTERM handler only sets a flag; a forked child (a DataLoader worker) that
+    inherited it would ignore the SIGTERM that is meant to end it."""
+    import signal
+
+    from pldr_dist.train.trainer import default_signals_in_children
+    before = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        default_signals_in_children()
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if all(signal.getsignal(s) == signal.SIG_DFL for s in (signal.SIGTERM, signal.SIGUSR1)) else 1)
+        assert os.waitpid(pid, 0)[1] == 0
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def test_batches_are_int64_inputs_with_next_token_targets(shards):
     batch = next(iter(TokenLoader(str(shards), "train", B, SEQ, seed=0)))
     assert batch["input"].shape == batch["target"].shape == (B, SEQ)

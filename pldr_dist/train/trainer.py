@@ -51,11 +51,14 @@ class SignalFlag:
     .item(), made the host wait for the whole step's GPU work every step and left the GPU idle
     while the next step was launched (~1 ms a step on the H100, results/trainer_parts/)."""
 
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
     def __init__(self):
         self.raised = 0
         self.group = dist.new_group(backend="gloo")   # every rank, in the same order
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in self.SIGNALS:
             signal.signal(sig, self._handler)
+        default_signals_in_children()
 
     def _handler(self, signum, frame):
         self.raised = signum
@@ -65,6 +68,20 @@ class SignalFlag:
         flag = torch.tensor([1.0 if self.raised else 0.0, 1.0 if writing else 0.0])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         return bool(flag[0].item()), bool(flag[1].item())
+
+
+_children_default = False
+
+
+def default_signals_in_children() -> None:
+    """A process forked from a rank (a DataLoader worker) starts with SIGTERM and SIGUSR1 at
+    their default action, not the rank's flag-setting handler: SIGTERM must end such a process
+    (multiprocessing ends its workers so), and only the rank checkpoints. torch's workers set
+    their own SIGTERM handler, but only once they have started."""
+    global _children_default
+    if not _children_default:
+        os.register_at_fork(after_in_child=lambda: [signal.signal(s, signal.SIG_DFL) for s in SignalFlag.SIGNALS])
+        _children_default = True
 
 
 def parse_args(argv=None):
@@ -211,6 +228,8 @@ class Trainer:
             self.finish_checkpoints()
             self.metrics.close()
             raise
+        finally:
+            self.batches.close()
         self.finish_checkpoints()
         self.metrics.close()
         self.log(f"done: {self.step} steps, {self.tokens:,} tokens, last loss {self.last_loss:.6f}")
