@@ -200,3 +200,24 @@ def test_pldr_generate_never_samples_ids_the_tokenizer_lacks(consolidated, tmp_p
     generate_main([str(folder), "--prompts", str(tmp_path / "prompts.txt"), "--max-new-tokens", "4"])
     out = capsys.readouterr().out.splitlines()
     assert out == [f"{p}\t{sp.decode(t)}" for p, t in zip(prompts, limited)], out
+
+
+def test_a_local_task_folder_is_indexed_without_lm_evals_own_tasks(monkeypatch):
+    """compare-gcache indexes lm_eval's ~15,000 tasks (~16 s) only when --include-path lacks a task."""
+    import lm_eval.tasks
+
+    from pldr_dist.eval.compare import task_manager_for
+    local = task_manager_for(["pldr_tiny_qa"], TASK_DIR)
+    assert "pldr_tiny_qa" in local.all_subtasks and "arc_easy" not in local.all_tasks
+    built = []
+
+    class Recording(lm_eval.tasks.TaskManager):     # records what is indexed, indexes the folder only
+        def __init__(self, include_path=None, include_defaults=True, **kwargs):
+            built.append(include_defaults)
+            super().__init__(include_path=include_path, include_defaults=False, **kwargs)
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", Recording)
+    task_manager_for(["pldr_tiny_qa", "arc_easy"], TASK_DIR)
+    assert built == [False, True]            # the folder alone lacked arc_easy: the full index next
+    built.clear()
+    task_manager_for(["arc_easy"])
+    assert built == [True]

@@ -37,9 +37,7 @@ def _harness(argv: list[str]) -> int:
 
 
 def _compare(args) -> int:
-    from lm_eval.tasks import TaskManager
-
-    from .compare import compare_gcache
+    from .compare import compare_gcache, task_manager_for
     from .lm_eval_adapter import PLDRLM
     from .model_io import g_from_prompt, load_for_eval, with_fixed_g
 
@@ -50,8 +48,9 @@ def _compare(args) -> int:
         fixed = with_fixed_g(model, g_from_prompt(model, [model.cfg.eos_id]))
     plain = PLDRLM(model=model, tokenizer=tokenizer, batch_size=args.batch_size)
     cached = PLDRLM(model=fixed, tokenizer=tokenizer, batch_size=args.batch_size)
-    manager = TaskManager(include_path=args.include_path) if args.include_path else None
-    _, _, table = compare_gcache(plain, cached, args.tasks.split(","), manager, args.limit, args.num_fewshot)
+    tasks = args.tasks.split(",")
+    _, _, table = compare_gcache(plain, cached, tasks, task_manager_for(tasks, args.include_path), args.limit,
+                                 args.num_fewshot)
     print(f"model {args.model}; G-cache {args.gcache or 'computed from the end-of-sequence prompt'}")
     print(table)
     return 0
