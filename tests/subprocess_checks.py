@@ -19,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import traceback
 
 
@@ -29,7 +30,7 @@ def main(namespace: dict, prefix: str = "") -> None:
         out, args = args[1], args[2:]
     outcomes = {}
     for name in args:
-        buf = io.StringIO()
+        buf, t0 = io.StringIO(), time.time()
         try:
             with contextlib.redirect_stdout(buf):
                 namespace[prefix + name]()
@@ -41,7 +42,7 @@ def main(namespace: dict, prefix: str = "") -> None:
             import torch
             torch._dynamo.reset()
         outcomes[name] = {"ok": ok, "output": buf.getvalue()}
-        print(f"--- {name}: {'ok' if ok else 'FAILED'}\n{buf.getvalue()}", flush=True)
+        print(f"--- {name}: {'ok' if ok else 'FAILED'} in {time.time() - t0:.1f} s\n{buf.getvalue()}", flush=True)
     if out:
         with open(out, "w") as f:
             json.dump(outcomes, f)
