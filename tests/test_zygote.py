@@ -1,0 +1,30 @@
+"""The tests' zygote (tests/zygote.py) forks ranks that behave as processes of their own: the
+request's arguments, environment and working directory; exit codes, including a signal's, as
+subprocess reports them; stdout and stderr in their files."""
+import signal
+
+from train_helpers import env, zygote_for
+
+
+def test_a_forked_rank_runs_its_module_as_python_m_would(tmp_path):
+    base = env([])
+    zygote = zygote_for(base)
+    assert zygote is not None and zygote_for({**base, "SOMETHING_ELSE": "1"}) is None   # another import-time env
+
+    def run(module, args, **extra):
+        out, err = tmp_path / f"{len(list(tmp_path.iterdir()))}.out", tmp_path / "err"
+        rank = zygote.spawn(module, args, {**base, "RANK": "3", **extra}, str(tmp_path), str(out), str(err))
+        return rank, out, err
+
+    rank, out, err = run("pldr_dist.train", ["--help"])
+    assert rank.wait(timeout=60) == 0 and out.read_text().startswith("usage: pldr-train")
+    rank, out, err = run("pldr_dist.train", ["--config", "missing.yaml"])
+    assert rank.wait(timeout=60) == 2
+    assert err.read_text().strip().splitlines()[-1].startswith("pldr-train: ") and "missing.yaml" in err.read_text()
+    probe = "import os, sys; sys.stdout.write(os.environ['RANK'] + ' ' + os.getcwd() + ' ')"
+    rank, out, err = run("timeit", ["-n", "1", probe])
+    assert rank.wait(timeout=60) == 0 and out.read_text().startswith(f"3 {tmp_path} ")
+    rank, out, err = run("timeit", ["-n", "1", "import time; time.sleep(60)"])
+    assert rank.poll() is None
+    rank.send_signal(signal.SIGKILL)
+    assert rank.wait(timeout=30) == -signal.SIGKILL
