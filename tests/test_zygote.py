@@ -4,12 +4,15 @@ subprocess reports them; stdout and stderr in their files."""
 import signal
 
 from train_helpers import env, zygote_for
+from zygote import key
 
 
 def test_a_forked_rank_runs_its_module_as_python_m_would(tmp_path):
     base = env([])
     zygote = zygote_for(base)
-    assert zygote is not None and zygote_for({**base, "SOMETHING_ELSE": "1"}) is None   # another import-time env
+    assert zygote is not None and zygote_for(env(["train.compile=true"])) is None     # TorchDynamo on: no fork
+    # the rank variables are a fork's own; any other variable could change what the imports did
+    assert key({**base, "RANK": "1", "MASTER_PORT": "1"}) == zygote.key != key({**base, "OTHER": "1"})
 
     def run(module, args, **extra):
         out, err = tmp_path / f"{len(list(tmp_path.iterdir()))}.out", tmp_path / "err"

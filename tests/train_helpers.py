@@ -135,17 +135,24 @@ _zygote = None
 
 
 def zygote_for(environment: dict):
-    """This worker's zygote (tests/zygote.py: ranks forked with torch and DeepSpeed imported),
-    started at the first eager run; None for a run whose environment differs from its own in
-    anything but the rank variables (it starts processes of its own)."""
+    """This worker's zygote (tests/zygote.py: ranks forked with torch and DeepSpeed imported)
+    for an eager run, None for a compiled one (TorchDynamo on: processes of their own). Started
+    at the first eager run, and again whenever a run's environment differs from the one it was
+    started with in more than the rank variables (imports in this process add variables:
+    lm_eval's, torch's PYTORCH_NVML_BASED_CUDA_CHECK): what its imports saw must be what the
+    rank's own start would have seen."""
     global _zygote
     import zygote
     if "TORCHDYNAMO_DISABLE" not in environment or os.environ.get("PLDR_TEST_ZYGOTE") == "0":
         return None     # train.compile=true (TorchDynamo on), or turned off (PLDR_TEST_ZYGOTE=0)
-    if _zygote is None or not _zygote.alive():
-        _zygote = zygote.Zygote(zygote.key(environment), ROOT)
+    wanted = zygote.key(environment)
+    if _zygote is not None and (not _zygote.alive() or _zygote.key != wanted):
+        _zygote.close()
+        _zygote = None
+    if _zygote is None:
+        _zygote = zygote.Zygote(wanted, ROOT)
         atexit.register(_zygote.close)
-    return _zygote if zygote.key(environment) == _zygote.key else None
+    return _zygote
 
 
 def metric(run_dir: str, key: str) -> dict:
