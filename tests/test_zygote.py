@@ -14,9 +14,9 @@ def test_a_forked_rank_runs_its_module_as_python_m_would(tmp_path):
     # the rank variables are a fork's own; any other variable could change what the imports did
     assert key({**base, "RANK": "1", "MASTER_PORT": "1"}) == zygote.key != key({**base, "OTHER": "1"})
 
-    def run(module, args, **extra):
+    def run(module, args):
         out, err = tmp_path / f"{len(list(tmp_path.iterdir()))}.out", tmp_path / "err"
-        rank = zygote.spawn(module, args, {**base, "RANK": "3", **extra}, str(tmp_path), str(out), str(err))
+        rank = zygote.spawn(module, args, {**base, "RANK": "3"}, str(tmp_path), str(out), str(err))
         return rank, out, err
 
     rank, out, err = run("pldr_dist.train", ["--help"])

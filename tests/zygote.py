@@ -34,7 +34,7 @@ def key(env: dict) -> dict:
 # -- the test side ---------------------------------------------------------------------------
 class Zygote:
     def __init__(self, env: dict, cwd: str):
-        self.env, self.key = env, key(env)
+        self.key = key(env)
         self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__)], env=env, cwd=cwd,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self.codes: dict[int, int] = {}

@@ -2,9 +2,9 @@
 
 main() returns once every rank has finished its checkpoints, closed its metrics and TensorBoard
 files, stopped and joined its DataLoader workers (Trainer.run closes its batches: a worker left
-to the exit handlers once hung a run here) and left the process group. The exit handlers still run as at a normal exit, and MPI is
-finalized where mpi4py started it (mpi4py does that in the interpreter's teardown; without it
-mpirun reports the job as failed). What os._exit skips is the rest of that teardown, torch's
+to the exit handlers once hung a run here) and left the process group. The exit handlers still
+run as at a normal exit, and MPI is finalized where mpi4py started it (mpi4py does that in the
+interpreter's teardown; without it mpirun reports the job as failed). What os._exit skips is the rest of that teardown, torch's
 and DeepSpeed's: ~1 s of CPU a process, measured on a 2-core machine. An exception still exits
 through Python (its traceback and error handling unchanged).
 """
