@@ -2,6 +2,10 @@
 train the tiny PLDR-LLM with 2 CPU processes through the real entry point (`pldr-train`,
 launched by torchrun), consolidate the final checkpoint, export its G_LM cache from the
 end-of-sequence token, and generate text with KV + G caches from the inference-only model.
+
+The steps after training call the console scripts' own `main(argv)` in this process (each
+printed as the command a user would type): a process each would import torch three more
+times, ~4 s apiece on two cores.
 """
 from __future__ import annotations
 
@@ -14,6 +18,12 @@ import time
 from .errors import PLDRError, cli_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tool(prog: str, main, argv: list[str]) -> None:
+    """A console script's main, in this process; its error is its own one line and exit 2."""
+    print("+ " + " ".join([prog, *argv]), flush=True)
+    main(argv)
 
 
 def sh(cmd: list[str], env=None) -> None:
@@ -52,9 +62,10 @@ def main(argv=None) -> int:
     print("[3/4] consolidate + export the G_LM cache from the end-of-sequence token", flush=True)
     model_dir = os.path.join(args.work, "demo-model")
     gcache = os.path.join(args.work, "demo-gcache.safetensors")
-    sh([sys.executable, "-m", "pldr_dist.convert.consolidate", os.path.join(run_dir, "checkpoints"), model_dir])
-    sh([sys.executable, "-c", "from pldr_dist.infer.cli import export_gcache_main; export_gcache_main()",
-        model_dir, gcache, "--source", "eos"])
+    from .convert.consolidate import main as consolidate_main
+    from .infer.cli import export_gcache_main, generate_main
+    tool("pldr-consolidate", consolidate_main, [os.path.join(run_dir, "checkpoints"), model_dir])
+    tool("pldr-export-gcache", export_gcache_main, [model_dir, gcache, "--source", "eos"])
 
     print("[4/4] generate with the inference-only model (KV-cache + G-cache)", flush=True)
     prompts = args.prompt or ["ROMEO:", "First Citizen:", "KING HENRY:"]
@@ -62,9 +73,9 @@ def main(argv=None) -> int:
     with open(prompt_file + ".tmp", "w") as f:
         f.write("\n".join(p.replace("\n", "\\n") for p in prompts) + "\n")
     os.replace(prompt_file + ".tmp", prompt_file)
-    sh([sys.executable, "-c", "from pldr_dist.infer.cli import generate_main; generate_main()",
-        model_dir, "--gcache", gcache, "--prompts", prompt_file,
-        "--max-new-tokens", "60", "--temperature", "0.8", "--top-k", "40", "--seed", "0"])
+    tool("pldr-generate", generate_main, [model_dir, "--gcache", gcache, "--prompts", prompt_file,
+                                          "--max-new-tokens", "60", "--temperature", "0.8", "--top-k", "40",
+                                          "--seed", "0"])
     print(f"demo finished in {time.time() - t0:.0f} s", flush=True)
     return 0
 
