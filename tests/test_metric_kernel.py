@@ -13,7 +13,8 @@ from subprocess_checks import run_checks
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHECKS = ["op_matches_fp64", "broken_derivative_fails", "deterministic", "unaligned_input", "opcheck",
           "no_zero_gradients_for_saved_outputs", "fast_path_uses_op", "rejects_bad_head_dim",
-          "head_products_match_fp64", "fast_path_uses_head_products", "power_law_matches_fp64"]
+          "head_products_match_fp64", "fast_path_uses_head_products", "power_law_matches_fp64",
+          "q_gradient_ops_match_fp64", "q_gradient_pass_folds_the_backward"]
 
 
 @pytest.fixture(scope="module")
