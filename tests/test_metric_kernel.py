@@ -63,14 +63,15 @@ def test_kernel_resources_compile_for_hopper_on_the_cpu(tmp_path):
 
 
 def test_head_products_bench_smoke(tmp_path):
-    """`pldr-bench kernels --head-products` on a CPU: the four products, the power law and the loss's log-sum-exp
-    pass listed, skipped (their numerics are the interpreter checks above and tests/head_loss_checks.py); on a
-    GPU the same rows are timed."""
+    """`pldr-bench kernels --head-products` on a CPU: the four products, q~'s gradient unfolded and folded, the
+    power law and the loss's log-sum-exp pass listed, skipped (their numerics are the interpreter checks above
+    and tests/head_loss_checks.py); on a GPU the same rows are timed."""
     from pldr_dist.bench.cli import main
 
     assert main(["kernels", "--head-products", "--smoke", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "head_products.json").read_text())["results"]
-    assert [r["product"] for r in rows] == ["A0 = q^T q", "q G", "q G backward", "q (dA0 + dA0^T)", "power law",
+    assert [r["product"] for r in rows] == ["A0 = q^T q", "q G", "q G backward", "q (dA0 + dA0^T)",
+                                            "q~ gradient: 3 ops", "q~ gradient: folded", "power law",
                                             "power law fwd+bwd", "loss log-sum-exp"]
     assert all(r["status"] == "skipped (needs CUDA)" for r in rows)
 
