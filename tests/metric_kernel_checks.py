@@ -373,7 +373,8 @@ def q_gradient_ops_match_fp64():
 
 
 def q_gradient_pass_folds_the_backward():
-    """fold_q_gradients on the compiled backward of a 2-layer fast-path model (AOTAutograd's real
+    """optimize_for_training puts the pass into inductor's post-grad passes; fold_q_gradients on the
+    compiled backward of a 2-layer fast-path model (AOTAutograd's real
     graph, run eagerly after the pass): each layer's (times_g_backward, head_product, add) becomes
     (times_g_weight_grad, q_grad); the loss is the same bits, and so is every gradient of the last
     layer but wq's (dG is unchanged; q~'s gradient is rounded once instead of three times)."""
@@ -406,6 +407,11 @@ def q_gradient_pass_folds_the_backward():
         loss.backward()
         return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
 
+    from torch._inductor import config as inductor_config
+
+    from pldr_dist.model.q_gradient_pass import FoldQGradients
+    optimize_for_training(copy.deepcopy(base), compile=True, cuda_graphs=False)    # inductor: the pass goes in
+    assert isinstance(inductor_config.post_grad_custom_post_pass, FoldQGradients)
     loss, grads = loss_and_grads("aot_eager")
     loss_f, grads_f = loss_and_grads(aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm), bw_compiler=backward_compiler))
     assert folded == [1], folded                       # one graph serves both layers: one fold in it
