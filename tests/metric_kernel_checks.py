@@ -374,10 +374,10 @@ def q_gradient_ops_match_fp64():
 
 def q_gradient_pass_folds_the_backward():
     """optimize_for_training puts the pass into inductor's post-grad passes; fold_q_gradients on the
-    compiled backward of a 2-layer fast-path model (AOTAutograd's real
-    graph, run eagerly after the pass): each layer's (times_g_backward, head_product, add) becomes
-    (times_g_weight_grad, q_grad); the loss is the same bits, and so is every gradient of the last
-    layer but wq's (dG is unchanged; q~'s gradient is rounded once instead of three times)."""
+    compiled backward of a 2-layer fast-path model (AOTAutograd's real graph, run eagerly after the
+    pass): each layer's (times_g_backward, head_product, add) becomes (times_g_weight_grad, q_grad);
+    the loss is the same bits, and so is every gradient of the last layer but wq's (dG is
+    unchanged; q~'s gradient is rounded once instead of three times)."""
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
