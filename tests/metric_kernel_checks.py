@@ -373,7 +373,7 @@ def q_gradient_ops_match_fp64():
 
 
 def q_gradient_pass_folds_the_backward():
-    """optimize_for_training puts the pass into inductor's post-grad passes; fold_q_gradients on the
+    """install() puts the pass into inductor's post-grad passes once; fold_q_gradients on the
     compiled backward of a 2-layer fast-path model (AOTAutograd's real graph, run eagerly after the
     pass): each layer's (times_g_backward, head_product, add) becomes (times_g_weight_grad, q_grad);
     the loss is the same bits, and so is every gradient of the last layer but wq's (dG is
@@ -409,9 +409,12 @@ def q_gradient_pass_folds_the_backward():
 
     from torch._inductor import config as inductor_config
 
-    from pldr_dist.model.q_gradient_pass import FoldQGradients
-    optimize_for_training(copy.deepcopy(base), compile=True, cuda_graphs=False)    # inductor: the pass goes in
+    from pldr_dist.model.q_gradient_pass import FoldQGradients, install
+    before = inductor_config.post_grad_custom_post_pass
+    install()
+    install()                                                    # once, however often it is called
     assert isinstance(inductor_config.post_grad_custom_post_pass, FoldQGradients)
+    inductor_config.post_grad_custom_post_pass = before
     loss, grads = loss_and_grads("aot_eager")
     loss_f, grads_f = loss_and_grads(aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm), bw_compiler=backward_compiler))
     assert folded == [1], folded                       # one graph serves both layers: one fold in it

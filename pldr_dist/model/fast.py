@@ -13,8 +13,6 @@
 - A0 = q~^T q~ and q~ G_LM run as Triton ops (`head_products`: one pass over q~ each, in the
   layout the rotary kernel wrote, no padding of S = 1023), for a learned G and for a G = I
   model's fixed one alike;
-- q~'s gradient through A0 and through q G comes out of one kernel, not two and a sum
-  (`q_gradient_pass`: a rewrite of the compiled backward graph);
 - each decoder layer is compiled on its own (regional compilation: one graph reused by
   every layer, short compile times) with no graph breaks, so the metric learner, power
   law, rotary and norms become a few fused kernels, and attention on q~G_LM stays in the
@@ -37,7 +35,7 @@ import torch
 import torch.nn.functional as F
 import torch._functorch.config as functorch_config
 
-from . import glu_kernel, head_products, metric_kernel, power_law_kernel, q_gradient_pass
+from . import glu_kernel, head_products, metric_kernel, power_law_kernel
 from .head_loss import compute_dtype
 from .layers import SwiGLU, rotary_cache
 from .model import PLDRModel
@@ -224,9 +222,6 @@ def optimize_for_training(model: PLDRModel, compile: bool = True, packed: bool =
     # rotary kernel writing q~ transposed for an align-1 GEMM, ~7 ms a pldr-1b step. Forcing the
     # padding (inductor's force_shape_pad) fixed that, 1.012x, but would pad every unaligned
     # product, e.g. each large GEMM at B*1023 tokens with B odd, or S = 8191: not kept.)
-    if backend == "inductor":
-        # q~'s two gradients (through A0 and through q G) in one pass: q_gradient_pass.py
-        q_gradient_pass.install()
     options = dict(fullgraph=True, dynamic=False, backend=backend)
     mode = {"mode": "reduce-overhead"} if cuda_graphs and backend == "inductor" else {}
     for layer in model.layers:
