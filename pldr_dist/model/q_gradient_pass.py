@@ -14,6 +14,11 @@ q G's backward runs), so the fold is a rewrite of the compiled backward graph:
 q_grad sums both products in fp32 and rounds once (the unfused path rounds dq1, dq2 and their
 sum to bf16). The graph is only rewritten where it has exactly this shape (each intermediate
 used once, the same q in both products); anything else is left as it was.
+
+Not yet installed by the fast path: it is tested on CPUs (Triton's interpreter, and inductor's
+CPU backend by hand), but has not been timed on a GPU (no device machine in the session that
+wrote it). `install()` before the first compiled step turns it on; `pldr-bench kernels
+--head-products` times the ops both ways.
 """
 from __future__ import annotations
 
