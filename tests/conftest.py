@@ -11,10 +11,6 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # Several pytest-xdist workers share the cores: one thread each (and for the processes they
     # start), or their OpenMP threads spin-wait for cores the other workers are using.
     os.environ["OMP_NUM_THREADS"] = "1"
-    # Inductor compiles in the compiling process, not in a pool of workers it would start for
-    # each compiling process (each importing torch): on two busy cores the pool only adds CPU
-    # time (a 1-process compiled trainer run, cold cache: 80 -> 63 s of CPU, the same wall time).
-    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 
 import pytest  # noqa: E402
