@@ -27,7 +27,7 @@ import operator
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
-from . import head_products  # noqa: F401 - registers the pldr:: ops
+from . import head_products
 
 
 def _single_user(node):
