@@ -1,6 +1,5 @@
 """Checks of the deductive path's other Triton ops in Triton's CPU interpreter: A0 = q^T q and
-q G (pldr_dist.model.head_products), q~'s folded gradient (q_gradient_pass) and the power law
-(power_law_kernel).
+q G (pldr_dist.model.head_products) and the power law (power_law_kernel).
 
 They run in metric_kernel_checks.py's process (it imports them), so one interpreter start and
 one torch + Triton import serve both files; one check by hand:
@@ -133,85 +132,6 @@ def fast_path_uses_head_products():
     assert abs(fixed_g.item() - fixed_plain.item()) / fixed_plain.item() < 1e-2, (fixed_g.item(), fixed_plain.item())
     print(f"fast path head products and power law ok: loss {ops.item():.5f} against {plain.item():.5f} "
           "with torch.matmul and PowerLaw.forward")
-
-
-def q_gradient_ops_match_fp64():
-    """The folded backward's two ops: q_grad = dqg G^T + q M within bf16 accuracy of fp64 (laid
-    out like q), and not what G in place of G^T gives; times_g_weight_grad = times_g_backward's
-    dG bit for bit."""
-    q, g = _head_inputs()
-    torch.manual_seed(2)
-    dqg = torch.randn(2, 3, 37, DK).to(torch.bfloat16)
-    m = torch.randn(2, 3, DK, DK).to(torch.bfloat16)
-    dq = head_products.q_grad(dqg, g, q, m)
-    g64 = g.to(torch.bfloat16).double()
-    ref = dqg.double() @ g64.transpose(-1, -2) + q.double() @ m.double()
-    err, wrong = _rel(dq.double(), ref), _rel(dq.double(), dqg.double() @ g64 + q.double() @ m.double())
-    assert err < TOL and wrong > 10 * TOL and dq.stride() == q.stride() and dq.dtype == q.dtype, (err, wrong)
-    assert torch.equal(head_products.times_g_weight_grad(dqg, q, g), head_products.times_g_backward(dqg, q, g)[1])
-    for op, args in ((head_products.q_grad, (dqg, g, q, m)), (head_products.times_g_weight_grad, (dqg, q, g))):
-        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
-    print(f"q_grad ok: {err:.1e} against fp64, {wrong:.2f} with G for G^T")
-
-
-def q_gradient_pass_folds_the_backward():
-    """install() puts the pass into inductor's post-grad passes once; fold_q_gradients on the
-    compiled backward of a 2-layer fast-path model (AOTAutograd's real graph, run eagerly after the
-    pass): each layer's (times_g_backward, head_product, add) becomes (times_g_weight_grad, q_grad);
-    the loss is the same bits, and so is every gradient of the last layer but wq's (dG is
-    unchanged; q~'s gradient is rounded once instead of three times)."""
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
-
-    from pldr_dist.model.q_gradient_pass import fold_q_gradients
-
-    folded = []
-
-    def backward_compiler(gm, _):
-        folded.append(fold_q_gradients(gm.graph))
-        gm.recompile()
-        targets = {n.target for n in gm.graph.nodes}
-        assert torch.ops.pldr.times_g_backward.default not in targets and torch.ops.pldr.q_grad.default in targets
-        return make_boxed_func(gm)
-
-    torch.manual_seed(0)
-    base = PLDRModel(preset("tiny", num_heads=2, d_model=2 * DK, head_dim=DK, a_dff=A, num_layers=2))
-    tokens = torch.randint(0, base.cfg.vocab_size, (2, 17))
-
-    def loss_and_grads(backend):
-        model = copy.deepcopy(base)
-        optimize_for_training(model, compile=True, cuda_graphs=False, backend=backend)
-        for module in model.modules():
-            if isinstance(module, FastPLGA):
-                module.use_head_products = True
-        with torch.autocast("cpu", torch.bfloat16):
-            loss = model(tokens[:, :-1], targets=tokens[:, 1:])
-        loss.backward()
-        return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
-
-    from torch._inductor import config as inductor_config
-
-    from pldr_dist.model.q_gradient_pass import FoldQGradients, install
-    before = inductor_config.post_grad_custom_post_pass
-    install()
-    install()                                                    # once, however often it is called
-    assert isinstance(inductor_config.post_grad_custom_post_pass, FoldQGradients)
-    inductor_config.post_grad_custom_post_pass = before
-    loss, grads = loss_and_grads("aot_eager")
-    loss_f, grads_f = loss_and_grads(aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm), bw_compiler=backward_compiler))
-    assert folded == [1], folded                       # one graph serves both layers: one fold in it
-    assert torch.equal(loss, loss_f)
-    # The last layer: only wq's gradient depends on q~'s, within bf16 rounding; every other one the
-    # same bits. Earlier layers get the change through the residual stream and their own learner
-    # (whose bf16 gradients at this size move by percents for any rounding change, as every
-    # bf16 path's do): a loose bound there, a wrong fold would be O(1) in wq's already.
-    errs = {k: _rel(grads_f[k].double(), grads[k].double()) for k in grads}
-    last = {k: e for k, e in errs.items() if k.startswith("layers.1.")}
-    assert all(e == 0 for k, e in last.items() if ".wq." not in k), last
-    assert 0 < max(last.values()) < 1e-2, last
-    assert max(errs.values()) < 0.1, errs
-    print(f"q gradient pass ok: the last layer's wq gradient within {max(last.values()):.1e} of the unfolded "
-          f"graph's, the rest the same bits; earlier layers within {max(errs.values()):.1e}")
 
 
 POWER_NAMES = ("A", "W", "b", "P", "alpha", "beta")

@@ -3,9 +3,7 @@
 Per shape (preset:micro-batch: q~ [B, h, S = 1023, dk] laid out [B, S, h, dk] as the
 projections give it, bf16) each Triton op of `model.head_products` against the torch.matmul
 calls it replaces (cuBLAS, eager, on the same tensors): A0 = q^T q, q G, the backward of q G
-(dG = q^T dqG and dq = dqG G^T) and A0's backward product q (dA0 + dA0^T); q~'s whole gradient
-(dG, and dq through q G and A0) as the three ops and their sum, and as the two ops the compiled
-backward folds them into (`model.q_gradient_pass`); and the power law
+(dG = q^T dqG and dq = dqG G^T) and A0's backward product q (dA0 + dA0^T); and the power law
 (`model.power_law_kernel`: forward, G_LM alone as training asks for it, and forward + backward)
 against `PowerLaw.forward` under autocast and its autograd backward; and the output head's
 log-sum-exp pass over the logits (`model.head_loss.row_lse`, [B * S, vocab] bf16) against
@@ -49,8 +47,8 @@ def bench_shape(cfg, shape: str, mb: int, device, iters: int) -> list:
     import torch
     from ..model import head_products as hp
     from .kernels import _time_graph
-    names = ("A0 = q^T q", "q G", "q G backward", "q (dA0 + dA0^T)", "q~ gradient: 3 ops", "q~ gradient: folded",
-             "power law", "power law fwd+bwd", "loss log-sum-exp")
+    names = ("A0 = q^T q", "q G", "q G backward", "q (dA0 + dA0^T)", "power law", "power law fwd+bwd",
+             "loss log-sum-exp")
     if device.type != "cuda":
         return [ProductRow(shape, n, "skipped (needs CUDA)") for n in names]
     h, dk = cfg.num_heads, cfg.head_dim
@@ -69,9 +67,8 @@ def bench_shape(cfg, shape: str, mb: int, device, iters: int) -> list:
          lambda: (dqg @ gb.transpose(-1, -2), q.transpose(-1, -2) @ dqg),
          lambda: (dqgf @ gf.transpose(-1, -2), qf.transpose(-1, -2) @ dqgf), 3 * unit),
         (names[3], lambda: hp.head_product(q, m), lambda: q @ m, lambda: qf @ mf, 2 * unit),
-        *_q_gradient_cases(hp, dqg, q, glm, m, (dqgf, qf, gf, mf), names[4:6], unit),
-        *_power_law_cases(cfg, mb, device, g, names[6:8]),
-        _lse_case(cfg, mb, device, g, names[8]),
+        *_power_law_cases(cfg, mb, device, g, names[4:6]),
+        _lse_case(cfg, mb, device, g, names[6]),
     ]
     rows = []
     for name, op, ref_torch, ref32, gbytes in cases:
@@ -88,28 +85,6 @@ def bench_shape(cfg, shape: str, mb: int, device, iters: int) -> list:
             row.status, row.exit_code = f"FAILED: {type(e).__name__}: {str(e).splitlines()[0][:100]}", 1
         rows.append(row)
     return rows
-
-
-def _q_gradient_cases(hp, dqg, q, glm, m, fp32, names, unit) -> list:
-    """(name, op, torch, fp32 reference, GB moved) of q~'s gradient (dG, dq) both ways: unfolded,
-    times_g_backward + head_product + their sum (8 q-sized reads and writes), and folded,
-    times_g_weight_grad + q_grad (5)."""
-    dqgf, qf, gf, mf = fp32
-
-    def unfolded():
-        dq1, dg = hp.times_g_backward(dqg, q, glm)
-        return dq1 + hp.head_product(q, m), dg
-
-    def folded():
-        return hp.q_grad(dqg, glm, q, m), hp.times_g_weight_grad(dqg, q, glm)
-
-    def matmuls():
-        gb = glm.to(q.dtype)
-        return dqg @ gb.transpose(-1, -2) + q @ m, q.transpose(-1, -2) @ dqg
-
-    def exact():
-        return dqgf @ gf.transpose(-1, -2) + qf @ mf, qf.transpose(-1, -2) @ dqgf
-    return [(names[0], unfolded, matmuls, exact, 8 * unit), (names[1], folded, matmuls, exact, 5 * unit)]
 
 
 def _power_law_cases(cfg, mb: int, device, g, names) -> list:

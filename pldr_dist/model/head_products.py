@@ -80,11 +80,9 @@ if triton is not None:
         tl.store(g_ptr + pid * DK * DK + cols[:, None] * DK + cols[None, :], acc.to(g_ptr.dtype.element_ty))
 
     @triton.jit
-    def _rows_product(x_ptr, w_ptr, x2_ptr, w2_ptr, out_ptr, S, H, sxb, sxh, sxs, swb, swh, swr, swc,
-                      s2xb, s2xh, s2xs, s2wb, s2wh, s2wr, s2wc, sob, soh, sos,
-                      TWO: tl.constexpr, DK: tl.constexpr, BS: tl.constexpr, INTERP: tl.constexpr):
-        """Program (row block, b*h): out = x w (+ x2 w2 if TWO, in the same fp32 sum) for BS rows
-        of one (batch, head)."""
+    def _rows_product(x_ptr, w_ptr, out_ptr, S, H, sxb, sxh, sxs, swb, swh, swr, swc, sob, soh, sos,
+                      DK: tl.constexpr, BS: tl.constexpr, INTERP: tl.constexpr):
+        """Program (row block, b*h): out = x w for BS rows of one (batch, head)."""
         pid_s, pid = tl.program_id(0), tl.program_id(1)
         b, h = pid // H, pid % H
         r, cols = pid_s * BS + tl.arange(0, BS), tl.arange(0, DK)
@@ -92,11 +90,6 @@ if triton is not None:
         w = _mm(tl.load(w_ptr + b * swb + h * swh + cols[:, None] * swr + cols[None, :] * swc), INTERP)
         x = _mm(tl.load(x_ptr + b * sxb + h * sxh + r[:, None] * sxs + cols[None, :], mask=m, other=0.0), INTERP)
         out = tl.dot(x, w)
-        if TWO:
-            w2 = _mm(tl.load(w2_ptr + b * s2wb + h * s2wh + cols[:, None] * s2wr + cols[None, :] * s2wc), INTERP)
-            x2 = _mm(tl.load(x2_ptr + b * s2xb + h * s2xh + r[:, None] * s2xs + cols[None, :], mask=m, other=0.0),
-                     INTERP)
-            out = tl.dot(x2, w2, out)
         tl.store(out_ptr + b * sob + h * soh + r[:, None] * sos + cols[None, :], out.to(out_ptr.dtype.element_ty),
                  mask=m)
 
@@ -127,20 +120,16 @@ def _gram(x: Tensor, y: Tensor, w: Tensor | None = None, g_dtype=torch.float32) 
     return g, p
 
 
-def _product(x: Tensor, w: Tensor, x2: Tensor | None = None, w2: Tensor | None = None) -> Tensor:
-    """x w (+ x2 w2) per (batch, head), laid out like x, in x's dtype."""
+def _product(x: Tensor, w: Tensor) -> Tensor:
+    """x w per (batch, head), laid out like x, in x's dtype."""
     x = _unit_last(x)
     B, H, S, dk = x.shape
     out = torch.empty_like(x)
-    two = x2 is not None
-    x2, w2 = (_unit_last(x2), w2) if two else (x, w)     # (unused when TWO is off)
     if B * H * S:
         bs, warps, stages = (32, 1, 1) if _INTERP else ROWS_CONFIG
-        _rows_product[(triton.cdiv(S, bs), B * H)](x, w, x2, w2, out, S, H, x.stride(0), x.stride(1), x.stride(2),
+        _rows_product[(triton.cdiv(S, bs), B * H)](x, w, out, S, H, x.stride(0), x.stride(1), x.stride(2),
                                                   *_batch_strides(w, H), w.stride(-2), w.stride(-1),
-                                                  x2.stride(0), x2.stride(1), x2.stride(2),
-                                                  *_batch_strides(w2, H), w2.stride(-2), w2.stride(-1),
-                                                  out.stride(0), out.stride(1), out.stride(2), TWO=two,
+                                                  out.stride(0), out.stride(1), out.stride(2),
                                                   DK=dk, BS=bs, INTERP=_INTERP, num_warps=warps, num_stages=stages)
     return out
 
@@ -215,29 +204,3 @@ def _times_g_backward(ctx, dqg):
 
 
 times_g.register_autograd(_times_g_backward, setup_context=_times_g_setup)
-
-
-# Two ops for the compiler pass `fold_q_gradients` (model/q_gradient_pass.py): q~'s gradient from
-# A0 and from q G in one pass, once both are known.
-@torch.library.custom_op("pldr::times_g_weight_grad", mutates_args=())
-def times_g_weight_grad(dqg: Tensor, q: Tensor, g: Tensor) -> Tensor:
-    """dG = q^T dqg in G's dtype (times_g_backward's dG without its dq; g gives dtype and shape)."""
-    return _gram(q, dqg, g_dtype=g.dtype)[0]
-
-
-@times_g_weight_grad.register_fake
-def _(dqg, q, g):
-    return g.new_empty(g.shape)
-
-
-@torch.library.custom_op("pldr::q_grad", mutates_args=())
-def q_grad(dqg: Tensor, g: Tensor, q: Tensor, m: Tensor) -> Tensor:
-    """dq = dqg G^T + q M laid out like q, in q's dtype, one fp32 sum: q's gradient through q G
-    and through A0 (M = dA0 + dA0^T) in one pass over dqg and q."""
-    return _product(q, m, dqg, g.transpose(-1, -2))
-
-
-@q_grad.register_fake
-def _(dqg, g, q, m):
-    return torch.empty_like(q)
-
