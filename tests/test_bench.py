@@ -94,3 +94,31 @@ def test_kernel_table_puts_the_kernels_that_differ_most_between_profiled_runs_fi
     assert lines[-1].split()[:2] == ["1.000", "1.000"]
     assert lines[3].split()[:2] == ["2.000", "0.000"]
     assert kernel_table([plga, cpu]) == ""
+
+
+def test_both_orders_runs_the_list_backwards_and_reports_each_variants_mean():
+    """--both-orders: A, B, then B_b, A_b (each package in turn: the baseline's runs mirrored too);
+    the summary pairs each run with its repeat and divides the means by the first variant's
+    (on an H100 a command's first run was 1-3% faster: one order leans to whichever ran first)."""
+    import pytest
+
+    from pldr_dist.bench.trainer import Result, both_orders_table, run_order
+    from pldr_dist.errors import InputError
+
+    variants = [("plga", [], None), ("g", ["model.overrides.mode=v510G"], 2)]
+    order = run_order(variants, ["/this", "/prev"], both_orders=True)
+    assert [(n, p, r) for n, _, _, p, r in order] == [
+        ("plga", "/this", ""), ("plga", "/prev", ""), ("g", "/this", ""), ("g", "/prev", ""),
+        ("g_b", "/prev", "g"), ("g_b", "/this", "g"), ("plga_b", "/prev", "plga"), ("plga_b", "/this", "plga")]
+    assert order[4][1:3] == (["model.overrides.mode=v510G"], 2)
+    assert run_order(variants, ["/this"]) == [(n, s, c, "/this", "") for n, s, c in variants]
+    with pytest.raises(InputError, match="must differ"):
+        run_order([("a", [], None), ("a_b", [], None)], ["/this"], both_orders=True)
+
+    runs = [Result("plga", "this", 0, tokens_per_s=780.0), Result("g", "this", 0, tokens_per_s=836.0),
+            Result("g_b", "this", 0, tokens_per_s=844.0, repeats="g"),
+            Result("plga_b", "this", 0, tokens_per_s=772.0, repeats="plga")]
+    lines = both_orders_table(runs).splitlines()
+    assert [line.split()[:4] for line in lines[2:]] == [["plga", "this", "776", "1.000"], ["g", "this", "840", "1.082"]]
+    assert lines[2].endswith("780 then 772")
+    assert both_orders_table(runs[:2]) == ""

@@ -9,7 +9,8 @@ also runs from an older copy of the package (`git archive <commit> pldr_dist con
 
 A variant named NAME@N runs on N processes (GPUs) instead of --nproc, so one call compares a
 layout with one GPU: `--variant 1gpu@1:train.grad_accum_steps=2 --variant dp2@2:` keeps the
-global batch and reports DP=2's scaling.
+global batch and reports DP=2's scaling. `--both-orders` runs the list again backwards (NAME_b)
+and reports each variant's mean of its two runs: a command's first run can be faster.
 
 Reported per run: the median tokens/s, MFU, step time of the logged steps in the window,
 peak memory, the last loss, tokens/s relative to the first variant of the same package (the
@@ -64,6 +65,7 @@ class Result:
     host_reads: Optional[dict] = None  # per step, by phase and op, where a variant sets log.profile_steps
     gpu_busy: Optional[float] = None   # the GPU's busy share of the profiled steps (train/profiling.gpu_idle)
     gpu_idle: Optional[dict] = None    # ... and its idle time by host phase, per step
+    repeats: str = ""                  # --both-orders: the variant of the first order that this run repeats
 
 
 def parse_variant(text: str) -> tuple[str, list, int | None]:
@@ -74,6 +76,43 @@ def parse_variant(text: str) -> tuple[str, list, int | None]:
     if not name or (at and not (count.isdigit() and int(count) > 0)):
         raise InputError(f"--variant {text!r}: give NAME[@PROCESSES]:key=value[ key=value...]")
     return name, sets.split(), int(count) if at else None
+
+
+def run_order(variants: list, packages: list, both_orders: bool = False) -> list:
+    """(name, sets, nproc, package, repeats) in the order the runs go: each variant with each
+    package in turn; with both_orders, then the whole list again backwards, named NAME_b.
+
+    Why: on an H100 the first run of a command, from an idle GPU, ran its large products 1-3%
+    faster than the runs after it (docs/performance.md, footnote (26)), so a ratio of two variants
+    run once each leans towards whichever ran first; the mean of both orders does not."""
+    order = [(name, sets, nproc, pkg, "") for name, sets, nproc in variants for pkg in packages]
+    if both_orders:
+        order += [(f"{name}_b", sets, nproc, pkg, name) for name, sets, nproc, pkg, _ in reversed(order)]
+    names = [(name, pkg) for name, _, _, pkg, _ in order]
+    if len(set(names)) != len(names):
+        raise InputError("--variant names must differ from each other (and, with --both-orders, from NAME_b)")
+    return order
+
+
+def both_orders_table(results: list) -> str:
+    """Each variant's mean tokens/s over its two runs (--both-orders), against the first
+    variant's mean of the same package; empty without a second order."""
+    lines = []
+    for first in results:
+        again = next((r for r in results if r.repeats == first.variant and r.package == first.package), None)
+        if again is None or first.repeats:
+            continue
+        base = next(r for r in results if r.package == first.package and not r.repeats)
+        base_again = next((r for r in results if r.repeats == base.variant and r.package == base.package), again)
+        mean = (first.tokens_per_s + again.tokens_per_s) / 2
+        base_mean = (base.tokens_per_s + base_again.tokens_per_s) / 2
+        lines.append(f"{first.variant:<14} {first.package:<10} {mean:>10,.0f} "
+                     f"{mean / base_mean if base_mean else 0.0:>8.3f}   "
+                     f"{first.tokens_per_s:,.0f} then {again.tokens_per_s:,.0f}")
+    if not lines:
+        return ""
+    return "\n".join(["# both orders: the mean tokens/s of each variant's two runs, against the first variant's",
+                      f"{'variant':<14} {'package':<10} {'tokens/s':>10} {'vs first':>8}   runs"] + lines)
 
 
 def prepare_shards(work: str, seq_len: int, smoke: bool, log) -> tuple[str, str]:
@@ -265,6 +304,7 @@ def run(a, log=print) -> list:
     a.work = os.path.abspath(a.work)   # a --baseline package runs in its own folder: paths must not be relative
     os.makedirs(a.work, exist_ok=True)
     packages = [ROOT] + ([os.path.abspath(a.baseline)] if a.baseline else [])
+    order = run_order(variants, packages, a.both_orders)
     device = "CPU"
     try:
         import torch
@@ -279,13 +319,17 @@ def run(a, log=print) -> list:
         os.makedirs(work, exist_ok=True)
         manifest, tokenizer = prepare_shards(work, seq_len, a.smoke, log)
         micro_batch = max(1, a.micro_tokens // seq_len) if a.micro_tokens else a.micro_batch
-        for name, sets, nproc in variants:
-            for pkg in packages:
-                label = f"{name}@{seq_len}" if sweep else name
-                results.append(run_variant(a, label, sets, nproc or a.nproc, pkg, manifest, tokenizer, log, seq_len,
-                                           micro_batch))
-                write(a, results, device)    # after every run: a time limit still leaves the finished ones
+        at = f"@{seq_len}" if sweep else ""
+        for name, sets, nproc, pkg, repeats in order:
+            result = run_variant(a, name + at, sets, nproc or a.nproc, pkg, manifest, tokenizer, log, seq_len,
+                                 micro_batch)
+            result.repeats = repeats + at if repeats else ""
+            results.append(result)
+            write(a, results, device)    # after every run: a time limit still leaves the finished ones
     log(table(results, device, a))
+    both = both_orders_table(results)
+    if both:
+        log(both)
     kernels = kernel_table(results)
     if kernels:
         log(kernels)
@@ -304,7 +348,8 @@ def write(a, results: list, device: str) -> None:
     stem = os.path.join(a.out, a.name or f"trainer_{a.config}")
     kernels = kernel_table(results)
     with open(stem + ".txt", "w") as f:
-        f.write(table(results, device, a) + "\n" + (f"\n{kernels}\n" if kernels else ""))
+        both = both_orders_table(results)
+        f.write(table(results, device, a) + "\n" + (f"\n{both}\n" if both else "") + (f"\n{kernels}\n" if kernels else ""))
     with open(stem + ".json", "w") as f:
         json.dump({"device": device, "args": {k: v for k, v in vars(a).items() if k != "func"},
                    "results": [asdict(r) for r in results]}, f, indent=1)
@@ -336,6 +381,9 @@ def add_parser(sub) -> None:
     p.add_argument("--time-limit", type=float, default=3600.0,
                    help="seconds a run may take before it is killed and reported as failed")
     p.add_argument("--baseline", help="a folder holding an older pldr_dist and configs/ to run each variant with too")
+    p.add_argument("--both-orders", action="store_true",
+                   help="run the variants again in reverse order (NAME_b) and report each one's mean of both runs: "
+                        "the first run of a command can run faster (a cool GPU)")
     p.add_argument("--work", default="bench_work", help="scratch folder (shards, run dirs)")
     p.add_argument("--out", help="folder for <name>.txt and <name>.json")
     p.add_argument("--name", help="result file stem (default trainer_<config>)")
