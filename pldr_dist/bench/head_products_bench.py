@@ -6,8 +6,8 @@ calls it replaces (cuBLAS, eager, on the same tensors): A0 = q^T q, q G, the bac
 (dG = q^T dqG and dq = dqG G^T) and A0's backward product q (dA0 + dA0^T); and the power law
 (`model.power_law_kernel`: forward, G_LM alone as training asks for it, and forward + backward)
 against `PowerLaw.forward` under autocast and its autograd backward; and the output head's
-loss pass over the logits (`model.head_loss.row_loss`, [B * S, vocab] bf16), alone and with
-the gradient written over them, against torch.logsumexp (and softmax). Times are the
+log-sum-exp pass over the logits (`model.head_loss.row_lse`, [B * S, vocab] bf16) against
+torch.logsumexp. Times are the
 suite's (`kernels._time_graph`: CUDA-graph replays, median of --iters); GB/s counts the bytes
 the op must move (its operands of q's size read once, its outputs written once); errors are
 the relative Frobenius error of the op and of torch, each against fp32 products of the same
@@ -48,7 +48,7 @@ def bench_shape(cfg, shape: str, mb: int, device, iters: int) -> list:
     from ..model import head_products as hp
     from .kernels import _time_graph
     names = ("A0 = q^T q", "q G", "q G backward", "q (dA0 + dA0^T)", "power law", "power law fwd+bwd",
-             "loss log-sum-exp", "loss + gradient")
+             "loss log-sum-exp")
     if device.type != "cuda":
         return [ProductRow(shape, n, "skipped (needs CUDA)") for n in names]
     h, dk = cfg.num_heads, cfg.head_dim
@@ -68,7 +68,7 @@ def bench_shape(cfg, shape: str, mb: int, device, iters: int) -> list:
          lambda: (dqgf @ gf.transpose(-1, -2), qf.transpose(-1, -2) @ dqgf), 3 * unit),
         (names[3], lambda: hp.head_product(q, m), lambda: q @ m, lambda: qf @ mf, 2 * unit),
         *_power_law_cases(cfg, mb, device, g, names[4:6]),
-        *_loss_cases(cfg, mb, device, g, names[6:8]),
+        _lse_case(cfg, mb, device, g, names[6]),
     ]
     rows = []
     for name, op, ref_torch, ref32, gbytes in cases:
@@ -136,30 +136,24 @@ def _power_law_cases(cfg, mb: int, device, g, names) -> list:
             (names[1], op_both, torch_both, exact_both, 5 * gb)]
 
 
-def _loss_cases(cfg, mb: int, device, g, names) -> list:
-    """(name, op, torch, fp32 reference, GB moved) of the head's loss pass over logits [mb * S,
-    vocab] bf16 (the shape `pldr-train` gives it): the log-sum-exp alone (read once), and with the
-    gradient written over the logits (read once from HBM, once more from L2, written once; its
-    own copy of the logits, which it overwrites) against torch's logsumexp and softmax."""
+def _lse_case(cfg, mb: int, device, g, name) -> tuple:
+    """(name, op, torch, fp32 reference, GB moved) of the head's log-sum-exp pass: logits
+    [mb * S, vocab] bf16 (the shape `pldr-train` gives it), read once."""
     import torch
     from ..model import head_loss
     logits = (2 * torch.randn(mb * S, cfg.vocab_size, device=device, generator=g)).bfloat16()
     targets = torch.randint(1, cfg.vocab_size, (mb * S,), device=device, generator=g)
-    overwritten, scale = logits.clone(), torch.ones(1, device=device)
 
     def exact():   # in row chunks: fp32 copies of all the logits would not fit next to them
         return torch.cat([torch.logsumexp(c.float(), -1) for c in logits.split(8192)])
-    gb = logits.numel() * 2 / 1e9
-    return [(names[0], lambda: head_loss.row_loss(logits, targets, 0)[0], lambda: torch.logsumexp(logits, -1),
-             exact, gb),
-            (names[1], lambda: head_loss.row_loss(overwritten, targets, 0, scale)[0],
-             lambda: (torch.logsumexp(logits, -1), torch.softmax(logits, -1))[0], exact, 2 * gb)]
+    return (name, lambda: head_loss.row_lse(logits, targets, 0)[0], lambda: torch.logsumexp(logits, -1), exact,
+            logits.numel() * 2 / 1e9)
 
 
 def table(rows: list, device: str) -> str:
     lines = [f"# {device}: the deductive path's products and power law, Triton ops (model/head_products.py, "
              f"power_law_kernel.py) against torch.matmul / PowerLaw.forward (autocast) on the same tensors, and the "
-             f"loss pass (head_loss.py) against torch.logsumexp (and softmax); q~ [B, h, {S}, dk] laid out "
+             f"loss's log-sum-exp pass (head_loss.py) against torch.logsumexp; q~ [B, h, {S}, dk] laid out "
              f"[B, S, h, dk]. Errors: relative, against fp32 on the same bf16 values",
              f"{'shape':<16} {'product':<18} {'op ms':>8} {'torch ms':>9} {'speed-up':>8} {'op GB/s':>8} "
              f"{'op err':>8} {'torch err':>9}  status"]

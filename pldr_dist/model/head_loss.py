@@ -4,15 +4,11 @@ Why: at pldr-110m's micro-batch 64 the logits are [65,536 x 32,000] (4.2 GB in b
 compiled `lm_loss` passed over them ~5 times a step (two passes for the log-softmax, one for
 its backward, one more for the head's bias gradient), ~7 ms of a ~110 ms step on the H100.
 Here
-- the forward runs the head (one GEMM) and one Triton pass per row of logits: the row's
-  log-sum-exp and loss, then, reading the row again while it is still in L2, softmax - onehot
-  (over the token count) written over the logits in place: one read and one write of the logits
-  from HBM, where a loss pass and a separate gradient pass in the backward read them twice (on
-  an H100 the separate loss pass was 3.0 ms of a ~168 ms pldr-110m mb 128 step);
-- the backward only multiplies: the two GEMMs of the head's gradients, the incoming gradient
-  folded into the small operands (W and the weight gradient, not the logits-sized one), and
-  the bias gradient from the weight gradient's GEMM by appending a column of ones to the hidden
-  states (no pass of its own).
+- the forward runs the head (one GEMM) and one Triton pass that keeps only each row's
+  log-sum-exp and loss;
+- the backward writes softmax - onehot, scaled by the incoming gradient / token count, over
+  the logits in place (one read, one write), and gets the bias gradient from the weight
+  gradient's GEMM by appending a column of ones to the hidden states (no pass of its own).
 
 `PLDRModel.forward(tokens, targets=...)` calls it, so the loss is the model's output: inside
 DeepSpeed's engine forward, whose backward hooks on the output must fire before any parameter
@@ -24,7 +20,7 @@ GEMMs, the log-softmax in fp32, one rounding of the gradient to the compute dtyp
 gradient summed in the GEMM's fp32 accumulator. Targets equal to pad_id are ignored. One
 outside the vocabulary makes the loss and the gradients NaN (the trainer then skips the step
 and stops after `train.max_nonfinite_in_row`), where F.cross_entropy would stop the GPU. The
-forward skips the gradient where no input needs one (evaluation with autograd on). Without
+backward can run once per forward (the logits are overwritten); a second one raises. Without
 Triton on the device (CPU without the interpreter) the plain path runs.
 """
 from __future__ import annotations
@@ -49,21 +45,18 @@ else:
 if triton is not None:
     import triton.language as tl
 
-# Vocabulary entries per step of a row's loop, and warps: the log-sum-exp pass alone read
-# pldr-110m mb 128's logits ([130,944 x 32,000] bf16) in 2.96 ms at (2048, 8 warps) against 3.57
-# at (4096, 4 warps): 2.84 against 2.35 TB/s (H100; 8192 entries or 16 warps were slower); the
-# gradient pass ran ~2.9 TB/s at every setting.
-BLOCK_V, WARPS = 2048, 8
+BLOCK_V = 4096   # vocabulary entries per step of a row's loop (the gradient pass)
+# The log-sum-exp pass: 2048 entries a step at 8 warps read pldr-110m mb 128's logits
+# ([130,944 x 32,000] bf16) in 2.96 ms against 3.57 at (4096, 4 warps): 2.84 against 2.35 TB/s
+# (H100; 8192 entries or 16 warps were slower). The gradient pass is ~2.9 TB/s at every setting.
+LSE_BLOCK_V, LSE_WARPS = 2048, 8
 
 
 if triton is not None:
     @triton.jit
-    def _row_loss(logits_ptr, targets_ptr, lse_ptr, loss_ptr, scale_ptr, stride, PAD, V: tl.constexpr,
-                  BLOCK: tl.constexpr, GRAD: tl.constexpr):
-        """Row r: lse = log sum exp(logits[r]) and loss = lse - logits[r, target] (0 for pad); with
-        GRAD, then logits[r] <- (softmax(logits[r]) - onehot(target)) * scale (0 for pad), its
-        second read of the row served by L2. Each lane keeps its own running max and sum; they are
-        combined once at the end."""
+    def _row_lse(logits_ptr, targets_ptr, lse_ptr, loss_ptr, stride, PAD, V: tl.constexpr, BLOCK: tl.constexpr):
+        """Row r: lse = log sum exp(logits[r]) and loss = lse - logits[r, target] (0 for pad).
+        Each lane keeps its own running max and sum; they are combined once at the end."""
         row = tl.program_id(0).to(tl.int64)
         base = logits_ptr + row * stride
         cols = tl.arange(0, BLOCK)
@@ -83,25 +76,31 @@ if triton is not None:
         # a pad target adds 0; one outside the vocabulary makes the loss NaN (F.cross_entropy
         # would stop with an error; here that would cost a host sync), so it cannot pass unseen
         tl.store(loss_ptr + row, tl.where(valid, lse - x_t, tl.where(t == PAD, 0.0, float("nan"))))
-        if GRAD:
-            scale = tl.where(valid, tl.load(scale_ptr), tl.where(t == PAD, 0.0, float("nan")))   # as the loss
-            for start in range(0, V, BLOCK):
-                mask = start + cols < V
-                x = tl.load(base + start + cols, mask=mask, other=0.0).to(tl.float32)
-                g = (tl.exp(x - lse) - tl.where(start + cols == t, 1.0, 0.0)) * scale
-                tl.store(base + start + cols, g.to(logits_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _row_grad(logits_ptr, targets_ptr, lse_ptr, scale_ptr, stride, PAD, V: tl.constexpr, BLOCK: tl.constexpr):
+        """logits[r] <- (softmax(logits[r]) - onehot(target)) * scale, or 0 for a pad target."""
+        row = tl.program_id(0).to(tl.int64)
+        base = logits_ptr + row * stride
+        cols = tl.arange(0, BLOCK)
+        t = tl.load(targets_ptr + row)
+        lse = tl.load(lse_ptr + row)
+        valid = (t != PAD) & (t >= 0) & (t < V)
+        scale = tl.where(valid, tl.load(scale_ptr), tl.where(t == PAD, 0.0, float("nan")))   # as the loss
+        for start in range(0, V, BLOCK):
+            mask = start + cols < V
+            x = tl.load(base + start + cols, mask=mask, other=0.0).to(tl.float32)
+            g = (tl.exp(x - lse) - tl.where(start + cols == t, 1.0, 0.0)) * scale
+            tl.store(base + start + cols, g.to(logits_ptr.dtype.element_ty), mask=mask)
 
 
-def row_loss(logits: torch.Tensor, targets: torch.Tensor, pad_id: int, grad_scale=None) -> tuple:
-    """(log-sum-exp, loss) of each row of logits [rows, V] (fp32 [rows] each), in one pass; with
-    grad_scale (a one-element fp32 tensor), the logits are then overwritten by d(sum of the rows'
-    losses * grad_scale) / d logits."""
+def row_lse(logits: torch.Tensor, targets: torch.Tensor, pad_id: int) -> tuple:
+    """(log-sum-exp, loss) of each row of logits [rows, V] (fp32 [rows] each), in one pass."""
     rows, vocab = logits.shape
     lse = torch.empty(rows, device=logits.device, dtype=torch.float32)
     loss_rows = torch.empty_like(lse)
-    grad = grad_scale is not None
-    _row_loss[(rows,)](logits, targets, lse, loss_rows, grad_scale if grad else lse, logits.stride(0), pad_id,
-                       V=vocab, BLOCK=BLOCK_V, GRAD=grad, num_warps=WARPS)
+    _row_lse[(rows,)](logits, targets, lse, loss_rows, logits.stride(0), pad_id, V=vocab, BLOCK=LSE_BLOCK_V,
+                      num_warps=LSE_WARPS)
     return lse, loss_rows
 
 
@@ -115,34 +114,38 @@ def compute_dtype(weight: torch.Tensor) -> torch.dtype:
 
 class _HeadLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, bias, targets, pad_id, grad_enabled):
+    def forward(ctx, h, weight, bias, targets, pad_id):
         dtype = compute_dtype(weight)
         with torch.autocast(h.device.type, enabled=False):
             x = h.reshape(-1, h.shape[-1]).to(dtype)
             w = weight.to(dtype)
             logits = torch.addmm(bias.to(dtype), x, w.t())
         t = targets.reshape(-1).contiguous()
+        lse, loss_rows = row_lse(logits, t, pad_id)
         count = (t != pad_id).sum()
-        need_grad = grad_enabled and any(ctx.needs_input_grad[:3])   # (forward itself runs without grad mode)
-        _, loss_rows = row_loss(logits, t, pad_id, (1.0 / count).float().reshape(1) if need_grad else None)
-        if need_grad:
-            ctx.save_for_backward(x, w, logits)         # the logits now hold d loss / d logits
-        ctx.h_meta, ctx.dtypes = (h.shape, h.dtype), (weight.dtype, bias.dtype)
+        ctx.save_for_backward(x, w, logits, lse, t, count)
+        ctx.pad_id, ctx.h_meta, ctx.dtypes, ctx.spent = pad_id, (h.shape, h.dtype), (weight.dtype, bias.dtype), False
         return loss_rows.sum() / count
 
     @staticmethod
     def backward(ctx, grad_loss):
-        x, w, grad = ctx.saved_tensors
-        rows = grad.shape[0]
-        g = grad_loss.float()            # (1 in plain training, 1 / accumulation steps: exact in bf16)
-        dx = grad @ (w.float() * g).to(w.dtype)
+        if ctx.spent:
+            raise RuntimeError("head_loss: a second backward through the same forward (the logits were "
+                               "overwritten by the first); run the forward again")
+        ctx.spent = True
+        x, w, logits, lse, t, count = ctx.saved_tensors
+        rows, vocab = logits.shape
+        scale = (grad_loss.float() / count).reshape(1)
+        _row_grad[(rows,)](logits, t, lse, scale, logits.stride(0), ctx.pad_id, V=vocab, BLOCK=BLOCK_V)
+        grad = logits                                   # now d loss / d logits
+        dx = grad @ w
         # [x | 1 | 0 x 7]: the ones column's product is the bias gradient, the zeros keep rows aligned
         x1 = torch.cat((x, x.new_ones(rows, 1), x.new_zeros(rows, 7)), dim=1)
-        dwb = (grad.t() @ x1).float() * g
+        dwb = grad.t() @ x1
         (h_shape, h_dtype), (w_dtype, b_dtype) = ctx.h_meta, ctx.dtypes
         d = x.shape[1]
         return (dx.view(h_shape).to(h_dtype), dwb[:, :d].to(w_dtype).contiguous(),
-                dwb[:, d].to(b_dtype).contiguous(), None, None, None)
+                dwb[:, d].to(b_dtype).contiguous(), None, None)
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
@@ -155,5 +158,5 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, pad_id: int = 0) -> tor
 def head_loss(h: torch.Tensor, head: nn.Linear, targets: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
     """lm_loss(head(h), targets, pad_id) for final hidden states h [B, S, d]."""
     if available(h):
-        return _HeadLoss.apply(h, head.weight, head.bias, targets, pad_id, torch.is_grad_enabled())
+        return _HeadLoss.apply(h, head.weight, head.bias, targets, pad_id)
     return lm_loss(F.linear(h, head.weight, head.bias), targets, pad_id)
