@@ -349,7 +349,7 @@ def write(a, results: list, device: str) -> None:
     kernels = kernel_table(results)
     with open(stem + ".txt", "w") as f:
         both = both_orders_table(results)
-        f.write(table(results, device, a) + "\n" + (f"\n{both}\n" if both else "") + (f"\n{kernels}\n" if kernels else ""))
+        f.write(table(results, device, a) + "\n" + "".join(f"\n{part}\n" for part in (both, kernels) if part))
     with open(stem + ".json", "w") as f:
         json.dump({"device": device, "args": {k: v for k, v in vars(a).items() if k != "func"},
                    "results": [asdict(r) for r in results]}, f, indent=1)
