@@ -19,12 +19,8 @@ from pldr_dist.model.config import preset  # noqa: E402
 from pldr_dist.model.fast import FastPLGA, FastPowerLaw, optimize_for_training  # noqa: E402
 from pldr_dist.model.plga import PowerLaw  # noqa: E402
 
-DK, A = 16, 24
-TOL = 3e-2   # bf16 operands give ~1e-2 relative error; a wrong index or derivative gives O(1)
+from metric_kernel_checks import A, DK, TOL, _rel  # noqa: E402  (its shapes, tolerance and error measure)
 
-
-def _rel(a, ref):
-    return ((a.double() - ref).norm() / ref.norm()).item()
 
 def _head_inputs(seed=0):
     """q [B, h, S, dk] laid out [B, S, h, dk] as the projections give it (S = 37: a partial last

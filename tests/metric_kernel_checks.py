@@ -264,4 +264,3 @@ if __name__ == "__main__":
                                       power_law_matches_fp64)
     from subprocess_checks import main
     main(globals())
-
