@@ -1,5 +1,6 @@
 """Checks of the deductive path's other Triton ops in Triton's CPU interpreter: A0 = q^T q and
-q G (pldr_dist.model.head_products) and the power law (power_law_kernel).
+q G (pldr_dist.model.head_products), the queries' rotation with A0 (rotary_density) and the
+power law (power_law_kernel).
 
 They run in metric_kernel_checks.py's process (it imports them), so one interpreter start and
 one torch + Triton import serve both files; one check by hand:
@@ -14,8 +15,9 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
 import torch  # noqa: E402
 
-from pldr_dist.model import PLDRModel, head_products, power_law_kernel  # noqa: E402
+from pldr_dist.model import PLDRModel, head_products, power_law_kernel, rotary_density  # noqa: E402
 from pldr_dist.model.config import preset  # noqa: E402
+from pldr_dist.model.layers import apply_rotary, rotary_cache  # noqa: E402
 from pldr_dist.model.fast import FastPLGA, FastPowerLaw, optimize_for_training  # noqa: E402
 from pldr_dist.model.plga import PowerLaw  # noqa: E402
 
@@ -72,13 +74,58 @@ def head_products_match_fp64():
     print("head products ok: " + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()) + f"; transposed G {wrong:.2f}")
 
 
+def _rotary_density_errors(half: bool, break_partner: bool = False) -> dict:
+    """Errors of the rotary + A0 op and its backward: q~ against apply_rotary on the same table
+    (max abs, in units of q~'s largest value), A0 and dq against fp64. break_partner: the
+    kernel told the other rotary style (a wrong partner element)."""
+    style = "half" if half else "interleaved"
+    torch.manual_seed(2)
+    table = rotary_cache(64, DK, 10000.0, style, "cpu")
+    q = torch.randn(2, 37, 3, DK, dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
+    qr, a0 = rotary_density.rotary_density(q, table[:37], half != break_partner)
+    assert qr.stride() == q.stride() and a0.dtype == torch.bfloat16, (qr.stride(), a0.dtype)
+    q64 = q.detach().double().requires_grad_()
+    qr64 = apply_rotary(q64, 0, 10000.0, style)
+    a064 = qr64.transpose(-1, -2) @ qr64
+    dqr, da0 = torch.randn(qr.shape).bfloat16(), torch.randn(a0.shape).bfloat16()
+    dq = torch.autograd.grad((qr, a0), q, (dqr, da0))[0]
+    dq64 = torch.autograd.grad((qr64, a064), q64, (dqr.double(), da0.double()))[0]
+    same = apply_rotary(q.detach(), 0, 10000.0, style, table)
+    return ({"q~": ((qr - same).abs().max() / same.abs().max()).item(), "A0": _rel(a0, a064), "dq": _rel(dq, dq64)},
+            (q, dqr, da0, table[:37]))
+
+
+def rotary_density_matches_fp64():
+    """The queries' rotation with A0 in the same pass (rotary_density), both rotary styles: q~
+    as apply_rotary gives it (to one bf16 rounding), A0 and dq within bf16 accuracy of fp64;
+    the other style's partner element fails; the same bits twice; opcheck."""
+    for half in (False, True):
+        errs, args = _rotary_density_errors(half)
+        print(f"rotary density ({'half' if half else 'interleaved'}): " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()))
+        assert errs["q~"] < 1e-2 and errs["A0"] < TOL and errs["dq"] < TOL, errs
+        wrong, _ = _rotary_density_errors(half, break_partner=True)
+        assert wrong["q~"] > 0.1 and wrong["dq"] > 10 * TOL, wrong
+        q, dqr, da0, table = args
+        first = torch.autograd.grad(rotary_density.rotary_density(q, table, half), q, (dqr, da0))[0]
+        again = torch.autograd.grad(rotary_density.rotary_density(q, table, half), q, (dqr, da0))[0]
+        assert torch.equal(first, again), "two runs, different bits"
+    fresh = q.detach().requires_grad_()
+    torch.library.opcheck(rotary_density.rotary_density, (fresh, table, True),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    qr = rotary_density.rotary_density(fresh, table, True)[0].detach()
+    torch.library.opcheck(rotary_density.rotary_density_backward, (dqr, da0, qr, table, True),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
 def fast_path_uses_head_products():
     """The fast path's PLGA and power law (use_head_products=True, use_kernel=True; on CPUs
-    the default keeps the ops to CUDA) run A0, q G and the power law through the ops, once
-    each a layer, with the loss within bf16 of the same fast path without them, compiled and
-    not the same numbers; a G = I model's q G too."""
-    calls = {"density": 0, "times_g": 0, "power_law": 0}
-    modules = {"density": head_products, "times_g": head_products, "power_law": power_law_kernel}
+    the default keeps the ops to CUDA) run the queries' rotation with A0, q G and the power law
+    through the ops, once each a layer, with the loss within bf16 of the same fast path without
+    them, compiled and not the same numbers; a G = I model's q G too (its rotation needs no A0:
+    the compiled rotary)."""
+    calls = {"rotary_density": 0, "density": 0, "times_g": 0, "power_law": 0}
+    modules = {"rotary_density": rotary_density, "density": head_products, "times_g": head_products,
+               "power_law": power_law_kernel}
 
     def counted(name):
         op = getattr(modules[name], name)
@@ -110,7 +157,7 @@ def fast_path_uses_head_products():
         for name in calls:
             setattr(modules[name], name, counted(name))
         ops, grads = loss_and_grads(True)
-        assert calls == dict.fromkeys(calls, cfg.num_layers), calls
+        assert calls == {**dict.fromkeys(calls, cfg.num_layers), "density": 0}, calls
         compiled, cgrads = loss_and_grads(True, compile=True)
         assert torch.equal(ops, compiled) and all(torch.equal(a, b) for a, b in zip(grads, cgrads))
         calls.update(dict.fromkeys(calls, 0))
@@ -118,7 +165,7 @@ def fast_path_uses_head_products():
         assert calls == dict.fromkeys(calls, 0), "use_head_products / use_kernel None must keep the ops to CUDA"
         base = PLDRModel(preset("tiny", num_heads=2, d_model=2 * DK, head_dim=DK, num_layers=1, mode="v510G"))
         fixed_g, _ = loss_and_grads(True)
-        assert calls == {"density": 0, "times_g": 1, "power_law": 0}, calls
+        assert calls == {"rotary_density": 0, "density": 0, "times_g": 1, "power_law": 0}, calls
         fixed_plain, _ = loss_and_grads(None)
     finally:
         for name, op in originals.items():

@@ -261,6 +261,6 @@ def rejects_bad_head_dim():
 if __name__ == "__main__":
     # head_products_checks.py's checks run in this process too: one interpreter start for both
     from head_products_checks import (fast_path_uses_head_products, head_products_match_fp64,  # noqa: F401
-                                      power_law_matches_fp64)
+                                      power_law_matches_fp64, rotary_density_matches_fp64)
     from subprocess_checks import main
     main(globals())

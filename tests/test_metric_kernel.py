@@ -13,7 +13,8 @@ from subprocess_checks import run_checks
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHECKS = ["op_matches_fp64", "broken_derivative_fails", "deterministic", "unaligned_input", "opcheck",
           "no_zero_gradients_for_saved_outputs", "fast_path_uses_op", "rejects_bad_head_dim",
-          "head_products_match_fp64", "fast_path_uses_head_products", "power_law_matches_fp64"]
+          "head_products_match_fp64", "rotary_density_matches_fp64", "fast_path_uses_head_products",
+          "power_law_matches_fp64"]
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +70,8 @@ def test_head_products_bench_smoke(tmp_path):
 
     assert main(["kernels", "--head-products", "--smoke", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "head_products.json").read_text())["results"]
-    assert [r["product"] for r in rows] == ["A0 = q^T q", "q G", "q G backward", "q (dA0 + dA0^T)", "power law",
-                                            "power law fwd+bwd", "loss log-sum-exp"]
+    assert [r["product"] for r in rows] == ["A0 = q^T q", "q G", "q G backward", "q (dA0 + dA0^T)", "rotary + A0",
+                                            "rotary + A0 bwd", "power law", "power law fwd+bwd", "loss log-sum-exp"]
     assert all(r["status"] == "skipped (needs CUDA)" for r in rows)
 
 

@@ -3,7 +3,9 @@
 Per shape (preset:micro-batch: q~ [B, h, S = 1023, dk] laid out [B, S, h, dk] as the
 projections give it, bf16) each Triton op of `model.head_products` against the torch.matmul
 calls it replaces (cuBLAS, eager, on the same tensors): A0 = q^T q, q G, the backward of q G
-(dG = q^T dqG and dq = dqG G^T) and A0's backward product q (dA0 + dA0^T); and the power law
+(dG = q^T dqG and dq = dqG G^T) and A0's backward product q (dA0 + dA0^T); the queries'
+rotation with A0 in the same pass (`model.rotary_density`) and its backward, against
+apply_rotary and those products in eager torch; and the power law
 (`model.power_law_kernel`: forward, G_LM alone as training asks for it, and forward + backward)
 against `PowerLaw.forward` under autocast and its autograd backward; and the output head's
 log-sum-exp pass over the logits (`model.head_loss.row_lse`, [B * S, vocab] bf16) against
@@ -47,8 +49,8 @@ def bench_shape(cfg, shape: str, mb: int, device, iters: int) -> list:
     import torch
     from ..model import head_products as hp
     from .kernels import _time_graph
-    names = ("A0 = q^T q", "q G", "q G backward", "q (dA0 + dA0^T)", "power law", "power law fwd+bwd",
-             "loss log-sum-exp")
+    names = ("A0 = q^T q", "q G", "q G backward", "q (dA0 + dA0^T)", "rotary + A0", "rotary + A0 bwd", "power law",
+             "power law fwd+bwd", "loss log-sum-exp")
     if device.type != "cuda":
         return [ProductRow(shape, n, "skipped (needs CUDA)") for n in names]
     h, dk = cfg.num_heads, cfg.head_dim
@@ -67,8 +69,9 @@ def bench_shape(cfg, shape: str, mb: int, device, iters: int) -> list:
          lambda: (dqg @ gb.transpose(-1, -2), q.transpose(-1, -2) @ dqg),
          lambda: (dqgf @ gf.transpose(-1, -2), qf.transpose(-1, -2) @ dqgf), 3 * unit),
         (names[3], lambda: hp.head_product(q, m), lambda: q @ m, lambda: qf @ mf, 2 * unit),
-        *_power_law_cases(cfg, mb, device, g, names[4:6]),
-        _lse_case(cfg, mb, device, g, names[6]),
+        *_rotary_cases(cfg, q, dqg, da0, names[4:6], unit),
+        *_power_law_cases(cfg, mb, device, g, names[6:8]),
+        _lse_case(cfg, mb, device, g, names[8]),
     ]
     rows = []
     for name, op, ref_torch, ref32, gbytes in cases:
@@ -85,6 +88,32 @@ def bench_shape(cfg, shape: str, mb: int, device, iters: int) -> list:
             row.status, row.exit_code = f"FAILED: {type(e).__name__}: {str(e).splitlines()[0][:100]}", 1
         rows.append(row)
     return rows
+
+
+def _rotary_cases(cfg, q, dqr, da0, names, unit: float) -> list:
+    """(name, op, torch, fp32 reference, GB moved) of the queries' rotation with A0
+    (`model.rotary_density`) and its backward, against apply_rotary and the products in eager
+    torch: q read and q~ written once forward; dq~ and q~ read, dq written once backward."""
+    import torch
+    from ..model import rotary_density as rd
+    from ..model.layers import _swap, apply_rotary, rotary_cache
+    style, S_ = cfg.rope_style, q.shape[-2]
+    table = rotary_cache(S_, cfg.head_dim, cfg.rope_base, style, q.device)
+    half = style == "half"
+    qr = rd.rotary_density(q, table, half)[0]
+    c, sp = table.unbind(-1)
+
+    def forward(x):
+        y = apply_rotary(x, 0, cfg.rope_base, style, table)
+        return y, y.transpose(-1, -2) @ y
+
+    def backward(dy, y, d):
+        t = dy + y @ (d + d.transpose(-1, -2)).to(y.dtype)
+        return t * c + _swap(t * sp, style)
+    return [(names[0], lambda: rd.rotary_density(q, table, half), lambda: forward(q), lambda: forward(q.float()),
+             2 * unit),
+            (names[1], lambda: rd.rotary_density_backward(dqr, da0, qr, table, half), lambda: backward(dqr, qr, da0),
+             lambda: backward(dqr.float(), qr.float(), da0.float()), 3 * unit)]
 
 
 def _power_law_cases(cfg, mb: int, device, g, names) -> list:

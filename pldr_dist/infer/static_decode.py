@@ -65,7 +65,7 @@ class StaticDecoder:
         mask = self.valid[:, None, None, :]
         x = self.model.embed(self.tokens)
         for layer, k_all, v_all, g in zip(self.model.layers, self.keys, self.values, self.g):
-            q, k, v = layer.attn.project(x, pos)
+            q, k, v, _ = layer.attn.project(x, pos)
             k_all.index_copy_(2, pos.view(1), k)        # in place: the cache keeps its shape
             v_all.index_copy_(2, pos.view(1), v)
             q_g = q if g is None else torch.matmul(q, g)

@@ -12,7 +12,8 @@
   (batch, head)'s 64 x 64 tiles on the chip, the weight gradients summed in a fixed order);
 - A0 = q~^T q~ and q~ G_LM run as Triton ops (`head_products`: one pass over q~ each, in the
   layout the rotary kernel wrote, no padding of S = 1023), for a learned G and for a G = I
-  model's fixed one alike;
+  model's fixed one alike; where A0 is needed, the queries' rotation computes it in the same
+  pass over q, and its backward takes A0's gradient in the same pass (`rotary_density`);
 - each decoder layer is compiled on its own (regional compilation: one graph reused by
   every layer, short compile times) with no graph breaks, so the metric learner, power
   law, rotary and norms become a few fused kernels, and attention on q~G_LM stays in the
@@ -35,7 +36,7 @@ import torch
 import torch.nn.functional as F
 import torch._functorch.config as functorch_config
 
-from . import glu_kernel, head_products, metric_kernel, power_law_kernel
+from . import glu_kernel, head_products, metric_kernel, power_law_kernel, rotary_density
 from .head_loss import compute_dtype
 from .layers import SwiGLU, rotary_cache
 from .model import PLDRModel
@@ -103,6 +104,17 @@ class FastPLGA(PLGA):
 
     def gram(self, q_rot: torch.Tensor) -> torch.Tensor:
         return head_products.density(q_rot) if self._products_on(q_rot) else super().gram(q_rot)
+
+    def rotate_queries(self, q: torch.Tensor, offset, density: bool) -> tuple:
+        """With A0 wanted, an int offset and the rotary table: q~ and A0 from one pass over q
+        (`rotary_density`), whose backward also takes the density's product."""
+        table, S = self.rope_cache, q.shape[-2]
+        if density and isinstance(offset, int) and table is not None and offset + S <= table.shape[0] \
+                and self._products_on(q):
+            table = table[offset:offset + S]
+            if rotary_density.available(q, table):
+                return rotary_density.rotary_density(q, table, self.cfg.rope_style == "half")
+        return super().rotate_queries(q, offset, density)
 
     def times_g(self, q: torch.Tensor, g_lm: torch.Tensor) -> torch.Tensor:
         if (g_lm.dim() == 4 or not g_lm.requires_grad) and self._products_on(q):

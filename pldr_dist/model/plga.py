@@ -171,9 +171,9 @@ class PLGA(nn.Module):
         self.register_buffer("rope_cache", None, persistent=False)
 
     # -- deductive path ---------------------------------------------------------------
-    def metric_output(self, q_rot: torch.Tensor) -> torch.Tensor:
-        """A from the rotated queries: A0 sums over every position (no mask, spec §3.3)."""
-        return self.metric(self.gram(q_rot))
+    def metric_output(self, a0: torch.Tensor) -> torch.Tensor:
+        """A from A0 = q~^T q~, which sums over every position (no mask, spec §3.3)."""
+        return self.metric(a0)
 
     def gram(self, q_rot: torch.Tensor) -> torch.Tensor:
         """A0 = q~^T q~ [B, h, dk, dk] (the fast path computes it with a Triton op)."""
@@ -185,7 +185,7 @@ class PLGA(nn.Module):
 
     def deductive(self, q_rot: torch.Tensor):
         """(A, A_LM, A_P, G_LM) for rotated queries [B, h, S, dk]."""
-        a = self.metric_output(q_rot)
+        a = self.metric_output(self.gram(q_rot))
         return (a, *self.power(a))
 
     # -- forward ----------------------------------------------------------------------
@@ -196,7 +196,9 @@ class PLGA(nn.Module):
         bias: additive mask [B, 1, S, S_total] or None for plain causal (offset 0, no padding)
         or no mask (a single new query that may attend everything cached).
         """
-        q, k, v = self.project(x, offset)
+        g_cached = cache is not None and use_g and cache.g_lm is not None
+        a_cached = cache is not None and use_kv and cache.a is not None
+        q, k, v, a0 = self.project(x, offset, density=self.cfg.learned_g and not g_cached and not a_cached)
         if cache is not None and use_kv:
             if cache.k is not None:
                 k = torch.cat((cache.k, k), dim=2)
@@ -206,13 +208,13 @@ class PLGA(nn.Module):
         penalty = None
         if not self.cfg.learned_g:
             g_lm = self.G_fixed.to(q.dtype)         # DeepSpeed's bf16 casts parameters, not buffers
-        elif cache is not None and use_g and cache.g_lm is not None:
+        elif g_cached:
             g_lm = cache.g_lm                       # G-cache: the deductive network is skipped
         else:
-            if cache is not None and use_kv and cache.a is not None:
+            if a_cached:
                 a = cache.a                         # KV-cache keeps A from the prompt
             else:
-                a = self.metric_output(q)
+                a = self.metric_output(a0)
             dag = self.cfg.mode == "v510_dag" and self.training
             a_lm, a_p, g_lm = self.power(a, g_only=cache is None and not dag)
             if cache is not None:
@@ -228,15 +230,21 @@ class PLGA(nn.Module):
         q_g = q if self.skip_identity_g and not self.cfg.learned_g else self.times_g(q, g_lm)
         return self.merge_heads(self.attend(q_g, k, v, bias)), penalty
 
-    def project(self, x: torch.Tensor, offset) -> tuple:
-        """x [B, S, d] -> rotated q~, k~ and v, each [B, h, S, dk]; offset: int or 0-dim tensor."""
+    def project(self, x: torch.Tensor, offset, density: bool = False) -> tuple:
+        """x [B, S, d] -> rotated q~, k~ and v, each [B, h, S, dk], and A0 = q~^T q~ if density
+        (else None); offset: int or 0-dim tensor."""
         dk = self.cfg.head_dim
         q, k, v = self.wq(x), self.wk(x), self.wv(x)
         B, S = q.shape[:2]   # the projections' shape: under sequence parallelism x holds a slice of S
         q, k, v = (t.view(B, S, -1, dk).transpose(1, 2) for t in (q, k, v))
-        q = apply_rotary(q, offset, self.cfg.rope_base, self.cfg.rope_style, self.rope_cache)
+        q, a0 = self.rotate_queries(q, offset, density)
         k = apply_rotary(k, offset, self.cfg.rope_base, self.cfg.rope_style, self.rope_cache)
-        return q, k, v
+        return q, k, v, a0
+
+    def rotate_queries(self, q: torch.Tensor, offset, density: bool) -> tuple:
+        """(q~, A0 = q~^T q~ if density else None); the fast path does both in one pass over q."""
+        q = apply_rotary(q, offset, self.cfg.rope_base, self.cfg.rope_style, self.rope_cache)
+        return q, (self.gram(q) if density else None)
 
     def merge_heads(self, h: torch.Tensor) -> torch.Tensor:
         """Attention output [B, h, S, dk] -> W_O applied to the concatenated heads [B, S, d]."""

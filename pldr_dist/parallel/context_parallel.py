@@ -73,9 +73,9 @@ class ContextParallelPLGA(PLGA):
                              "mask is built from global positions); set model.assume_unpadded=True")
         return super().forward(x, offset, bias, cache, use_kv, use_g)
 
-    def project(self, x: torch.Tensor, offset) -> tuple:
+    def project(self, x: torch.Tensor, offset, density: bool = False) -> tuple:
         positions = self._positions(x.shape[1], x.device)
-        return super().project(x, positions)
+        return super().project(x, positions, density)
 
     def _positions(self, local_len: int, device) -> torch.Tensor:
         cached = getattr(self, "_cp_positions", None)
@@ -84,8 +84,8 @@ class ContextParallelPLGA(PLGA):
             self._cp_positions = cached
         return cached
 
-    def metric_output(self, q_rot: torch.Tensor) -> torch.Tensor:
-        a0 = self.gram(q_rot)                                      # this slice's share of the sum
+    def metric_output(self, a0: torch.Tensor) -> torch.Tensor:
+        """a0 is this slice's share of the sum over positions."""
         return self.metric(sum_everywhere(a0, self.cp_group))
 
     def attend(self, q_g, k, v, bias):
