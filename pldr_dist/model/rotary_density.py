@@ -38,7 +38,12 @@ except ImportError:  # CPU-only installs: apply_rotary and the density product a
 
 _INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 # Rows a tile, warps, stages: memory-bound passes, as head_products' (the forward sums over S in
-# one program per (batch, head); the backward's row tiles are independent).
+# one program per (batch, head); the backward's row tiles are independent). Swept on an H100
+# (pldr-110m mb 128, ms a call): forward (64, 4, 3) 0.232 against 0.276-0.580 for 128-row tiles,
+# 8 warps, 32-row tiles or two stages; backward (64, 4, 2) 0.403 (0.400 with one stage) against
+# 0.51-0.63 for 128/256-row tiles, 8 warps or 32-row tiles. Tried and slower: dA0 + dA0^T summed
+# inside the backward kernel (each program loading dA0 and its transpose) instead of by torch
+# before it: 2.31 against 1.97 + 0.21 ms a training step.
 FWD_CONFIG = (64, 4, 3)
 BWD_CONFIG = (64, 4, 2)
 Tensor = torch.Tensor
