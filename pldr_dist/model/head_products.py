@@ -20,7 +20,10 @@ A0 0.09 ms against 1.39 for torch.matmul on the same tensors, q G 0.18 against 0
 
 Each gram program sums one (batch, head)'s positions in a fixed order: deterministic. Used by
 the fast path on bf16 work (`fast.FastPLGA`); elsewhere, and on CPUs outside Triton's
-interpreter (the tests), PLGA computes the same products with torch.matmul.
+interpreter (the tests), PLGA computes the same products with torch.matmul. Where the fast path
+rotates the queries with its rotary table, A0 and its backward come from `rotary_density`
+instead (one pass with the rotation each way); `density` serves the other cases (no table,
+context parallelism's positions).
 """
 from __future__ import annotations
 
