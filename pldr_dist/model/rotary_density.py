@@ -16,7 +16,9 @@ make. Here:
 Partner elements come from products with the 0/1 swap matrix (x P)_j = x_p(j) on the tensor
 cores, exact for bf16 x. The first version gathered them with a second load at permuted column
 offsets and read the table's (C, S') pairs at stride 2: every such load was scalar, and the ops
-ran at 133 and 307 GB/s (3.5 and 2.3 ms, pldr-110m mb 128, H100; 31 ms a training step).
+ran at 133 and 307 GB/s (3.5 and 2.3 ms, pldr-110m mb 128, H100; 31 ms a training step). Now
+0.227 and 0.379 ms (2.07 / 1.86 TB/s), and `pldr-train` 1.010x the code before (docs/performance.md
+footnote (28)).
 
 The rotation is `layers.apply_rotary`'s: fp32 arithmetic on q's values, one rounding to q's
 dtype; table is `layers.rotary_cache`'s [S, dk, 2] rows (C, S') for the positions. Each A0
