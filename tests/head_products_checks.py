@@ -74,10 +74,10 @@ def head_products_match_fp64():
     print("head products ok: " + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()) + f"; transposed G {wrong:.2f}")
 
 
-def _rotary_density_errors(half: bool, break_partner: bool = False) -> dict:
-    """Errors of the rotary + A0 op and its backward: q~ against apply_rotary on the same table
-    (max abs, in units of q~'s largest value), A0 and dq against fp64. break_partner: the
-    kernel told the other rotary style (a wrong partner element)."""
+def _rotary_density_errors(half: bool, break_partner: bool = False) -> tuple:
+    """({name: error}, inputs) of the rotary + A0 op and its backward: q~ against apply_rotary
+    on the same table (max abs, in units of q~'s largest value), A0 and dq against fp64.
+    break_partner: the kernel told the other rotary style (a wrong partner element)."""
     style = "half" if half else "interleaved"
     torch.manual_seed(2)
     table = rotary_cache(64, DK, 10000.0, style, "cpu")
