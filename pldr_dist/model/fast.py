@@ -105,16 +105,16 @@ class FastPLGA(PLGA):
     def gram(self, q_rot: torch.Tensor) -> torch.Tensor:
         return head_products.density(q_rot) if self._products_on(q_rot) else super().gram(q_rot)
 
-    def rotate_queries(self, q: torch.Tensor, offset, density: bool) -> tuple:
+    def rotate_queries(self, q: torch.Tensor, offset, with_a0: bool) -> tuple:
         """With A0 wanted, an int offset and the rotary table: q~ and A0 from one pass over q
         (`rotary_density`), whose backward also takes the density's product."""
         table, S = self.rope_cache, q.shape[-2]
-        if density and isinstance(offset, int) and table is not None and offset + S <= table.shape[0] \
+        if with_a0 and isinstance(offset, int) and table is not None and offset + S <= table.shape[0] \
                 and self._products_on(q):
             table = table[offset:offset + S]
             if rotary_density.available(q, table):
                 return rotary_density.rotary_density(q, table, self.cfg.rope_style == "half")
-        return super().rotate_queries(q, offset, density)
+        return super().rotate_queries(q, offset, with_a0)
 
     def times_g(self, q: torch.Tensor, g_lm: torch.Tensor) -> torch.Tensor:
         if (g_lm.dim() == 4 or not g_lm.requires_grad) and self._products_on(q):

@@ -198,7 +198,7 @@ class PLGA(nn.Module):
         """
         g_cached = cache is not None and use_g and cache.g_lm is not None
         a_cached = cache is not None and use_kv and cache.a is not None
-        q, k, v, a0 = self.project(x, offset, density=self.cfg.learned_g and not g_cached and not a_cached)
+        q, k, v, a0 = self.project(x, offset, with_a0=self.cfg.learned_g and not g_cached and not a_cached)
         if cache is not None and use_kv:
             if cache.k is not None:
                 k = torch.cat((cache.k, k), dim=2)
@@ -230,21 +230,21 @@ class PLGA(nn.Module):
         q_g = q if self.skip_identity_g and not self.cfg.learned_g else self.times_g(q, g_lm)
         return self.merge_heads(self.attend(q_g, k, v, bias)), penalty
 
-    def project(self, x: torch.Tensor, offset, density: bool = False) -> tuple:
-        """x [B, S, d] -> rotated q~, k~ and v, each [B, h, S, dk], and A0 = q~^T q~ if density
+    def project(self, x: torch.Tensor, offset, with_a0: bool = False) -> tuple:
+        """x [B, S, d] -> rotated q~, k~ and v, each [B, h, S, dk], and A0 = q~^T q~ if with_a0
         (else None); offset: int or 0-dim tensor."""
         dk = self.cfg.head_dim
         q, k, v = self.wq(x), self.wk(x), self.wv(x)
         B, S = q.shape[:2]   # the projections' shape: under sequence parallelism x holds a slice of S
         q, k, v = (t.view(B, S, -1, dk).transpose(1, 2) for t in (q, k, v))
-        q, a0 = self.rotate_queries(q, offset, density)
+        q, a0 = self.rotate_queries(q, offset, with_a0)
         k = apply_rotary(k, offset, self.cfg.rope_base, self.cfg.rope_style, self.rope_cache)
         return q, k, v, a0
 
-    def rotate_queries(self, q: torch.Tensor, offset, density: bool) -> tuple:
-        """(q~, A0 = q~^T q~ if density else None); the fast path does both in one pass over q."""
+    def rotate_queries(self, q: torch.Tensor, offset, with_a0: bool) -> tuple:
+        """(q~, A0 = q~^T q~ if with_a0 else None); the fast path does both in one pass over q."""
         q = apply_rotary(q, offset, self.cfg.rope_base, self.cfg.rope_style, self.rope_cache)
-        return q, (self.gram(q) if density else None)
+        return q, (self.gram(q) if with_a0 else None)
 
     def merge_heads(self, h: torch.Tensor) -> torch.Tensor:
         """Attention output [B, h, S, dk] -> W_O applied to the concatenated heads [B, S, d]."""

@@ -32,6 +32,8 @@ import os
 
 import torch
 
+from . import head_products
+
 try:
     import triton
     import triton.language as tl
@@ -52,12 +54,11 @@ Tensor = torch.Tensor
 
 
 def available(q: Tensor, table: Tensor) -> bool:
-    """Whether the op runs on q [B, h, S, dk] (unit stride along dk) with table [S, dk, 2] fp32:
-    CUDA with Triton or Triton's CPU interpreter, dk a power of two >= 16, 32-bit offsets."""
-    dk = q.shape[-1]
-    return (triton is not None and (q.is_cuda or (q.device.type == "cpu" and _INTERP)) and q.dim() == 4
-            and q.stride(-1) == 1 and dk >= 16 and dk & (dk - 1) == 0 and q.numel() < 2 ** 31
-            and table.dtype == torch.float32 and tuple(table.shape) == (q.shape[-2], dk, 2) and table.is_contiguous())
+    """Whether the op runs on q [B, h, S, dk] with table [S, dk, 2] fp32 contiguous: where
+    `head_products`' ops run (CUDA or Triton's interpreter, unit stride along dk, dk a power of
+    two >= 16, 32-bit offsets)."""
+    return (head_products.available(q) and table.dtype == torch.float32
+            and tuple(table.shape) == (q.shape[-2], q.shape[-1], 2) and table.is_contiguous())
 
 
 if triton is not None:

@@ -73,9 +73,9 @@ class ContextParallelPLGA(PLGA):
                              "mask is built from global positions); set model.assume_unpadded=True")
         return super().forward(x, offset, bias, cache, use_kv, use_g)
 
-    def project(self, x: torch.Tensor, offset, density: bool = False) -> tuple:
+    def project(self, x: torch.Tensor, offset, with_a0: bool = False) -> tuple:
         positions = self._positions(x.shape[1], x.device)
-        return super().project(x, positions, density)
+        return super().project(x, positions, with_a0)
 
     def _positions(self, local_len: int, device) -> torch.Tensor:
         cached = getattr(self, "_cp_positions", None)
